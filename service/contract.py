@@ -1,0 +1,191 @@
+"""The stamp contract: what a real-bogus model takes as input.
+
+This module is the single definition shared by training and serving of
+
+* which images a model sees (its *channels*) and in which order,
+* the square stamp size the cutouts are cropped or padded to,
+* the name of the per-stamp normalisation the exported graph applies, and
+* how cutouts of any size become a model-ready array (`fit_stamp`, `assemble`).
+
+The service feeds **raw pixel values** to the ONNX graph: masking of non-finite
+pixels and per-stamp normalisation happen inside the graph (see
+``training.model.StampNormaliser``, which implements `NORMALISATION`). Padding
+uses NaN so that a stamp cut at the CCD edge and a stamp padded to the model
+size are masked by the same rule.
+
+Only numpy is imported here, so the service can use it without torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Mapping, Sequence
+
+import numpy as np
+
+#: Images an alert carries, in the order surveys list them.
+RAW_IMAGES: tuple[str, ...] = ("science", "template", "difference")
+
+#: Channels computed inside the graph from raw images. Deep-HiTS's fourth
+#: channel is the difference in units of its own noise (signal-to-noise).
+DERIVED_CHANNELS: Mapping[str, str] = {"snr_difference": "difference"}
+
+#: Every channel name a model may declare.
+CHANNELS: tuple[str, ...] = RAW_IMAGES + tuple(DERIVED_CHANNELS)
+
+#: The one normalisation the exported graph implements, by name (recorded in model cards):
+#: non-finite pixels are masked; each channel of each stamp is standardised with the mean
+#: and standard deviation of its unmasked pixels and compressed with asinh; masked
+#: pixels are then set to `MASK_FILL` (0, the channel mean after standardisation).
+#: ``snr_difference`` is divided by the difference's noise only (its zero stays zero).
+NORMALISATION = "masked-standardise-asinh/v1"
+
+#: Value masked (non-finite or padded) pixels take after normalisation.
+MASK_FILL = 0.0
+
+#: Name of the ONNX graph's input and output.
+ONNX_INPUT = "stamps"
+ONNX_OUTPUT = "score"
+
+
+class StampError(ValueError):
+    """A stamp that cannot be turned into model input (wrong shape, nothing finite...)."""
+
+
+@dataclass(frozen=True)
+class StampContract:
+    """What one model expects.
+
+    Parameters
+    ----------
+    channels : tuple of str
+        Model channels in order, each one of `CHANNELS`.
+    size : int
+        Side of the square stamp, in pixels.
+    normalisation : str
+        Name of the in-graph normalisation; only `NORMALISATION` exists today.
+    """
+
+    channels: tuple[str, ...] = ("template", "science", "difference")
+    size: int = 31
+    normalisation: str = NORMALISATION
+    mask_fill: float = field(default=MASK_FILL)
+
+    def __post_init__(self) -> None:
+        channels = tuple(self.channels)
+        object.__setattr__(self, "channels", channels)
+        if not channels:
+            raise ValueError("channels: at least one channel is required; accepted: " + ", ".join(CHANNELS))
+        unknown = [c for c in channels if c not in CHANNELS]
+        if unknown:
+            raise ValueError(f"channels: unknown {unknown}; accepted: {', '.join(CHANNELS)}")
+        if len(set(channels)) != len(channels):
+            raise ValueError(f"channels: duplicates in {list(channels)}")
+        if not isinstance(self.size, int) or self.size < 8:
+            raise ValueError(f"size: must be an integer >= 8, got {self.size!r}")
+        if self.normalisation != NORMALISATION:
+            raise ValueError(f"normalisation: unknown {self.normalisation!r}; accepted: {NORMALISATION}")
+
+    @property
+    def raw_inputs(self) -> tuple[str, ...]:
+        """Raw images the graph's input holds, in order: the declared raw channels,
+        then any raw image a derived channel needs that was not declared."""
+        raw = [c for c in self.channels if c in RAW_IMAGES]
+        for derived in self.channels:
+            source = DERIVED_CHANNELS.get(derived)
+            if source is not None and source not in raw:
+                raw.append(source)
+        return tuple(raw)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """Shape of one stamp as the graph takes it: (raw inputs, size, size)."""
+        return (len(self.raw_inputs), self.size, self.size)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["channels"] = list(self.channels)
+        d["raw_inputs"] = list(self.raw_inputs)
+        d["onnx_input"] = ONNX_INPUT
+        d["onnx_output"] = ONNX_OUTPUT
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "StampContract":
+        return cls(
+            channels=tuple(d["channels"]),
+            size=int(d["size"]),
+            normalisation=d.get("normalisation", NORMALISATION),
+            mask_fill=float(d.get("mask_fill", MASK_FILL)),
+        )
+
+
+def fit_stamp(image: np.ndarray, size: int, centre: Sequence[float] | None = None) -> np.ndarray:
+    """Centre-crop or NaN-pad one cutout to ``size x size`` around the source.
+
+    Parameters
+    ----------
+    image : ndarray
+        2-D cutout of any shape (rows, columns).
+    size : int
+        Side of the output stamp.
+    centre : (row, col), optional
+        Position of the source in ``image`` (0-based pixels). Defaults to the
+        geometric centre, ``((rows - 1) / 2, (cols - 1) / 2)``, rounded down; a
+        decoder that knows the cutout was truncated at a CCD edge passes the
+        true position so that the source still lands on the stamp centre.
+
+    Returns
+    -------
+    ndarray
+        float32 array of shape (size, size); pixels outside ``image`` are NaN.
+    """
+    image = np.asarray(image)
+    if image.ndim != 2 or image.shape[0] == 0 or image.shape[1] == 0:
+        raise StampError(f"a stamp must be a non-empty 2-D image, got shape {image.shape}")
+    rows, cols = image.shape
+    if centre is None:
+        centre = ((rows - 1) // 2, (cols - 1) // 2)
+    r0 = int(np.floor(centre[0] + 0.5)) - (size - 1) // 2
+    c0 = int(np.floor(centre[1] + 0.5)) - (size - 1) // 2
+    out = np.full((size, size), np.nan, dtype=np.float32)
+    src_r = slice(max(r0, 0), min(r0 + size, rows))
+    src_c = slice(max(c0, 0), min(c0 + size, cols))
+    if src_r.start < src_r.stop and src_c.start < src_c.stop:
+        out[src_r.start - r0 : src_r.stop - r0, src_c.start - c0 : src_c.stop - c0] = image[src_r, src_c]
+    return out
+
+
+def assemble(
+    images: Mapping[str, np.ndarray],
+    contract: StampContract,
+    centre: Sequence[float] | None = None,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
+    """Build one model input ``(len(raw_inputs), size, size)`` from named cutouts.
+
+    Parameters
+    ----------
+    images : mapping of str to ndarray
+        Cutouts by name (``science``, ``template``, ``difference``); extra ones are ignored.
+    contract : StampContract
+    centre : (row, col), optional
+        Source position, as in `fit_stamp`; cutouts of one alert share it.
+    out : ndarray, optional
+        Preallocated float32 array to fill in place (a row of a batch buffer).
+
+    Raises
+    ------
+    StampError
+        When a cutout the model needs is missing or has no finite pixel.
+    """
+    missing = [name for name in contract.raw_inputs if name not in images or images[name] is None]
+    if missing:
+        raise StampError(f"missing cutout(s) {missing}; this model needs {list(contract.raw_inputs)}")
+    if out is None:
+        out = np.empty(contract.input_shape, dtype=np.float32)
+    for i, name in enumerate(contract.raw_inputs):
+        out[i] = fit_stamp(images[name], contract.size, centre)
+        if not np.isfinite(out[i]).any():
+            raise StampError(f"cutout {name!r} has no finite pixel near the source")
+    return out

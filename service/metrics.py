@@ -1,0 +1,45 @@
+"""Prometheus metrics of the consumer and the API (documented in the README).
+
+Both processes register into the default registry; the API serves them on
+``/metrics``, the consumer on its own port (``--metrics-port``).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+#: Failure reasons, the label values of `ALERTS_FAILED` (and the DLQ's ``rbstream.reason.kind`` header).
+FAILURE_REASONS = ("decode", "schema", "cutout", "inference", "publish")
+
+_BATCH_SECONDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_LATENCY_SECONDS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+
+ALERTS_CONSUMED = Counter("rbstream_alerts_consumed", "Alert messages read from Kafka.", ["survey"])
+ALERTS_SCORED = Counter("rbstream_alerts_scored", "Alerts scored and whose score record was delivered.", ["survey"])
+ALERTS_FAILED = Counter("rbstream_alerts_failed", "Alerts not scored, by reason (sent to the dead-letter topic).",
+                        ["survey", "reason"])
+BATCH_SIZE = Histogram("rbstream_batch_size", "Alerts per inference batch.",
+                       buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096))
+DECODE_SECONDS = Histogram("rbstream_decode_seconds", "Time to decode one batch of alert messages.",
+                           buckets=_BATCH_SECONDS)
+INFERENCE_SECONDS = Histogram("rbstream_inference_seconds", "Time of one batch's model inference.",
+                              buckets=_BATCH_SECONDS)
+PUBLISH_SECONDS = Histogram("rbstream_publish_seconds", "Time to publish one batch and confirm its delivery.",
+                            buckets=_BATCH_SECONDS)
+ALERT_LATENCY = Histogram("rbstream_alert_latency_seconds",
+                          "From an alert's Kafka timestamp to the delivery of its score.", buckets=_LATENCY_SECONDS)
+CONSUMER_LAG = Gauge("rbstream_consumer_lag", "Messages behind the partition's high watermark (librdkafka stats).",
+                     ["topic", "partition"])
+SCORE = Histogram("rbstream_score", "Real-bogus scores given, per survey.", ["survey"],
+                  buckets=tuple(round(0.05 * i, 2) for i in range(1, 21)))
+MODEL_INFO = Gauge("rbstream_model_info", "The model in service (value 1).", ["survey", "name", "version", "provider"])
+HTTP_REQUESTS = Counter("rbstream_http_requests", "HTTP requests answered by the API.", ["route", "status"])
+HTTP_REQUEST_SECONDS = Histogram("rbstream_http_request_seconds", "HTTP request handling time.", ["route"],
+                                 buckets=_BATCH_SECONDS)
+
+
+def record_models(scorers) -> None:
+    """Set `MODEL_INFO` for each loaded `service.model.Scorer` (a mapping survey -> scorer)."""
+    for survey, scorer in scorers.items():
+        MODEL_INFO.labels(survey=survey, name=scorer.card.name, version=scorer.card.version,
+                          provider=scorer.provider).set(1)

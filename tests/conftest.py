@@ -1,0 +1,49 @@
+"""Shared fixtures: the real sample alerts, the default models, a real local broker."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLE_DATA = Path(os.environ.get("RBSTREAM_SAMPLE_DATA", REPO.parent / "shared" / "data"))
+ZTF_DIR = SAMPLE_DATA / "ztf"
+RUBIN_DIR = SAMPLE_DATA / "rubin"
+MODELS_DIR = REPO / "models"
+
+#: The six 2016 prototype ZTF alerts whose stampData is a JPEG, not FITS.
+ZTF_JPEG_NAMES = {f"{prefix}{i}.avro" for prefix in ("87704463155000", "1726958725155000") for i in range(3)}
+
+
+def ztf_files() -> list[Path]:
+    return sorted(ZTF_DIR.glob("*.avro"))
+
+
+def ztf_fits_files() -> list[Path]:
+    return [p for p in ztf_files() if p.name not in ZTF_JPEG_NAMES]
+
+
+def ztf_jpeg_files() -> list[Path]:
+    return [p for p in ztf_files() if p.name in ZTF_JPEG_NAMES]
+
+
+def rubin_files() -> list[Path]:
+    return sorted(RUBIN_DIR.glob("*.avro"))
+
+
+@pytest.fixture(scope="session")
+def sample_data() -> Path:
+    if not SAMPLE_DATA.is_dir():
+        pytest.fail(f"real sample alerts not found at {SAMPLE_DATA} (set RBSTREAM_SAMPLE_DATA)")
+    return SAMPLE_DATA
+
+
+@pytest.fixture(scope="session")
+def broker():
+    """A real tansu broker on a free port for the whole session."""
+    from service.broker import LocalBroker
+
+    with LocalBroker() as running:
+        yield running

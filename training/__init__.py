@@ -1,0 +1,1 @@
+"""rbstream training: simulate or load stamp triplets, train the rotation-invariant CNN, export ONNX."""
