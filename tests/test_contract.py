@@ -1,0 +1,70 @@
+"""The stamp contract: channel declarations, crop/pad around the source, assembly."""
+
+import numpy as np
+import pytest
+
+from service.contract import (CHANNELS, NORMALISATION, StampContract, StampError, assemble, fit_stamp)
+
+
+def test_raw_inputs_follow_declared_order_and_add_sources_of_derived_channels():
+    assert StampContract(("template", "science", "difference")).raw_inputs == ("template", "science", "difference")
+    assert StampContract(("difference", "science")).raw_inputs == ("difference", "science")
+    assert StampContract(("template", "science", "snr_difference")).raw_inputs == ("template", "science", "difference")
+    assert StampContract(("template", "science")).input_shape == (2, 31, 31)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"channels": ()}, "at least one"),
+    ({"channels": ("science", "bogus")}, "unknown"),
+    ({"channels": ("science", "science")}, "duplicates"),
+    ({"size": 4}, "size"),
+    ({"normalisation": "minmax"}, "normalisation"),
+])
+def test_bad_contracts_name_the_field(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        StampContract(**kwargs)
+
+
+def test_contract_round_trips_through_its_dict():
+    contract = StampContract(("template", "science", "snr_difference"), size=21)
+    d = contract.to_dict()
+    assert d["normalisation"] == NORMALISATION and d["raw_inputs"] == ["template", "science", "difference"]
+    assert StampContract.from_dict(d) == contract
+    assert set(contract.channels) <= set(CHANNELS)
+
+
+def test_fit_stamp_centre_crops_odd_cutouts_onto_the_centre_pixel():
+    image = np.arange(63 * 63, dtype=np.float32).reshape(63, 63)
+    out = fit_stamp(image, 31)
+    assert out.shape == (31, 31) and out.dtype == np.float32
+    assert out[15, 15] == image[31, 31]
+    np.testing.assert_array_equal(out, image[16:47, 16:47])
+
+
+def test_fit_stamp_pads_small_cutouts_with_nan_on_both_sides():
+    image = np.ones((29, 29), dtype=np.float32)
+    out = fit_stamp(image, 31)
+    assert np.isnan(out[0]).all() and np.isnan(out[-1]).all() and np.isnan(out[:, 0]).all()
+    assert np.isfinite(out[1:30, 1:30]).all()
+
+
+def test_fit_stamp_puts_an_off_centre_source_on_the_centre():
+    # A cutout truncated at the CCD's low edge: the source sits at row 9, not the middle.
+    image = np.zeros((41, 63), dtype=np.float32)
+    image[9, 31] = 100.0
+    out = fit_stamp(image, 31, centre=(9.4, 31.0))
+    assert out[15, 15] == 100.0
+    assert np.isnan(out[:6]).all() and np.isfinite(out[6:]).all()
+
+
+def test_assemble_orders_channels_and_rejects_missing_or_empty_cutouts():
+    contract = StampContract(("template", "science"), size=21)
+    images = {"science": np.full((63, 63), 2.0), "template": np.full((63, 63), 1.0)}
+    stamps = assemble(images, contract)
+    assert stamps.shape == (2, 21, 21) and (stamps[0] == 1).all() and (stamps[1] == 2).all()
+    with pytest.raises(StampError, match="missing"):
+        assemble({"science": images["science"]}, contract)
+    with pytest.raises(StampError, match="no finite pixel"):
+        assemble({**images, "template": np.full((63, 63), np.nan)}, contract)
+    with pytest.raises(StampError, match="2-D"):
+        assemble({**images, "template": np.ones(5)}, contract)
