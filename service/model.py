@@ -86,27 +86,85 @@ class Scorer:
         A model folder, or its ``model.onnx``.
     device : str
         ``auto`` (CUDA when present and usable, else CPU), ``cpu``, ``cuda`` or ``tensorrt``.
+    intra_op_threads : int
+        ONNX Runtime threads per inference (0: its default, one per core).
+    precision : str
+        ``auto`` or ``fp16``: fp16 on TensorRT when its scores stay within 1e-3 of fp32 on
+        ``check_stamps`` (checked at load; fp32 otherwise); ``fp32``: never fp16.
+    io_binding : bool, optional
+        Run through IO binding with reusable per-thread host buffers (pinned on a GPU).
+        Default: on for CUDA/TensorRT, off on CPU (where ``session.run`` is as fast).
+    check_stamps : ndarray, optional
+        Stamps for the fp16 check; default `service.acceleration.check_stamps`.
     """
 
-    def __init__(self, path: str | Path, device: str = "auto", intra_op_threads: int = 0):
+    def __init__(self, path: str | Path, device: str = "auto", intra_op_threads: int = 0, *,
+                 precision: str = "auto", io_binding: bool | None = None, check_stamps: np.ndarray | None = None):
         import onnxruntime as ort
+
+        from service import acceleration
 
         path = Path(path)
         folder = path if path.is_dir() else path.parent
         onnx_path = folder / MODEL_FILE if path.is_dir() else path
         if not onnx_path.exists():
             raise ModelError(f"no ONNX model at {onnx_path}")
+        if precision not in ("auto", "fp32", "fp16"):
+            raise ValueError(f"precision: unknown {precision!r}; accepted: auto, fp32, fp16")
         self.card = ModelCard.read(folder / CARD_FILE)
         self.path = onnx_path
-        options = ort.SessionOptions()
+        self._options = ort.SessionOptions()
         if intra_op_threads:
-            options.intra_op_num_threads = intra_op_threads
-        try:
-            self.session = ort.InferenceSession(str(onnx_path), options, providers=resolve_providers(device))
-        except Exception as exc:  # ORT raises its own exception types
-            raise ModelError(f"ONNX Runtime cannot load {onnx_path}: {exc}") from exc
+            self._options.intra_op_num_threads = intra_op_threads
+        providers = resolve_providers(device)
+        #: fp16 runs only through TensorRT, and only when its scores stay within
+        #: `acceleration.FP16_TOLERANCE` of fp32 on `check_stamps` (see `_check_fp16`).
+        want_fp16 = precision in ("auto", "fp16") and providers[0] == "TensorrtExecutionProvider"
+        if precision == "fp16" and not want_fp16:
+            log.warning("fp16 asked for, but it runs only on TensorRT (providers: %s); using fp32", providers)
+        self.session = self._session(providers, fp16=want_fp16)
         self.provider = self.session.get_providers()[0]
-        log.info("model %s %s (%s) on %s", self.card.name, self.card.version, self.card.survey, self.provider)
+        self.precision = "fp32"
+        #: Largest |fp16 - fp32| score seen by the precision check (None when no check ran).
+        self.fp16_max_difference: float | None = None
+        if want_fp16:
+            self._check_fp16(providers, check_stamps)
+        on_gpu = self.provider in acceleration.GPU_PROVIDERS
+        #: IO binding with pinned per-thread host buffers; on by default on a GPU. On CPU it gives
+        #: the same scores bit for bit and saves little, so the plain ``session.run`` stays the default.
+        self.io_binding = on_gpu if io_binding is None else bool(io_binding)
+        self._runner = (acceleration.BoundRunner(self.session, self.contract.input_shape, pinned=on_gpu)
+                        if self.io_binding else None)
+        log.info("model %s %s (%s) on %s, %s, io binding %s", self.card.name, self.card.version,
+                 self.card.survey, self.provider, self.precision, "on" if self.io_binding else "off")
+
+    def _session(self, providers: list[str], fp16: bool):
+        import onnxruntime as ort
+
+        from service import acceleration
+
+        try:
+            return ort.InferenceSession(str(self.path), self._options,
+                                        providers=acceleration.provider_options(providers, self.contract, fp16))
+        except Exception as exc:  # ORT raises its own exception types
+            raise ModelError(f"ONNX Runtime cannot load {self.path}: {exc}") from exc
+
+    def _check_fp16(self, providers: list[str], stamps: np.ndarray | None) -> None:
+        """Keep the fp16 session only if its scores match the fp32 CPU session's within tolerance."""
+        from service import acceleration
+
+        reference = self._session(["CPUExecutionProvider"], fp16=False)
+        if stamps is None:
+            stamps = acceleration.check_stamps(self.contract)
+        difference = acceleration.max_score_difference(self.session, reference, stamps)
+        self.fp16_max_difference = difference
+        if difference <= acceleration.FP16_TOLERANCE:
+            self.precision = "fp16"
+            return
+        log.warning("fp16 scores differ from fp32 by up to %.3g (> %g) on %d check stamps; using fp32",
+                    difference, acceleration.FP16_TOLERANCE, len(stamps))
+        self.session = self._session(providers, fp16=False)
+        self.provider = self.session.get_providers()[0]
 
     @property
     def contract(self) -> StampContract:
@@ -116,6 +174,17 @@ class Scorer:
     def threshold(self) -> float:
         return self.card.threshold
 
+    def input_buffer(self, rows: int) -> np.ndarray:
+        """A ``[rows, *contract.input_shape]`` float32 host buffer to fill in place and pass to `score`.
+
+        With IO binding it is this thread's reusable (pinned, on a GPU) buffer, so `score`
+        copies nothing on the host; otherwise a fresh array. Valid until the next call from
+        the same thread.
+        """
+        if self._runner is not None:
+            return self._runner.buffer(rows)
+        return np.empty((rows, *self.contract.input_shape), dtype=np.float32)
+
     def score(self, stamps: np.ndarray) -> np.ndarray:
         """Probability of "real" for each stamp of ``stamps`` ``[batch, *contract.input_shape]``."""
         stamps = np.ascontiguousarray(stamps, dtype=np.float32)
@@ -123,6 +192,8 @@ class Scorer:
             raise ValueError(f"expected stamps of shape [batch, {self.contract.input_shape}], got {stamps.shape}")
         if len(stamps) == 0:
             return np.empty(0, dtype=np.float32)
+        if self._runner is not None:
+            return self._runner.run(stamps)
         return self.session.run([ONNX_OUTPUT], {ONNX_INPUT: stamps})[0].reshape(-1)
 
 
