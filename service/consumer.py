@@ -1,0 +1,454 @@
+"""``rbstream consume``: score the alerts of a Kafka topic and publish the scores, at least once.
+
+The loop, one batch at a time:
+
+1. fetch up to ``batch_size`` messages, waiting at most ``max_wait_ms`` (whichever first);
+2. decode, score and encode them (`service.pipeline.BatchProcessor`, no Kafka in there);
+3. produce one score record per scored alert to the output topic (keyed by object id) and
+   one dead letter per unscorable message to the DLQ topic, then wait until the producer
+   has confirmed the delivery of every one of them;
+4. only then commit the batch's offsets (synchronously).
+
+A consumer killed at any point re-reads at most the batch it was working on: nothing is
+lost, and duplicates are bounded by one batch. The producer is idempotent, so its own
+retries add no duplicates. On SIGTERM/SIGINT the loop stops fetching, finishes the batch,
+flushes, commits and exits 0. Partitions taken away by a rebalance are never given up with
+work pending: the loop commits before it fetches again, and ``on_revoke`` commits anything
+left over.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import threading
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+from service import metrics
+from service.pipeline import BatchProcessor, Outcome, Outgoing, SourceMessage, dead_letter
+from service.settings import (COMMON_OPTIONS, Option, SettingsError, add_options, kafka_client_config,
+                              non_negative_int, positive_int, redact, resolve)
+
+log = logging.getLogger(__name__)
+
+SURVEY_CHOICES = ("auto", "ztf", "rubin")
+DEVICE_CHOICES = ("auto", "cpu", "cuda", "tensorrt")
+
+#: Options of ``rbstream consume`` (each also ``RBSTREAM_<NAME>`` and a key of ``--config``).
+CONSUME_OPTIONS: tuple[Option, ...] = COMMON_OPTIONS + (
+    Option("input_topic", None, "topic of the survey's alerts", required=True, metavar="TOPIC"),
+    Option("output_topic", None, "topic the score records go to", required=True, metavar="TOPIC"),
+    Option("dlq_topic", None, "dead-letter topic for alerts that cannot be scored", required=True,
+           metavar="TOPIC"),
+    Option("group_id", "rbstream", "consumer group id", metavar="GROUP"),
+    Option("survey", "auto", "survey of the input stream; auto recognises each alert by its fields",
+           choices=SURVEY_CHOICES),
+    Option("model", [], "model folder (or its model.onnx) to use instead of the default; SURVEY=PATH "
+           "for one survey, or PATH alone (survey read from its model card); repeatable", kind="list",
+           metavar="[SURVEY=]PATH"),
+    Option("models_dir", None, "folder with one model per survey (<dir>/ztf, <dir>/rubin); default models/",
+           metavar="DIR"),
+    Option("batch_size", 256, "most alerts per batch", type=positive_int, metavar="N"),
+    Option("max_wait_ms", 100, "longest wait for a batch to fill, in milliseconds", type=positive_int,
+           metavar="MS"),
+    Option("from_beginning", False, "start from the earliest offset when the group has no committed offset "
+           "(else the latest)", kind="flag"),
+    Option("device", "auto", "where to run the model: auto (CUDA when usable, else CPU), cpu, cuda, tensorrt",
+           choices=DEVICE_CHOICES),
+    Option("metrics_port", None, "serve Prometheus /metrics on this port (0 or unset: off)",
+           type=non_negative_int, metavar="PORT"),
+    Option("schema_registry_url", None, "Confluent schema registry: read Rubin wire-format schemas from it and "
+           "publish records in the Confluent wire format (else self-describing Avro containers)", metavar="URL"),
+    Option("rubin_schema_version", None, "Rubin schema version for wire-format ids lsst-alert-packet does not "
+           "know (e.g. 9.0)", metavar="MAJOR.MINOR"),
+    Option("republish_alert", False, "publish the original alert with an 'rbstream' score field instead of a "
+           "score record", kind="flag"),
+    Option("decode_workers", None, "parallel decoding workers (default: service.batch's choice)",
+           type=non_negative_int, metavar="N"),
+    Option("stats_interval_ms", 5000, "librdkafka statistics interval (consumer lag metric)",
+           type=non_negative_int, metavar="MS"),
+)
+
+
+class PublishError(RuntimeError):
+    """Messages the producer could not deliver, even to the dead-letter topic: nothing is committed."""
+
+
+def model_paths(entries: Sequence[str], survey: str) -> dict[str, str]:
+    """``--model`` entries (``SURVEY=PATH`` or ``PATH``) as ``survey -> path``.
+
+    A bare path belongs to ``survey`` when it is fixed, else to the survey its model card names.
+    """
+    from pathlib import Path
+
+    from service.model import CARD_FILE, SURVEYS, ModelCard, ModelError
+
+    paths: dict[str, str] = {}
+    for entry in entries:
+        name, sep, path = entry.partition("=")
+        if sep and name in SURVEYS:
+            paths[name] = path
+            continue
+        path = entry
+        if survey != "auto":
+            paths[survey] = path
+            continue
+        folder = Path(path) if Path(path).is_dir() else Path(path).parent
+        try:
+            paths[ModelCard.read(folder / CARD_FILE).survey] = path
+        except ModelError as exc:
+            raise SettingsError(f"model {path}: cannot tell its survey ({exc}); give SURVEY={path}") from None
+    return paths
+
+
+def load_models(settings: Mapping[str, Any]):
+    """The scorers the settings ask for (one per survey), on the asked device."""
+    from service.model import SURVEYS, load_scorers
+
+    surveys = SURVEYS if settings["survey"] == "auto" else (settings["survey"],)
+    return load_scorers(settings.get("models_dir"), model_paths(settings.get("model") or [], settings["survey"]),
+                        device=settings["device"], surveys=surveys)
+
+
+def schema_store(settings: Mapping[str, Any]):
+    """The `service.schemas.SchemaStore` for the settings (registry URL, Rubin schema version)."""
+    from service.schemas import SchemaStore
+
+    return SchemaStore(registry_url=settings.get("schema_registry_url"),
+                       rubin_version=settings.get("rubin_schema_version"))
+
+
+def record_encoder(settings: Mapping[str, Any]):
+    from service.records import RecordEncoder, SchemaRegistry
+
+    url = settings.get("schema_registry_url")
+    return RecordEncoder(settings["output_topic"], SchemaRegistry(url) if url else None)
+
+
+class AlertConsumer:
+    """The consume -> score -> publish -> commit loop.
+
+    Parameters
+    ----------
+    settings : mapping
+        Resolved settings (`service.settings.resolve` with `CONSUME_OPTIONS`).
+    scorers : mapping of str to service.model.Scorer
+        Loaded models, one per survey.
+    on_batch : callable, optional
+        Called with each batch's delivered `Outgoing` messages after its commit (``rbstream run``
+        prints them).
+    """
+
+    def __init__(self, settings: Mapping[str, Any], scorers: Mapping[str, Any],
+                 on_batch: Callable[[list[Outgoing]], None] | None = None):
+        self.settings = dict(settings)
+        self.scorers = dict(scorers)
+        self.on_batch = on_batch
+        self.processor = BatchProcessor(self.scorers, record_encoder(self.settings), survey=self.settings["survey"],
+                                        schemas=schema_store(self.settings), workers=self.settings.get("decode_workers"),
+                                        republish_alert=bool(self.settings.get("republish_alert")))
+        self._stop = threading.Event()
+        self._pending: dict[tuple[str, int], int] = {}
+        self._consumer = None
+        self._producer = None
+        #: True once the broker answered; False after librdkafka reported every broker down.
+        self.broker_up = False
+        self.assigned: list[tuple[str, int]] = []
+        self.batches_committed = 0
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Ask the loop to stop after the batch in hand (safe from signal handlers and other threads)."""
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def consumer_config(self) -> dict[str, Any]:
+        s = self.settings
+        conf = kafka_client_config(s, "consumer", **{
+            "group.id": s["group_id"],
+            "auto.offset.reset": "earliest" if s["from_beginning"] else "latest",
+            "statistics.interval.ms": s["stats_interval_ms"],
+        })
+        for key, value in (("enable.auto.commit", False), ("enable.auto.offset.store", False)):
+            if str(conf.get(key, value)).lower() not in ("false", "0"):
+                log.warning("ignoring %s=%s: offsets are committed only after delivery (at-least-once)",
+                            key, conf[key])
+            conf[key] = value
+        conf["stats_cb"] = self._on_stats
+        conf["error_cb"] = self._on_error
+        return conf
+
+    def producer_config(self) -> dict[str, Any]:
+        conf = kafka_client_config(self.settings, "producer", **{"linger.ms": 5, "compression.type": "lz4"})
+        if str(conf.get("enable.idempotence", "true")).lower() not in ("true", "1"):
+            log.warning("ignoring enable.idempotence=%s: the producer is idempotent", conf["enable.idempotence"])
+        conf["enable.idempotence"] = True  # implies acks=all and ordered, duplicate-free retries
+        conf["error_cb"] = self._on_error
+        return conf
+
+    def _open(self) -> None:
+        from confluent_kafka import Consumer, Producer
+
+        s = self.settings
+        consumer_conf = self.consumer_config()
+        log.info("consumer config %s", redact(consumer_conf))
+        self._producer = Producer(self.producer_config())
+        self._consumer = Consumer(consumer_conf)
+        self._consumer.subscribe([s["input_topic"]], on_assign=self._on_assign, on_revoke=self._on_revoke,
+                                 on_lost=self._on_lost)
+        models = ", ".join(f"{survey}={sc.card.name} {sc.card.version} on {sc.provider}"
+                           for survey, sc in self.scorers.items())
+        log.info("consuming %s from %s as group %s (survey %s); scores -> %s, dead letters -> %s; "
+                 "batches of <= %d alerts or %d ms; models: %s", s["input_topic"], s["bootstrap_servers"],
+                 s["group_id"], s["survey"], s["output_topic"], s["dlq_topic"], s["batch_size"],
+                 s["max_wait_ms"], models)
+        metrics.record_models(self.scorers)
+
+    def run(self) -> int:
+        """Consume until `stop` is called; returns the exit code (0 after a clean stop)."""
+        self._open()
+        try:
+            while not self._stop.is_set():
+                messages = self._consumer.consume(num_messages=self.settings["batch_size"],
+                                                  timeout=self.settings["max_wait_ms"] / 1000)
+                if messages:
+                    self.handle(messages)
+            log.info("stopping: batch finished, offsets committed")
+            return 0
+        finally:
+            self._close()
+
+    def _close(self) -> None:
+        if self._producer is not None:
+            self._producer.flush(30)
+        if self._consumer is not None:
+            self._consumer.close()  # leaves the group (on_revoke commits anything pending)
+            self._consumer = None
+
+    # -- one batch ------------------------------------------------------------------------------
+
+    def handle(self, messages) -> None:
+        """Score, publish and commit one batch of ``confluent_kafka.Message``."""
+        sources = []
+        for message in messages:
+            if message.error():
+                # Partition EOF and transient fetch errors are reported as messages; they carry no alert.
+                if message.error().fatal():
+                    raise RuntimeError(f"fatal consumer error: {message.error()}")
+                log.warning("consumer: %s", message.error())
+                continue
+            sources.append(SourceMessage.from_kafka(message))
+        if not sources:
+            return
+        outcome = self.process(sources)
+        delivered = self.publish(outcome.messages)
+        self._record_metrics(sources, outcome, delivered)
+        for source in sources:
+            key = (source.topic, source.partition)
+            self._pending[key] = max(self._pending.get(key, -1), source.offset + 1)
+        self.commit()
+        if self.on_batch is not None:
+            self.on_batch(delivered)
+
+    def process(self, sources: list[SourceMessage]) -> Outcome:
+        """`BatchProcessor.process`, falling back to one message at a time if the batch as a whole fails.
+
+        The decoder promises to report bad messages as failures; this fallback is the
+        last line that keeps one message nobody foresaw from stopping the stream.
+        """
+        try:
+            return self.processor.process(sources)
+        except Exception:
+            log.exception("batch of %d failed as a whole; retrying message by message", len(sources))
+        outcome = Outcome()
+        for source in sources:
+            try:
+                single = self.processor.process([source])
+            except Exception as exc:
+                single = Outcome(dead_letters=[dead_letter(source, "decode", f"internal error: {exc!r}")])
+            outcome.scores += single.scores
+            outcome.dead_letters += single.dead_letters
+            outcome.decode_seconds += single.decode_seconds
+            outcome.inference_seconds += single.inference_seconds
+            for survey, n in single.batch_sizes.items():
+                outcome.batch_sizes[survey] = outcome.batch_sizes.get(survey, 0) + n
+        return outcome
+
+    def _produce(self, outgoing: Sequence[Outgoing]) -> list[tuple[Outgoing, Any]]:
+        """Produce and wait for every delivery report; returns ``(message, error or None)`` per message."""
+        reports: list[Any] = [None] * len(outgoing)
+        done = [False] * len(outgoing)
+
+        def report(i):
+            def callback(error, _message):
+                reports[i] = error
+                done[i] = True
+            return callback
+
+        for i, out in enumerate(outgoing):
+            topic = self.settings["output_topic"] if out.is_score else self.settings["dlq_topic"]
+            while True:
+                try:
+                    self._producer.produce(topic, value=out.value, key=out.key, headers=out.headers,
+                                           on_delivery=report(i))
+                    break
+                except BufferError:  # local queue full: let deliveries drain
+                    self._producer.poll(0.1)
+        while not all(done):
+            # Retries are librdkafka's job (idempotent, bounded by message.timeout.ms); keep waiting.
+            self._producer.flush(1.0)
+        return list(zip(outgoing, reports))
+
+    def publish(self, outgoing: list[Outgoing]) -> list[Outgoing]:
+        """Deliver the batch's messages; a score that cannot be delivered goes to the DLQ (kind ``publish``).
+
+        Raises
+        ------
+        PublishError
+            When a dead letter cannot be delivered either: the batch is not committed.
+        """
+        start = time.perf_counter()
+        results = self._produce(outgoing)
+        delivered = [out for out, error in results if error is None]
+        retry = []
+        for out, error in results:
+            if error is None:
+                continue
+            if not out.is_score:
+                raise PublishError(f"dead letter for {out.source.topic}/{out.source.partition}/"
+                                   f"{out.source.offset} not delivered: {error}")
+            log.error("score of %s/%d/%d not delivered: %s", out.source.topic, out.source.partition,
+                      out.source.offset, error)
+            retry.append(dead_letter(out.source, "publish", f"score record not delivered: {error}", out.survey))
+        # One dead letter per source message, however many of its records failed.
+        unique = {id(d.source): d for d in retry}
+        for out, error in self._produce(list(unique.values())):
+            if error is not None:
+                raise PublishError(f"dead letter for {out.source.topic}/{out.source.partition}/"
+                                   f"{out.source.offset} not delivered: {error}")
+            delivered.append(out)
+        metrics.PUBLISH_SECONDS.observe(time.perf_counter() - start)
+        return delivered
+
+    def commit(self) -> None:
+        """Commit the offsets of delivered batches (synchronously)."""
+        from confluent_kafka import KafkaException, TopicPartition
+
+        if not self._pending or self._consumer is None:
+            return
+        offsets = [TopicPartition(topic, partition, offset) for (topic, partition), offset in self._pending.items()]
+        try:
+            self._consumer.commit(offsets=offsets, asynchronous=False)
+        except KafkaException as exc:
+            # Typically a rebalance took the partitions: their new owner re-reads this batch
+            # (a bounded duplicate, never a loss).
+            log.warning("commit of %s failed: %s", offsets, exc)
+        else:
+            self.batches_committed += 1
+            log.debug("committed %s", {f"{t}/{p}": o for (t, p), o in self._pending.items()})
+        self._pending.clear()
+
+    def _record_metrics(self, sources: list[SourceMessage], outcome: Outcome, delivered: list[Outgoing]) -> None:
+        now = time.time()
+        for survey, n in outcome.batch_sizes.items():
+            metrics.BATCH_SIZE.observe(n)
+        metrics.DECODE_SECONDS.observe(outcome.decode_seconds)
+        if outcome.batch_sizes:
+            metrics.INFERENCE_SECONDS.observe(outcome.inference_seconds)
+        survey_of: dict[int, str] = {}
+        for out in delivered:
+            survey_of.setdefault(id(out.source), out.survey)
+            if out.is_score:
+                metrics.ALERTS_SCORED.labels(survey=out.survey).inc()
+                if out.record is not None:
+                    metrics.SCORE.labels(survey=out.survey).observe(out.record["score"])
+                if out.source.timestamp_ms is not None:
+                    metrics.ALERT_LATENCY.observe(max(0.0, now - out.source.timestamp_ms / 1000))
+            else:
+                metrics.ALERTS_FAILED.labels(survey=out.survey, reason=out.kind).inc()
+        for source in sources:
+            metrics.ALERTS_CONSUMED.labels(survey=survey_of.get(id(source), "unknown")).inc()
+
+    # -- librdkafka callbacks (run inside consume()/poll() on this thread) -----------------------
+
+    def _on_assign(self, consumer, partitions) -> None:
+        self.assigned = [(p.topic, p.partition) for p in partitions]
+        self.broker_up = True
+        log.info("assigned %s", ", ".join(f"{t}/{p}" for t, p in self.assigned) or "nothing")
+
+    def _on_revoke(self, consumer, partitions) -> None:
+        # The loop commits each batch before fetching again, so this finds nothing pending
+        # unless a commit failed; committing what is there is still right before giving up.
+        log.info("revoked %s", ", ".join(f"{p.topic}/{p.partition}" for p in partitions) or "nothing")
+        self.commit()
+        self.assigned = []
+
+    def _on_lost(self, consumer, partitions) -> None:
+        log.warning("partitions lost: %s (their uncommitted batch will be re-read by their new owner)",
+                    ", ".join(f"{p.topic}/{p.partition}" for p in partitions))
+        self._pending.clear()
+        self.assigned = []
+
+    def _on_error(self, error) -> None:
+        from confluent_kafka import KafkaError
+
+        if error.code() in (KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT):
+            self.broker_up = False if error.code() == KafkaError._ALL_BROKERS_DOWN else self.broker_up
+        log.warning("kafka: %s", error)
+
+    def _on_stats(self, text: str) -> None:
+        try:
+            stats = json.loads(text)
+        except ValueError:
+            return
+        brokers = stats.get("brokers", {}).values()
+        self.broker_up = any(b.get("state") == "UP" for b in brokers if b.get("nodeid", -1) >= 0) or self.broker_up
+        for topic, info in stats.get("topics", {}).items():
+            for partition, p in info.get("partitions", {}).items():
+                lag = p.get("consumer_lag", -1)
+                if partition != "-1" and lag is not None and lag >= 0:
+                    metrics.CONSUMER_LAG.labels(topic=topic, partition=partition).set(lag)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_options(parser, CONSUME_OPTIONS)
+
+
+def install_signal_handlers(stop: Callable[[], None]) -> None:
+    """SIGTERM and SIGINT ask for a clean stop (finish the batch, flush, commit, exit 0)."""
+    def handler(signum, _frame):
+        log.info("%s received: finishing the batch in hand", signal.Signals(signum).name)
+        stop()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+def main(args: argparse.Namespace) -> int:
+    from service.model import ModelError
+
+    try:
+        settings = resolve(args, CONSUME_OPTIONS)
+        scorers = load_models(settings)
+    except (SettingsError, ModelError) as exc:
+        log.error("%s", exc)
+        return 2
+    if settings.get("metrics_port"):
+        from prometheus_client import start_http_server
+
+        start_http_server(settings["metrics_port"])
+        log.info("metrics on http://0.0.0.0:%d/metrics", settings["metrics_port"])
+    consumer = AlertConsumer(settings, scorers)
+    install_signal_handlers(consumer.stop)
+    try:
+        return consumer.run()
+    except PublishError as exc:
+        log.error("%s; exiting without committing the batch (it will be re-read)", exc)
+        return 1

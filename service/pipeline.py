@@ -1,0 +1,297 @@
+"""The consumer's work on one batch, independent of Kafka: decode, score, build what to publish.
+
+`BatchProcessor.process` takes the messages of one batch (`SourceMessage`: value, topic,
+partition, offset, timestamp, key, headers) and returns an `Outcome`:
+
+* one `Outgoing` score message per scored alert, for the output topic, keyed by object id
+  (a score record — see ``service/schemas/score_record.avsc`` — or, with
+  ``republish_alert``, the original alert with an ``rbstream`` field holding the score);
+* one `Outgoing` dead-letter message per message that could not be scored: the original
+  bytes, key and headers, plus headers naming the reason and the source.
+
+The consumer (`service.consumer`) only moves these between Kafka and this module, which is
+what makes the steps testable without a broker.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from service import records
+
+log = logging.getLogger(__name__)
+
+# DLQ and provenance headers (values are UTF-8 text).
+HEADER_REASON = "rbstream.reason"
+HEADER_REASON_KIND = "rbstream.reason.kind"
+HEADER_SOURCE_TOPIC = "rbstream.source.topic"
+HEADER_SOURCE_PARTITION = "rbstream.source.partition"
+HEADER_SOURCE_OFFSET = "rbstream.source.offset"
+HEADER_SURVEY = "rbstream.survey"
+#: Set by ``rbstream replay``: the file an alert came from (copied along to the DLQ).
+HEADER_SOURCE_FILE = "rbstream.source.file"
+
+#: Label of ``survey`` in metrics and headers when an undecodable message's survey is unknown.
+UNKNOWN_SURVEY = "unknown"
+
+
+@dataclass(frozen=True)
+class SourceMessage:
+    """One consumed message, as much of it as the pipeline needs (no librdkafka object)."""
+
+    value: bytes
+    topic: str = ""
+    partition: int = -1
+    offset: int = -1
+    timestamp_ms: int | None = None
+    key: bytes | None = None
+    headers: tuple[tuple[str, bytes], ...] = ()
+
+    @classmethod
+    def from_kafka(cls, message) -> "SourceMessage":
+        """From a ``confluent_kafka.Message``."""
+        kind, timestamp = message.timestamp()
+        return cls(value=message.value() or b"", topic=message.topic(), partition=message.partition(),
+                   offset=message.offset(), timestamp_ms=timestamp if kind != 0 and timestamp >= 0 else None,
+                   key=message.key(), headers=tuple(message.headers() or ()))
+
+    def provenance(self) -> list[tuple[str, bytes]]:
+        """Headers naming where this message came from."""
+        return [(HEADER_SOURCE_TOPIC, self.topic.encode()),
+                (HEADER_SOURCE_PARTITION, str(self.partition).encode()),
+                (HEADER_SOURCE_OFFSET, str(self.offset).encode())]
+
+
+@dataclass
+class Outgoing:
+    """A message to publish: a score (``kind == "score"``) or a dead letter (``kind`` = failure kind)."""
+
+    kind: str
+    key: bytes | None
+    value: bytes
+    headers: list[tuple[str, bytes]]
+    source: SourceMessage
+    survey: str
+    record: dict | None = None
+    reason: str | None = None
+
+    @property
+    def is_score(self) -> bool:
+        return self.kind == "score"
+
+
+@dataclass
+class Outcome:
+    """What one batch produced, and how long its steps took (seconds)."""
+
+    scores: list[Outgoing] = field(default_factory=list)
+    dead_letters: list[Outgoing] = field(default_factory=list)
+    batch_sizes: dict[str, int] = field(default_factory=dict)
+    decode_seconds: float = 0.0
+    inference_seconds: float = 0.0
+
+    @property
+    def messages(self) -> list[Outgoing]:
+        return self.scores + self.dead_letters
+
+
+def dead_letter(message: SourceMessage, kind: str, reason: str, survey: str = UNKNOWN_SURVEY) -> Outgoing:
+    """The dead-letter message for ``message``: its bytes, key and headers, plus reason and source headers."""
+    headers = [h for h in message.headers if not h[0].startswith("rbstream.reason")]
+    headers += [(HEADER_REASON, reason.encode("utf-8", "replace")), (HEADER_REASON_KIND, kind.encode()),
+                (HEADER_SURVEY, survey.encode())]
+    headers += message.provenance()
+    return Outgoing(kind=kind, key=message.key, value=message.value, headers=headers, source=message,
+                    survey=survey, reason=reason)
+
+
+def survey_hint(value: bytes) -> str:
+    """Best guess of an undecodable message's survey, for metrics labels only.
+
+    The Confluent wire format is Rubin's framing; an object container whose schema names
+    ``ztf`` is ZTF's. Anything else is `UNKNOWN_SURVEY`.
+    """
+    if value[:1] == b"\x00":
+        return "rubin"
+    if value[:4] == records.CONTAINER_MAGIC:
+        head = value[:4096]
+        if b"ztf" in head:
+            return "ztf"
+        if b"diaSource" in head:
+            return "rubin"
+    return UNKNOWN_SURVEY
+
+
+def headers_to_text(headers: Sequence[tuple[str, bytes | None]] | None) -> dict[str, str]:
+    """Kafka headers as a ``name -> text`` dict (the last value wins)."""
+    return {name: (value or b"").decode("utf-8", "replace") for name, value in headers or ()}
+
+
+class BatchProcessor:
+    """Decodes, scores and encodes batches of alert messages.
+
+    Parameters
+    ----------
+    scorers : mapping of str to service.model.Scorer
+        One model per survey.
+    encoder : service.records.RecordEncoder
+        Frames the output messages (object container or Confluent wire format).
+    survey : str
+        ``ztf``, ``rubin`` or ``auto`` (decided per message from its fields).
+    schemas : optional
+        Schema source for Rubin's wire format, passed to `service.batch.prepare`.
+    workers : int, optional
+        Decoding threads/processes, passed to `service.batch.prepare`.
+    republish_alert : bool
+        Publish the original alert with an ``rbstream`` score field instead of a score record.
+    """
+
+    def __init__(self, scorers: Mapping[str, Any], encoder: records.RecordEncoder, survey: str = "auto",
+                 schemas: Any = None, workers: int | None = None, republish_alert: bool = False):
+        self.scorers = dict(scorers)
+        self.contracts = {name: scorer.contract for name, scorer in self.scorers.items()}
+        self.encoder = encoder
+        self.survey = survey
+        self.schemas = schemas
+        self.workers = workers
+        self.republish_alert = republish_alert
+
+    # -- the steps ------------------------------------------------------------------------------
+
+    def decode(self, messages: Sequence[SourceMessage]):
+        """`service.batch.prepare` on the messages' values: ``(batches by survey, failures)``."""
+        from service.batch import prepare
+
+        return prepare([m.value for m in messages], self.contracts, survey=self.survey, schemas=self.schemas,
+                       workers=self.workers)
+
+    def score(self, batch) -> tuple[np.ndarray | None, str | None]:
+        """Scores of one survey's batch, or ``(None, reason)`` when inference fails."""
+        scorer = self.scorers.get(batch.survey)
+        if scorer is None:
+            return None, f"no model loaded for survey {batch.survey!r}"
+        try:
+            scores = np.asarray(scorer.score(batch.stamps), dtype=np.float64).reshape(-1)
+        except Exception as exc:  # ONNX Runtime errors have many types; any of them must not stop the stream
+            log.exception("inference failed for a %s batch of %d", batch.survey, len(batch.alerts))
+            return None, f"inference failed: {type(exc).__name__}: {exc}"
+        if len(scores) != len(batch.alerts):
+            return None, f"model returned {len(scores)} scores for {len(batch.alerts)} alerts"
+        return scores, None
+
+    def score_message(self, alert, score: float, source: SourceMessage, scored_at: datetime) -> Outgoing:
+        """The output message of one scored alert (score record, or annotated alert)."""
+        card = self.scorers[alert.survey].card
+        record = records.score_record(survey=alert.survey, candidate_id=alert.candidate_id,
+                                      object_id=alert.object_id, score=score, threshold=card.threshold,
+                                      model_name=card.name, model_version=card.version,
+                                      observation_mjd=alert.observation_mjd, scored_at=scored_at)
+        headers = [(HEADER_SURVEY, alert.survey.encode())] + source.provenance()
+        key = record["object_id"].encode() if record["object_id"] else None
+        return Outgoing(kind="score", key=key, value=b"", headers=headers, source=source, survey=alert.survey,
+                        record=record)
+
+    def encode(self, outgoing: list[Outgoing]) -> list[Outgoing]:
+        """Fill in the bytes of score messages; those that cannot be encoded become dead letters."""
+        done: list[Outgoing] = []
+        if not self.republish_alert:
+            for out in outgoing:
+                out.value = self.encoder.encode(out.record)
+                done.append(out)
+            return done
+        # Re-publishing: one annotated copy of each source message holding every alert it carried.
+        by_source: dict[int, list[Outgoing]] = {}
+        for out in outgoing:
+            by_source.setdefault(id(out.source), []).append(out)
+        for group in by_source.values():
+            try:
+                group[0].value = self.annotated_alert(group[0].source.value, [o.record for o in group])
+            except Exception as exc:
+                log.warning("cannot re-publish alert at %s/%d/%d: %s", group[0].source.topic,
+                            group[0].source.partition, group[0].source.offset, exc)
+                done.append(dead_letter(group[0].source, "publish", f"cannot re-publish with score: {exc}",
+                                        group[0].survey))
+                continue
+            done.append(group[0])
+        return done
+
+    def annotated_alert(self, value: bytes, scores: list[dict]) -> bytes:
+        """The alert message ``value`` re-encoded with its score(s) in an ``rbstream`` field."""
+        if value[:4] == records.CONTAINER_MAGIC:
+            schema, alerts = records.container_schema_and_records(value)
+        else:
+            schema, alerts = self._wire_schema_and_records(value)
+        if len(alerts) != len(scores):
+            raise records.RecordError(f"{len(alerts)} alerts in the message, {len(scores)} scored")
+        annotated = [dict(alert, **{records.ANNOTATION_FIELD: records.annotation(s)})
+                     for alert, s in zip(alerts, scores)]
+        out_schema = records.annotated_schema(schema)
+        if self.encoder.registry is None:
+            return records.container_bytes(out_schema, annotated)
+        if len(annotated) != 1:
+            raise records.RecordError("the wire format holds one alert per message")
+        return self.encoder.encode(annotated[0], out_schema)
+
+    def _wire_schema_and_records(self, value: bytes) -> tuple[dict, list[dict]]:
+        import io
+
+        import fastavro
+
+        from service import schemas as alert_schemas
+
+        store = self.schemas if self.schemas is not None else alert_schemas.default_store()
+        _, schema_id = records.WIRE_HEADER.unpack_from(value)
+        writer = store.schema_for_id(schema_id)
+        body = fastavro.schemaless_reader(io.BytesIO(value[records.WIRE_HEADER.size:]), writer.parsed)
+        # fastavro's parsed form carries bookkeeping keys ("__fastavro_parsed", ...); the rest is the schema.
+        definition = {k: v for k, v in writer.parsed.items() if not k.startswith("__")}
+        return definition, [body]
+
+    # -- the whole batch ------------------------------------------------------------------------
+
+    def process(self, messages: Sequence[SourceMessage], now: datetime | None = None) -> Outcome:
+        """Decode, score and encode one batch; never raises for bad input."""
+        outcome = Outcome()
+        if not messages:
+            return outcome
+        start = time.perf_counter()
+        batches, failures = self.decode(messages)
+        outcome.decode_seconds = time.perf_counter() - start
+        rejected: dict[int, Outgoing] = {}
+        for failure in failures:
+            if failure.index not in rejected:
+                source = messages[failure.index]
+                survey = self.survey if self.survey != "auto" else survey_hint(source.value)
+                rejected[failure.index] = dead_letter(source, failure.kind, failure.reason, survey)
+        scored: list[tuple[int, int, Outgoing]] = []
+        scored_at = now or datetime.now(timezone.utc)
+        start = time.perf_counter()
+        for survey, batch in batches.items():
+            if len(batch.alerts) == 0:
+                continue
+            outcome.batch_sizes[survey] = len(batch.alerts)
+            scores, error = self.score(batch)
+            for position, (alert, index) in enumerate(zip(batch.alerts, batch.indices)):
+                index = int(index)
+                if error is None and not np.isfinite(scores[position]):
+                    error_here = "model returned a non-finite score"
+                else:
+                    error_here = error
+                if error_here is not None:
+                    rejected.setdefault(index, dead_letter(messages[index], "inference", error_here, survey))
+                    continue
+                scored.append((index, position,
+                               self.score_message(alert, float(scores[position]), messages[index], scored_at)))
+        outcome.inference_seconds = time.perf_counter() - start
+        # Publish in input order so that the records of one object keep their order.
+        scored.sort(key=lambda item: (item[0], item[1]))
+        for out in self.encode([out for index, _, out in scored if index not in rejected]):
+            (outcome.scores if out.is_score else outcome.dead_letters).append(out)
+        outcome.dead_letters.extend(rejected[i] for i in sorted(rejected))
+        return outcome

@@ -1,0 +1,230 @@
+"""Avro encoding of what the consumer publishes: score records, or alerts annotated with their score.
+
+Two framings, as the surveys use them:
+
+* **object container** (default): each Kafka message is a complete Avro object container
+  file holding one record and its writer schema, like ZTF's alerts — self-describing,
+  readable with any Avro library (``fastavro.reader``) and no registry;
+* **Confluent wire format** (when a schema registry URL is configured): magic byte 0,
+  the 4-byte big-endian schema id, then the schemaless Avro body, like Rubin's alerts;
+  the schema is registered under the subject ``<topic>-value`` (TopicNameStrategy).
+
+The score record schema is ``service/schemas/score_record.avsc``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+from datetime import datetime, timezone
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import fastavro
+
+SCHEMA_DIR = Path(__file__).resolve().parent / "schemas"
+SCORE_SCHEMA_PATH = SCHEMA_DIR / "score_record.avsc"
+
+#: Name of the field added to an alert re-published with its score (``--republish-alert``).
+ANNOTATION_FIELD = "rbstream"
+
+#: First bytes of an Avro object container file.
+CONTAINER_MAGIC = b"Obj\x01"
+#: Confluent wire format: magic byte 0 then a 4-byte big-endian schema id.
+WIRE_HEADER = struct.Struct(">bI")
+
+#: The record added to a re-published alert (a subset of the score record).
+ANNOTATION_SCHEMA: dict = {
+    "type": "record",
+    "name": "RealBogusScore",
+    "namespace": "rbstream",
+    "doc": "Real/bogus score added by rbstream.",
+    "fields": [
+        {"name": "score", "type": "double"},
+        {"name": "label", "type": "string"},
+        {"name": "threshold", "type": "double"},
+        {"name": "model_name", "type": "string"},
+        {"name": "model_version", "type": "string"},
+        {"name": "scored_at", "type": {"type": "long", "logicalType": "timestamp-micros"}},
+    ],
+}
+
+
+class RecordError(ValueError):
+    """Bytes that are not a record this module can read."""
+
+
+@lru_cache(maxsize=1)
+def score_schema() -> dict:
+    """The score record schema (``score_record.avsc``) as a dict."""
+    return json.loads(SCORE_SCHEMA_PATH.read_text())
+
+
+def label_for(score: float, threshold: float) -> str:
+    """``real`` when ``score >= threshold``, else ``bogus``."""
+    return "real" if score >= threshold else "bogus"
+
+
+def score_record(*, survey: str, candidate_id: int, object_id: str, score: float, threshold: float,
+                 model_name: str, model_version: str, observation_mjd: float | None,
+                 scored_at: datetime | None = None) -> dict:
+    """One score record, as a dict that follows ``score_record.avsc``."""
+    score = float(score)
+    return {
+        "survey": survey,
+        "candidate_id": int(candidate_id),
+        "object_id": "" if object_id is None else str(object_id),
+        "score": score,
+        "label": label_for(score, threshold),
+        "threshold": float(threshold),
+        "model_name": model_name,
+        "model_version": model_version,
+        "observation_mjd": None if observation_mjd is None else float(observation_mjd),
+        "scored_at": scored_at or datetime.now(timezone.utc),
+    }
+
+
+def annotation(record: Mapping[str, Any]) -> dict:
+    """The part of a score record added to a re-published alert."""
+    return {field["name"]: record[field["name"]] for field in ANNOTATION_SCHEMA["fields"]}
+
+
+# --- schema registry -----------------------------------------------------------------------------
+
+class SchemaRegistry:
+    """The two calls of the Confluent Schema Registry REST API the service needs.
+
+    Parameters
+    ----------
+    url : str
+        Base URL, e.g. ``https://registry.example.org``; ``https://user:password@host`` for
+        basic authentication.
+    """
+
+    def __init__(self, url: str, timeout: float = 10.0):
+        import httpx
+
+        self.url = url.rstrip("/")
+        self._client = httpx.Client(timeout=timeout)
+        self._by_id: dict[int, dict] = {}
+        self._ids: dict[tuple[str, str], int] = {}
+
+    def register(self, subject: str, schema: Mapping) -> int:
+        """Register ``schema`` under ``subject`` (idempotent) and return its id."""
+        text = json.dumps(schema, sort_keys=True)
+        key = (subject, text)
+        if key not in self._ids:
+            response = self._client.post(f"{self.url}/subjects/{subject}/versions", json={"schema": text},
+                                         headers={"Content-Type": "application/vnd.schemaregistry.v1+json"})
+            if response.status_code >= 400:
+                raise RecordError(f"schema registry {self.url}: registering {subject} failed: "
+                                  f"{response.status_code} {response.text[:200]}")
+            self._ids[key] = int(response.json()["id"])
+            self._by_id[self._ids[key]] = dict(schema)
+        return self._ids[key]
+
+    def schema(self, schema_id: int) -> dict:
+        """The schema with id ``schema_id``."""
+        if schema_id not in self._by_id:
+            response = self._client.get(f"{self.url}/schemas/ids/{schema_id}")
+            if response.status_code >= 400:
+                raise RecordError(f"schema registry {self.url}: no schema with id {schema_id} "
+                                  f"({response.status_code})")
+            self._by_id[schema_id] = json.loads(response.json()["schema"])
+        return self._by_id[schema_id]
+
+    def close(self) -> None:
+        self._client.close()
+
+
+# --- framing -------------------------------------------------------------------------------------
+
+def container_bytes(schema: Mapping, records: Sequence[Mapping]) -> bytes:
+    """An Avro object container holding ``records`` with ``schema`` embedded."""
+    buffer = io.BytesIO()
+    fastavro.writer(buffer, _parsed(json.dumps(schema, sort_keys=True)), list(records), codec="null")
+    return buffer.getvalue()
+
+
+def wire_bytes(schema: Mapping, schema_id: int, record: Mapping) -> bytes:
+    """One record in the Confluent wire format."""
+    buffer = io.BytesIO()
+    buffer.write(WIRE_HEADER.pack(0, schema_id))
+    fastavro.schemaless_writer(buffer, _parsed(json.dumps(schema, sort_keys=True)), record)
+    return buffer.getvalue()
+
+
+@lru_cache(maxsize=64)
+def _parsed(schema_json: str):
+    # Parsing a schema costs far more than writing a small record: cache by its text.
+    return fastavro.parse_schema(json.loads(schema_json))
+
+
+class RecordEncoder:
+    """Encodes records of one schema for one topic: object container, or wire format with a registry.
+
+    Parameters
+    ----------
+    registry : SchemaRegistry, optional
+        When given, records are framed in the Confluent wire format and the schemas are
+        registered under ``<topic>-value``.
+    topic : str
+        Output topic (names the registry subject).
+    """
+
+    def __init__(self, topic: str, registry: SchemaRegistry | None = None):
+        self.topic = topic
+        self.registry = registry
+
+    def encode(self, record: Mapping, schema: Mapping | None = None) -> bytes:
+        schema = score_schema() if schema is None else schema
+        if self.registry is None:
+            return container_bytes(schema, [record])
+        return wire_bytes(schema, self.registry.register(f"{self.topic}-value", schema), record)
+
+
+def annotated_schema(alert_schema: Mapping) -> dict:
+    """``alert_schema`` with a nullable ``rbstream`` field (`ANNOTATION_SCHEMA`) appended."""
+    if alert_schema.get("type") != "record":
+        raise RecordError("an alert schema must be an Avro record")
+    fields = [f for f in alert_schema["fields"] if f["name"] != ANNOTATION_FIELD]
+    fields.append({"name": ANNOTATION_FIELD, "type": ["null", ANNOTATION_SCHEMA], "default": None,
+                   "doc": "Real/bogus score added by rbstream."})
+    return {**alert_schema, "fields": fields}
+
+
+def container_schema_and_records(value: bytes) -> tuple[dict, list[dict]]:
+    """Writer schema and records of an Avro object container message."""
+    try:
+        reader = fastavro.reader(io.BytesIO(value))
+        return reader.writer_schema, list(reader)
+    except Exception as exc:  # fastavro raises many types on corrupt input
+        raise RecordError(f"not an Avro object container: {exc}") from None
+
+
+# --- reading (tail, tests) -----------------------------------------------------------------------
+
+def decode_records(value: bytes, registry: SchemaRegistry | None = None) -> list[dict]:
+    """Records of a message written by `RecordEncoder` (either framing).
+
+    Raises
+    ------
+    RecordError
+        When the bytes are neither framing, or a wire-format message comes without a registry.
+    """
+    if value[:4] == CONTAINER_MAGIC:
+        return container_schema_and_records(value)[1]
+    if len(value) > WIRE_HEADER.size and value[0] == 0:
+        _, schema_id = WIRE_HEADER.unpack_from(value)
+        if registry is None:
+            raise RecordError(f"Confluent wire format (schema id {schema_id}): give --schema-registry-url")
+        try:
+            return [fastavro.schemaless_reader(io.BytesIO(value[WIRE_HEADER.size:]),
+                                               fastavro.parse_schema(registry.schema(schema_id)))]
+        except RecordError:
+            raise
+        except Exception as exc:
+            raise RecordError(f"wire format body does not match schema {schema_id}: {exc}") from None
+    raise RecordError("neither an Avro object container nor the Confluent wire format")
