@@ -1,0 +1,638 @@
+"""The HTTP API: ``rbstream serve``.
+
+Routes
+------
+``POST /classify``
+    Score candidates given as JSON (stamps as base64 FITS or 2-D arrays) or raw alert
+    bodies (``application/avro`` / ``application/octet-stream``: a ZTF object container,
+    a Rubin Confluent-wire-format message or container). Bad input is answered with
+    400/413/415/422 and a message that names the candidate and the stamp.
+``GET /healthz``, ``GET /readyz``, ``GET /model``, ``GET /metrics``, and ``/docs``.
+
+Stamps of concurrent requests are scored together (`service.microbatch`), off the
+event loop. `create_app` builds the app around already loaded scorers, so the
+consumer (``rbstream run``) can serve it in-process and add its own readiness checks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Annotated, Callable, Iterable, Literal, Mapping, Sequence
+
+import numpy as np
+from fastapi import FastAPI, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, Response
+from pydantic import ValidationError
+from starlette.requests import ClientDisconnect
+from starlette.routing import Match
+
+from service import metrics
+from service.api_models import (Candidate, ClassifyRequest, ClassifyResponse, ErrorResponse, HealthResponse,
+                                ModelsResponse, ReadinessCheck, ReadinessResponse, ScoreResult)
+from service.api_stamps import StampInputError, stamp_to_array
+from service.auth import BearerAuthMiddleware, TokenAuth
+from service.contract import RAW_IMAGES, StampError, assemble
+from service.microbatch import MicroBatcher
+
+log = logging.getLogger(__name__)
+
+#: A readiness check: ``() -> (ok, detail)``; its ``__name__`` names it in ``/readyz``.
+ReadinessCheckFn = Callable[[], "tuple[bool, str]"]
+
+#: Content types of raw alert bodies; anything else but JSON is refused with 415.
+RAW_CONTENT_TYPES = frozenset({"application/avro", "avro/binary", "application/octet-stream"})
+JSON_CONTENT_TYPES = frozenset({"application/json", ""})
+
+
+@dataclass
+class ApiSettings:
+    """Limits and behaviour of the API (CLI options and ``RBSTREAM_API_*`` variables of ``rbstream serve``).
+
+    Attributes
+    ----------
+    max_candidates : int
+        Most candidates (or alerts of a raw body) per request; more -> 413.
+    max_body_bytes : int
+        Largest request body; larger -> 413, refused from ``Content-Length`` before reading,
+        or while reading when the body is streamed.
+    max_batch : int
+        Most stamps in one inference call (requests are batched together up to this).
+    max_wait_ms : float
+        Longest time a request waits for others to share its inference batch.
+    default_survey : str, optional
+        Model of JSON requests that name no survey; None: ``ztf`` if loaded, else the only model.
+    models_dir, model_paths, device
+        Where `create_app` loads models from when it is given none (see `service.model.load_scorers`).
+    """
+
+    max_candidates: int = 512
+    max_body_bytes: int = 32 * 1024 * 1024
+    max_batch: int = 64
+    max_wait_ms: float = 5.0
+    default_survey: str | None = None
+    models_dir: str | None = None
+    model_paths: Mapping[str, str] = field(default_factory=dict)
+    device: str = "auto"
+
+
+class ApiError(Exception):
+    """A refused request: HTTP ``status`` and the `ErrorResponse` fields."""
+
+    def __init__(self, status: int, detail: str, candidate: int | None = None, stamp: str | None = None,
+                 errors: list | None = None):
+        super().__init__(detail)
+        self.status, self.detail, self.candidate, self.stamp, self.errors = status, detail, candidate, stamp, errors
+
+    def response(self) -> JSONResponse:
+        body = ErrorResponse(detail=self.detail, candidate=self.candidate, stamp=self.stamp, errors=self.errors)
+        return JSONResponse(body.model_dump(exclude_none=True), status_code=self.status)
+
+
+_ERRORS = {
+    400: {"model": ErrorResponse, "description": "Malformed body: not JSON, not UTF-8, wrong content length."},
+    413: {"model": ErrorResponse, "description": "Body larger than `--max-body-bytes`, or more candidates "
+                                                 "than `--max-candidates`."},
+    415: {"model": ErrorResponse, "description": "Content type neither JSON nor a raw alert type."},
+    422: {"model": ErrorResponse, "description": "Well-formed but unusable: unknown or missing fields, a missing "
+                                                 "stamp, a stamp that is not a 2-D image (ragged, empty, 3-D, no "
+                                                 "finite pixel, undecodable FITS), stamps of different shapes, "
+                                                 "a survey without a model, an alert body that cannot be decoded."},
+}
+_AUTH_ERRORS = {401: {"model": ErrorResponse, "description": "Missing or wrong bearer token (when one is configured)."}}
+
+
+def create_app(scorers: Mapping | None = None, settings: ApiSettings | None = None,
+               readiness_checks: Iterable[ReadinessCheckFn] = (), auth: TokenAuth | None = None,
+               registry=None) -> FastAPI:
+    """Build the API around loaded models.
+
+    Parameters
+    ----------
+    scorers : mapping survey -> `service.model.Scorer`, optional
+        The models to serve; loaded from ``settings`` (models dir / explicit paths) when None.
+    settings : ApiSettings, optional
+    readiness_checks : iterable of callables ``() -> (ok: bool, detail: str)``
+        Extra conditions of ``/readyz`` besides "models loaded" (``rbstream run`` adds
+        "broker reachable"). Each runs in a worker thread; one that raises counts as not
+        ready. More can be appended later to ``app.state.readiness_checks``.
+    auth : TokenAuth, optional
+        Bearer-token check; by default from ``RBSTREAM_API_TOKEN`` / ``RBSTREAM_API_TOKEN_FILE``
+        (no token configured: open API).
+    registry : prometheus_client.CollectorRegistry, optional
+        Registry served on ``/metrics`` (default: the process's default registry).
+    """
+    settings = settings or ApiSettings()
+    if scorers is None:
+        from service.model import load_scorers
+
+        scorers = load_scorers(settings.models_dir, explicit=settings.model_paths, device=settings.device)
+    scorers = dict(scorers)
+    auth = auth if auth is not None else TokenAuth.from_env()
+    metrics.record_models(scorers)
+    batchers = {survey: MicroBatcher(scorer.score, max_batch=settings.max_batch,
+                                     max_wait_s=settings.max_wait_ms / 1000.0, on_batch=_batch_metrics, name=survey)
+                for survey, scorer in scorers.items()}
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        for batcher in batchers.values():
+            await batcher.aclose()
+
+    app = FastAPI(
+        title="rbstream",
+        summary="Real/bogus scores for astronomical alert cutouts (ZTF, Rubin).",
+        description=_DESCRIPTION,
+        version=_version(),
+        lifespan=lifespan,
+    )
+    app.state.scorers = scorers
+    app.state.batchers = batchers
+    app.state.settings = settings
+    app.state.readiness_checks = list(readiness_checks)
+    app.state.auth = auth
+    classify_service = _Classifier(scorers, batchers, settings)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError):
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError):
+        errors = exc.errors()
+        return ApiError(422, "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors[:5]),
+                        errors=json.loads(json.dumps(errors, default=str))).response()
+
+    @app.post(
+        "/classify", response_model=ClassifyResponse, tags=["scoring"],
+        summary="Score candidates (JSON stamps) or raw alerts",
+        responses={**_ERRORS, **(_AUTH_ERRORS if auth.enabled else {})},
+        openapi_extra={"requestBody": _CLASSIFY_BODY},
+    )
+    async def classify(
+        request: Request,
+        survey: Annotated[Literal["auto", "ztf", "rubin"], Query(
+            description="Raw alert bodies only: the survey of the alert (`auto` tells from the bytes).")] = "auto",
+    ) -> ClassifyResponse:
+        """Score one or many candidates.
+
+        * **JSON** (`application/json`): a `ClassifyRequest` (`{"survey": ..., "candidates": [...]}`)
+          or a single candidate object. Each candidate gives the stamps its survey's model needs
+          (see `GET /model`, `input.raw_inputs`), each as base64 FITS or a 2-D array.
+        * **Raw alert** (`application/avro` or `application/octet-stream`): the bytes of one Kafka
+          message, a ZTF Avro object container or a Rubin alert (Confluent wire format or object
+          container); one result per alert in the body.
+
+        Results come in request order. Stamps are cropped or padded to the model's size around
+        the source exactly as for alerts read from Kafka, so a given alert gets the same score here
+        and from the stream.
+        """
+        body = await _read_body(request, settings.max_body_bytes)
+        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if content_type in RAW_CONTENT_TYPES:
+            return await classify_service.classify_alert(body, survey)
+        if content_type in JSON_CONTENT_TYPES or content_type.endswith("+json"):
+            return await classify_service.classify_json(body)
+        raise ApiError(415, f"unsupported content type {content_type!r}; send application/json, or a raw alert "
+                            f"as one of {sorted(RAW_CONTENT_TYPES)}")
+
+    @app.get("/healthz", response_model=HealthResponse, tags=["operations"], summary="Liveness: the process serves")
+    async def healthz() -> HealthResponse:
+        return HealthResponse()
+
+    @app.get("/readyz", response_model=ReadinessResponse, tags=["operations"],
+             summary="Readiness: models loaded and every extra check passing (else 503)",
+             responses={503: {"model": ReadinessResponse, "description": "Not ready; `checks` say why."}})
+    async def readyz():
+        checks = [ReadinessCheck(name="models", ok=bool(scorers),
+                                 detail=", ".join(f"{s}: {sc.card.name} {sc.card.version} on {sc.provider}"
+                                                  for s, sc in scorers.items()) or "no model loaded")]
+        for i, check in enumerate(list(app.state.readiness_checks)):
+            checks.append(await run_in_threadpool(_run_check, check, i))
+        ready = all(c.ok for c in checks)
+        return JSONResponse(ReadinessResponse(ready=ready, checks=checks).model_dump(), status_code=200 if ready else 503)
+
+    @app.get("/model", response_model=ModelsResponse, tags=["operations"], summary="The model cards in service",
+             responses=_AUTH_ERRORS if auth.enabled else None)
+    async def model() -> ModelsResponse:
+        return ModelsResponse(models={s: dict(sc.card.raw) for s, sc in scorers.items()},
+                              providers={s: sc.provider for s, sc in scorers.items()})
+
+    @app.get("/metrics", tags=["operations"], summary="Prometheus metrics (text exposition format)",
+             response_class=Response, responses={200: {"content": {"text/plain": {}}}})
+    async def metrics_endpoint() -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+
+        return Response(generate_latest(registry or REGISTRY), media_type=CONTENT_TYPE_LATEST)
+
+    # Added last = outermost: metrics see every answer, the 401s of the auth middleware included.
+    app.add_middleware(BearerAuthMiddleware, auth=auth)
+    app.add_middleware(HttpMetricsMiddleware, router=app.router)
+    app.openapi = lambda: _openapi(app)
+    return app
+
+
+class _Classifier:
+    """The work of ``POST /classify``: turning a body into stamps, batching, answering."""
+
+    def __init__(self, scorers: Mapping, batchers: Mapping[str, MicroBatcher], settings: ApiSettings):
+        self.scorers, self.batchers, self.settings = scorers, batchers, settings
+
+    # ---- JSON bodies -------------------------------------------------------------------------------
+    async def classify_json(self, body: bytes) -> ClassifyResponse:
+        # Parsing and pixel work are CPU-bound: a worker thread keeps the event loop answering.
+        prepared = await run_in_threadpool(self._prepare_json, body)
+        scores = await self._score_rows(prepared)
+        results = []
+        for (survey, _, ident), score in zip(prepared, scores):
+            results.append(self._result(survey, ident, score))
+        return ClassifyResponse(results=results)
+
+    def _prepare_json(self, body: bytes) -> list[tuple[str, np.ndarray, object]]:
+        """(survey, model-ready stamp, id) per candidate, in order; `ApiError` naming what is wrong."""
+        if not body.strip():
+            raise ApiError(400, "empty body; send JSON with `candidates` (see /docs)")
+        try:
+            document = json.loads(body)
+        except UnicodeDecodeError as exc:
+            raise ApiError(400, f"body is not UTF-8 text: {exc}") from None
+        except json.JSONDecodeError as exc:
+            raise ApiError(400, f"malformed JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+        except RecursionError:
+            raise ApiError(400, "malformed JSON: nested too deeply") from None
+        request = self._validate(document)
+        default_survey = request.survey or self._default_survey()
+        prepared = []
+        for index, candidate in enumerate(request.candidates):
+            survey = candidate.survey or default_survey
+            ident = candidate.id if candidate.id is not None else index
+            prepared.append((survey, self._candidate_stamp(index, candidate, survey), ident))
+        return prepared
+
+    def _validate(self, document) -> ClassifyRequest:
+        if isinstance(document, list):  # a bare list of candidates
+            document = {"candidates": document}
+        if not isinstance(document, dict):
+            raise ApiError(422, f"the body must be a JSON object (or a list of candidates), got a JSON "
+                                f"{type(document).__name__}")
+        if "candidates" not in document and any(name in document for name in RAW_IMAGES):
+            document = {"candidates": [document]}  # one candidate given directly
+        candidates = document.get("candidates")
+        if isinstance(candidates, list) and len(candidates) > self.settings.max_candidates:
+            raise ApiError(413, f"too many candidates: {len(candidates)}; at most {self.settings.max_candidates} "
+                                "per request (--max-candidates)")
+        try:
+            return ClassifyRequest.model_validate(document)
+        except ValidationError as exc:
+            raise _from_validation_error(exc) from None
+        except RecursionError:
+            raise ApiError(400, "malformed JSON: nested too deeply") from None
+
+    def _default_survey(self) -> str:
+        if self.settings.default_survey:
+            return self.settings.default_survey
+        if "ztf" in self.scorers or not self.scorers:
+            return "ztf"
+        return next(iter(self.scorers))
+
+    def _candidate_stamp(self, index: int, candidate: Candidate, survey: str) -> np.ndarray:
+        where = f"candidate {index}" + (f" (id {candidate.id!r})" if candidate.id is not None else "")
+        scorer = self.scorers.get(survey)
+        if scorer is None:
+            raise ApiError(422, f"{where}: no model loaded for survey {survey!r}; loaded: {sorted(self.scorers)}",
+                           candidate=index)
+        needed = scorer.contract.raw_inputs
+        missing = [name for name in needed if getattr(candidate, name) is None]
+        if missing:
+            raise ApiError(422, f"{where}: missing stamp(s) {missing}; the {survey} model "
+                                f"{scorer.card.name} needs {list(needed)}", candidate=index, stamp=missing[0])
+        images = {}
+        for name in RAW_IMAGES:  # a stamp the model does not need is still checked: it is a client's mistake
+            value = getattr(candidate, name)
+            if value is None:
+                continue
+            try:
+                images[name] = stamp_to_array(value)
+            except StampInputError as exc:
+                raise ApiError(422, f"{where}: stamp {name!r} {exc}", candidate=index, stamp=name) from None
+        shapes = {name: image.shape for name, image in images.items()}
+        if len(set(shapes.values())) > 1:
+            # The stamps share one source position; cutouts of different shapes would put it in different places.
+            listed = ", ".join(f"{name} {s[0]}x{s[1]}" for name, s in shapes.items())
+            raise ApiError(422, f"{where}: stamps differ in shape ({listed}); the cutouts of one candidate must "
+                                "have the same shape", candidate=index)
+        try:
+            return assemble(images, scorer.contract, centre=candidate.centre)
+        except StampError as exc:
+            stamp = next((name for name in needed if repr(name) in str(exc)), None)
+            raise ApiError(422, f"{where}: {exc}", candidate=index, stamp=stamp) from None
+
+    # ---- raw alert bodies --------------------------------------------------------------------------
+    async def classify_alert(self, body: bytes, survey: str) -> ClassifyResponse:
+        if not body:
+            raise ApiError(400, "empty body; send the bytes of one alert message")
+        prepared = await run_in_threadpool(self._prepare_alert, body, survey)
+        scores = await self._score_rows([(s, stamp, None) for s, stamp, _ in prepared])
+        return ClassifyResponse(results=[self._result(s, alert.candidate_id, score, object_id=alert.object_id)
+                                         for (s, _, alert), score in zip(prepared, scores)])
+
+    def _prepare_alert(self, body: bytes, survey: str) -> list:
+        """(survey, model-ready stamp, `service.alerts.Alert`) per alert of the body."""
+        from service.alerts import DecodeError, decode_message
+
+        try:
+            alerts = decode_message(body, survey=survey)
+        except DecodeError as exc:
+            raise ApiError(422, f"alert body cannot be decoded ({exc.kind}): {exc.reason}") from None
+        except RecursionError:
+            raise ApiError(422, "alert body cannot be decoded (decode): nested too deeply") from None
+        if not alerts:
+            raise ApiError(422, "alert body holds no alert")
+        if len(alerts) > self.settings.max_candidates:
+            raise ApiError(413, f"too many alerts in the body: {len(alerts)}; at most "
+                                f"{self.settings.max_candidates} (--max-candidates)")
+        prepared = []
+        for index, alert in enumerate(alerts):
+            scorer = self.scorers.get(alert.survey)
+            where = f"alert {index} (candidate id {alert.candidate_id})"
+            if scorer is None:
+                raise ApiError(422, f"{where}: no model loaded for survey {alert.survey!r}; loaded: "
+                                    f"{sorted(self.scorers)}", candidate=index)
+            try:
+                stamp = assemble(alert.images, scorer.contract, centre=alert.centre)
+            except StampError as exc:
+                raise ApiError(422, f"{where}: {exc}", candidate=index) from None
+            prepared.append((alert.survey, stamp, alert))
+        return prepared
+
+    # ---- shared --------------------------------------------------------------------------------------
+    async def _score_rows(self, prepared: Sequence[tuple[str, np.ndarray, object]]) -> np.ndarray:
+        """Scores of each row, in order; rows of each survey go to that survey's batcher together."""
+        scores = np.empty(len(prepared), dtype=np.float32)
+        by_survey: dict[str, list[int]] = {}
+        for i, (survey, _, _) in enumerate(prepared):
+            by_survey.setdefault(survey, []).append(i)
+        surveys = list(by_survey)
+        stacks = [np.stack([prepared[i][1] for i in by_survey[s]]) for s in surveys]
+        parts = await asyncio.gather(*(self.batchers[s].score(stack) for s, stack in zip(surveys, stacks)))
+        for survey, part in zip(surveys, parts):
+            scores[by_survey[survey]] = part
+            histogram = metrics.SCORE.labels(survey=survey)
+            for value in part:
+                histogram.observe(float(value))
+        return scores
+
+    def _result(self, survey: str, ident, score: float, object_id: str | None = None) -> ScoreResult:
+        card = self.scorers[survey].card
+        score = float(score)
+        return ScoreResult(id=ident, object_id=object_id, survey=survey, score=score,
+                           label="real" if score >= card.threshold else "bogus", threshold=card.threshold,
+                           model=card.name, model_version=card.version)
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 as soon as it is known to exceed ``limit`` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            length = int(declared)
+        except ValueError:
+            raise ApiError(400, f"Content-Length {declared!r} is not a number") from None
+        if length > limit:
+            raise ApiError(413, f"body of {length} bytes is over the limit of {limit} bytes (--max-body-bytes)")
+    chunks, size = [], 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:  # a chunked upload, or a Content-Length that lied
+                raise ApiError(413, f"body is over the limit of {limit} bytes (--max-body-bytes)")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise ApiError(400, "client disconnected before sending the whole body") from None
+    return b"".join(chunks)
+
+
+def _from_validation_error(exc: ValidationError) -> ApiError:
+    """One `ApiError` naming the candidate and field of pydantic's first errors."""
+    errors = exc.errors(include_url=False, include_input=False, include_context=False)
+    candidate = stamp = None
+    parts = []
+    for error in errors[:5]:
+        loc = list(error["loc"])
+        if len(loc) >= 2 and loc[0] == "candidates" and isinstance(loc[1], int):
+            candidate = loc[1] if candidate is None else candidate
+            field_name = loc[2] if len(loc) > 2 else None
+            if field_name in RAW_IMAGES and stamp is None:
+                stamp = field_name
+            where = f"candidate {loc[1]}" + (f": field {'.'.join(map(str, loc[2:]))!r}" if len(loc) > 2 else "")
+        else:
+            where = f"field {'.'.join(map(str, loc))!r}" if loc else "body"
+        message = error["msg"]
+        if error["type"] == "extra_forbidden":
+            accepted = Candidate.model_fields if candidate is not None else ClassifyRequest.model_fields
+            message = f"unknown field; accepted: {', '.join(accepted)}"
+        parts.append(f"{where}: {message}")
+    if len(errors) > 5:
+        parts.append(f"... and {len(errors) - 5} more")
+    return ApiError(422, "; ".join(parts), candidate=candidate, stamp=stamp, errors=errors)
+
+
+def _run_check(check: ReadinessCheckFn, index: int) -> ReadinessCheck:
+    name = getattr(check, "__name__", None) or f"check{index}"
+    try:
+        ok, detail = check()
+        return ReadinessCheck(name=name, ok=bool(ok), detail=str(detail))
+    except Exception as exc:  # a check that fails to run means "not ready", never a 500
+        return ReadinessCheck(name=name, ok=False, detail=f"{type(exc).__name__}: {exc}")
+
+
+def _batch_metrics(size: int, seconds: float) -> None:
+    metrics.BATCH_SIZE.observe(size)
+    metrics.INFERENCE_SECONDS.observe(seconds)
+
+
+class HttpMetricsMiddleware:
+    """ASGI middleware counting answers by route template and status, and timing them.
+
+    The label is the route's template (``/classify``), never the raw path, so that
+    scanners probing random URLs cannot blow up the number of series: every path
+    no route matches is counted as ``unmatched``.
+    """
+
+    def __init__(self, app, router):
+        self.app = app
+        self.router = router
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        route = "unmatched"
+        for candidate in self.router.routes:
+            match, _ = candidate.matches(scope)
+            if match is not Match.NONE:
+                route = candidate.path
+                if match is Match.FULL:
+                    break
+        status = 500  # what the client gets if the app raises before answering
+
+        async def send_recording_status(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        started = time.perf_counter()
+        try:
+            await self.app(scope, receive, send_recording_status)
+        finally:
+            metrics.HTTP_REQUESTS.labels(route=route, status=str(status)).inc()
+            metrics.HTTP_REQUEST_SECONDS.labels(route=route).observe(time.perf_counter() - started)
+
+
+# ---- OpenAPI ---------------------------------------------------------------------------------------
+
+_DESCRIPTION = """
+Scores the cutouts of astronomical transient candidates with a real/bogus CNN
+(one ONNX model per survey: ZTF, Rubin). `POST /classify` takes stamps as JSON
+(base64 FITS or 2-D arrays) or the raw bytes of an alert; every refused request is
+answered with a JSON `detail` that names the candidate and the stamp at fault.
+
+When the server has a token (`RBSTREAM_API_TOKEN` or `RBSTREAM_API_TOKEN_FILE`),
+send `Authorization: Bearer <token>`; `/healthz`, `/readyz`, `/metrics` and these docs stay open.
+"""
+
+_CLASSIFY_BODY = {
+    "required": True,
+    "content": {
+        "application/json": {
+            "schema": {"anyOf": [{"$ref": "#/components/schemas/ClassifyRequest"},
+                                 {"$ref": "#/components/schemas/Candidate"}]},
+            "examples": {
+                "arrays": {"summary": "Two candidates, stamps as 2-D arrays",
+                           "value": {"survey": "ztf", "candidates": [
+                               {"id": "a", "science": [[0, 1, 0], [1, 50, 2], [0, 2, 1]],
+                                "template": [[0, 1, 0], [1, 2, 1], [0, 1, 0]],
+                                "difference": [[0, 0, 0], [0, 48, 1], [0, 1, 1]]},
+                               {"id": "b", "science": [[5, 5], [5, 5]], "template": [[5, 5], [5, 5]],
+                                "difference": [[0, 0.5], [None, 0]]}]}},
+                "fits": {"summary": "One candidate, stamps as base64 (gzipped) FITS, as in ZTF alerts",
+                         "value": {"survey": "ztf", "candidates": [
+                             {"id": 1234567890, "science": "H4sIAAAAAAAA...", "template": "H4sIAAAAAAAA...",
+                              "difference": "H4sIAAAAAAAA..."}]}},
+            },
+        },
+        "application/avro": {
+            "schema": {"type": "string", "format": "binary"},
+            "example": "(bytes of a ZTF alert .avro file, or of a Rubin alert message)",
+        },
+        "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+    },
+}
+
+
+def _openapi(app: FastAPI) -> dict:
+    """FastAPI's schema plus the request models of /classify (which reads its body itself, to
+    enforce the size limit while streaming and to accept raw alerts) and the bearer scheme."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    schema = get_openapi(title=app.title, version=app.version, summary=app.summary, description=app.description,
+                         routes=app.routes, tags=[
+                             {"name": "scoring", "description": "Real/bogus scores."},
+                             {"name": "operations", "description": "Probes, model cards, metrics."}])
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    request_schema = ClassifyRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+    components.update(request_schema.pop("$defs", {}))
+    components["ClassifyRequest"] = request_schema
+    auth: TokenAuth = app.state.auth
+    if auth.enabled:
+        schema["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+        for path, operations in schema["paths"].items():
+            if not auth.is_open(path):
+                for operation in operations.values():
+                    operation["security"] = [{"bearer": []}]
+    app.openapi_schema = schema
+    return schema
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("rbstream")
+    except Exception:  # not installed (running from a checkout)
+        return "0"
+
+
+# ---- command line ------------------------------------------------------------------------------------
+
+def add_arguments(parser) -> None:
+    env = os.environ.get
+    parser.add_argument("--host", default=env("RBSTREAM_API_HOST", "127.0.0.1"),
+                        help="address to listen on (env RBSTREAM_API_HOST; 0.0.0.0 in containers)")
+    parser.add_argument("--port", type=int, default=int(env("RBSTREAM_API_PORT", "8000")),
+                        help="port (env RBSTREAM_API_PORT)")
+    parser.add_argument("--models-dir", default=env("RBSTREAM_MODELS_DIR"),
+                        help="folder with one model per survey (<dir>/ztf, <dir>/rubin); default: models/ "
+                             "(env RBSTREAM_MODELS_DIR)")
+    parser.add_argument("--model-ztf", default=env("RBSTREAM_MODEL_ZTF"), metavar="PATH",
+                        help="ZTF model folder or .onnx, instead of <models-dir>/ztf (env RBSTREAM_MODEL_ZTF)")
+    parser.add_argument("--model-rubin", default=env("RBSTREAM_MODEL_RUBIN"), metavar="PATH",
+                        help="Rubin model folder or .onnx (env RBSTREAM_MODEL_RUBIN)")
+    parser.add_argument("--device", default=env("RBSTREAM_DEVICE", "auto"), choices=("auto", "cpu", "cuda", "tensorrt"),
+                        help="inference device (env RBSTREAM_DEVICE)")
+    defaults = ApiSettings()
+    parser.add_argument("--default-survey", choices=("ztf", "rubin"), default=env("RBSTREAM_API_DEFAULT_SURVEY"),
+                        help="model of JSON requests naming no survey (default: ztf if loaded, else the only one)")
+    parser.add_argument("--max-candidates", type=int, default=int(env("RBSTREAM_API_MAX_CANDIDATES",
+                                                                      defaults.max_candidates)),
+                        help="most candidates per request (env RBSTREAM_API_MAX_CANDIDATES)")
+    parser.add_argument("--max-body-bytes", type=int, default=int(env("RBSTREAM_API_MAX_BODY_BYTES",
+                                                                      defaults.max_body_bytes)),
+                        help="largest request body (env RBSTREAM_API_MAX_BODY_BYTES)")
+    parser.add_argument("--max-batch", type=int, default=int(env("RBSTREAM_API_MAX_BATCH", defaults.max_batch)),
+                        help="most stamps per inference batch (env RBSTREAM_API_MAX_BATCH)")
+    parser.add_argument("--max-wait-ms", type=float, default=float(env("RBSTREAM_API_MAX_WAIT_MS",
+                                                                       defaults.max_wait_ms)),
+                        help="longest wait for a batch to fill (env RBSTREAM_API_MAX_WAIT_MS)")
+    parser.add_argument("--token-file", default=env("RBSTREAM_API_TOKEN_FILE"),
+                        help="file holding the bearer token, e.g. a mounted Kubernetes Secret (env "
+                             "RBSTREAM_API_TOKEN_FILE); or set the token itself in RBSTREAM_API_TOKEN "
+                             "(never on the command line, where `ps` shows it)")
+    parser.add_argument("--open-paths", default=env("RBSTREAM_API_OPEN_PATHS"),
+                        help="comma-separated paths served without the token (env RBSTREAM_API_OPEN_PATHS; "
+                             "default: /healthz,/readyz,/metrics and the docs)")
+
+
+def settings_from_args(args) -> ApiSettings:
+    paths = {s: p for s, p in (("ztf", args.model_ztf), ("rubin", args.model_rubin)) if p}
+    return ApiSettings(max_candidates=args.max_candidates, max_body_bytes=args.max_body_bytes,
+                       max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, default_survey=args.default_survey,
+                       models_dir=args.models_dir, model_paths=paths, device=args.device)
+
+
+def main(args) -> int:
+    import uvicorn
+
+    from service.model import ModelError
+
+    settings = settings_from_args(args)
+    open_paths = None if args.open_paths is None else [p.strip() for p in args.open_paths.split(",") if p.strip()]
+    try:
+        auth = TokenAuth.from_env(token_file=args.token_file, open_paths=open_paths)
+        app = create_app(settings=settings, auth=auth)
+    except (ModelError, OSError, ValueError) as exc:
+        log.error("cannot start the API: %s", exc)
+        return 2
+    log.info("API on http://%s:%d (docs at /docs); token %s", args.host, args.port,
+             "required" if auth.enabled else "not required")
+    uvicorn.run(app, host=args.host, port=args.port, log_level=logging.getLevelName(log.getEffectiveLevel()).lower())
+    return 0

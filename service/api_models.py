@@ -1,0 +1,143 @@
+"""Request and response bodies of the HTTP API (pydantic), as `/docs` shows them.
+
+A stamp is either a base64 string holding a FITS file (gzip-compressed or not) or a
+2-D array of numbers; it is typed ``Any`` here and documented by `STAMP_SCHEMA`,
+because turning it into pixels (and explaining what is wrong with it) is the job of
+`service.api_stamps`, which can name the candidate and the stamp in its messages.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, WithJsonSchema
+
+#: Surveys a request may name; each has its own model.
+Survey = Literal["ztf", "rubin"]
+
+STAMP_SCHEMA: dict = {
+    "description": (
+        "One cutout, either a base64 string holding a FITS file (gzip-compressed or not; the first "
+        "2-D image HDU is used) or a 2-D array of numbers (list of rows, all rows the same length). "
+        "Pixels may be null, NaN or ±Infinity where there is no data (they are masked, as the model "
+        "masks padding), but a stamp needs at least one finite pixel."
+    ),
+    "anyOf": [
+        {"type": "string", "format": "byte", "title": "base64 FITS"},
+        {"type": "array", "title": "2-D array",
+         "items": {"type": "array", "items": {"anyOf": [{"type": "number"}, {"type": "null"}]}}},
+    ],
+}
+
+#: A stamp as it arrives in JSON; see `STAMP_SCHEMA`.
+Stamp = Annotated[Any, WithJsonSchema(STAMP_SCHEMA)]
+
+_EXAMPLE_ROWS = [[0.0, 1.5, 0.0], [2.0, 40.0, 1.0], [0.0, 3.0, 0.5]]
+
+
+class Candidate(BaseModel):
+    """One detection to score: its cutouts and an optional id."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [
+            {"id": "ZTF18abcdefg-1", "science": _EXAMPLE_ROWS, "template": _EXAMPLE_ROWS,
+             "difference": _EXAMPLE_ROWS},
+        ]},
+    )
+
+    id: str | int | None = Field(
+        None, description="Your identifier, echoed in the answer; defaults to the candidate's position (0-based).",
+        examples=["ZTF18abcdefg-1"])
+    survey: Survey | None = Field(
+        None, description="Model to use for this candidate; overrides the request's `survey`.")
+    science: Stamp = Field(None, description="Science cutout (the new image).")
+    template: Stamp = Field(None, description="Template (reference) cutout.")
+    difference: Stamp = Field(None, description="Difference cutout (science minus template).")
+    centre: tuple[FiniteFloat, FiniteFloat] | None = Field(
+        None, description=(
+            "Source position (row, column, 0-based pixels) in the cutouts, when it is not their "
+            "geometric centre (cutouts truncated at a CCD edge). The cutouts are centre-cropped or "
+            "padded to the model's stamp size around it."),
+        examples=[[31.0, 31.0]])
+
+
+class ClassifyRequest(BaseModel):
+    """Candidates to score. A single candidate object (without `candidates`) is accepted too."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [
+            {"survey": "ztf", "candidates": [
+                {"id": 1, "science": _EXAMPLE_ROWS, "template": _EXAMPLE_ROWS, "difference": _EXAMPLE_ROWS},
+            ]},
+        ]},
+    )
+
+    survey: Survey | None = Field(
+        None, description=(
+            "Model to use: `ztf` or `rubin`. Default: the server's default survey "
+            "(`--default-survey`; `ztf` when a ZTF model is loaded, else the only model loaded)."))
+    candidates: list[Candidate] = Field(
+        ..., min_length=1, description="One or more candidates (at most the server's `--max-candidates`).")
+
+
+class ScoreResult(BaseModel):
+    """The score of one candidate (or of one alert of a raw alert body)."""
+
+    id: str | int | None = Field(
+        ..., description="The candidate's `id` (its position when none was given); for a raw alert, "
+                         "ZTF `candid` or Rubin `diaSource.diaSourceId`.")
+    object_id: str | None = Field(
+        None, description="Raw alerts only: ZTF `objectId` or Rubin `diaObject.diaObjectId`.")
+    survey: Survey = Field(..., description="Survey whose model gave the score.")
+    score: float = Field(..., ge=0.0, le=1.0, description="Probability that the detection is real.")
+    label: Literal["real", "bogus"] = Field(
+        ..., description="`real` when `score` >= `threshold`, else `bogus`.")
+    threshold: float = Field(..., description="The model's decision threshold (from its model card).")
+    model: str = Field(..., description="Model name (model card `name`).")
+    model_version: str = Field(..., description="Model version (model card `version`).")
+
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"id": "ZTF18abcdefg-1", "object_id": None, "survey": "ztf", "score": 0.93, "label": "real",
+         "threshold": 0.5, "model": "rbcnn-ztf", "model_version": "1.0.0"}]})
+
+
+class ClassifyResponse(BaseModel):
+    """Scores in the order of the request's candidates (or of the alerts in the body)."""
+
+    results: list[ScoreResult]
+
+
+class ErrorResponse(BaseModel):
+    """Why a request was refused. `detail` names the problem, the candidate and the stamp."""
+
+    detail: str = Field(..., description="What is wrong, for people.",
+                        examples=["candidate 0 (id 'a'): stamp 'science': rows have different lengths "
+                                  "(row 0 has 63 values, row 5 has 62)"])
+    candidate: int | None = Field(None, description="Position (0-based) of the offending candidate, if one.")
+    stamp: str | None = Field(None, description="Name of the offending stamp, if one.")
+    errors: list[dict] | None = Field(
+        None, description="Validation errors of the request's structure (pydantic's list), when that is the problem.")
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class ReadinessCheck(BaseModel):
+    name: str = Field(..., description="What was checked (`models`, or the name of an extra check).")
+    ok: bool
+    detail: str = Field("", description="Why it is (not) ready.")
+
+
+class ReadinessResponse(BaseModel):
+    ready: bool = Field(..., description="True when every check passed (HTTP 200); else HTTP 503.")
+    checks: list[ReadinessCheck]
+
+
+class ModelsResponse(BaseModel):
+    """The model card of each loaded model, by survey, plus the execution provider it runs on."""
+
+    models: dict[str, dict] = Field(..., description="survey -> the whole model card (`model_card.json`).")
+    providers: dict[str, str] = Field(..., description="survey -> ONNX Runtime execution provider.")
