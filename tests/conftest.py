@@ -14,7 +14,7 @@ RUBIN_DIR = SAMPLE_DATA / "rubin"
 MODELS_DIR = REPO / "models"
 
 #: The six 2016 prototype ZTF alerts whose stampData is a JPEG, not FITS.
-ZTF_JPEG_NAMES = {f"{prefix}{i}.avro" for prefix in ("87704463155000", "1726958725155000") for i in range(3)}
+ZTF_JPEG_NAMES = {f"{prefix}{i}.avro" for prefix in ("8770446315500", "172695872515500") for i in range(3)}
 
 
 def ztf_files() -> list[Path]:
