@@ -1,0 +1,183 @@
+"""``rbstream replay``: produce alert files into a Kafka topic, like a survey's stream.
+
+Each file is an Avro object container holding one or more alerts; each alert becomes one
+Kafka message, framed the way the surveys frame them:
+
+* a file holding one alert is sent byte for byte (exactly a ZTF message);
+* a file holding several is split into one single-alert container per alert;
+* with ``--wire-format``, Rubin alerts are re-framed in the Confluent wire format with the
+  official ``lsst-alert-packet`` schema of their version (`service.schemas.to_wire_format`),
+  as the live Rubin stream carries them; ZTF alerts stay containers (ZTF's own framing);
+* a file that is not an Avro container is sent as it is, as one message (handy to see the
+  consumer's dead-letter handling).
+
+Every message carries a header ``rbstream.source.file`` naming its file (``#i`` for the
+i-th alert of a multi-alert file), which the consumer copies into dead letters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Mapping, Sequence
+
+from service.pipeline import HEADER_SOURCE_FILE
+from service.settings import (COMMON_OPTIONS, Option, SettingsError, add_options, kafka_client_config,
+                              positive_int, resolve)
+
+log = logging.getLogger(__name__)
+
+REPLAY_OPTIONS: tuple[Option, ...] = COMMON_OPTIONS + (
+    Option("topic", None, "topic to produce the alerts to", required=True, metavar="TOPIC"),
+    Option("rate", None, "messages per second (default: as fast as possible)", type=float, metavar="R"),
+    Option("survey", None, "survey of the files (default: recognised from each alert's fields)",
+           choices=(None, "ztf", "rubin")),
+    Option("wire_format", False, "send Rubin alerts in the Confluent wire format with the official "
+           "lsst-alert-packet schema", kind="flag"),
+    Option("repeat", 1, "send the files this many times (a longer stream)", type=positive_int, metavar="N"),
+)
+
+
+@dataclass(frozen=True)
+class AlertMessage:
+    """One message to produce: its bytes and where it came from."""
+
+    value: bytes
+    source: str
+    survey: str | None
+
+
+def alert_files(paths: Iterable[str | Path]) -> list[Path]:
+    """The files named, and the ``*.avro`` files under the folders named, sorted within each folder.
+
+    Raises
+    ------
+    FileNotFoundError
+        A path that does not exist, or a folder without any ``.avro`` file.
+    """
+    files: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*.avro") if p.is_file())
+            if not found:
+                raise FileNotFoundError(f"no .avro file under {path}")
+            files += found
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise FileNotFoundError(f"{path} does not exist")
+    return files
+
+
+def messages_of_file(path: Path, survey: str | None = None, wire_format: bool = False) -> list[AlertMessage]:
+    """The Kafka messages of one alert file (see the module docstring for the framing)."""
+    from service import records, schemas
+
+    data = path.read_bytes()
+    try:
+        schema, alerts = records.container_schema_and_records(data)
+    except records.RecordError as exc:
+        log.warning("%s is not an Avro object container (%s): sent as it is", path, exc)
+        return [AlertMessage(data, str(path), survey)]
+    file_survey = survey or schemas.survey_of_fields(f["name"] for f in schema.get("fields", ()))
+    messages = []
+    for i, alert in enumerate(alerts):
+        source = str(path) if len(alerts) == 1 else f"{path}#{i}"
+        if wire_format and file_survey == "rubin":
+            value = schemas.to_wire_format(alert)
+        elif len(alerts) == 1:
+            value = data
+        else:
+            value = records.container_bytes(schema, [alert])
+        messages.append(AlertMessage(value, source, file_survey))
+    return messages
+
+
+def load_messages(paths: Sequence[str | Path], survey: str | None = None,
+                  wire_format: bool = False) -> list[AlertMessage]:
+    """Every message of every file of ``paths``, in order."""
+    return [m for path in alert_files(paths) for m in messages_of_file(path, survey, wire_format)]
+
+
+@dataclass
+class ReplayResult:
+    sent: int = 0
+    failed: int = 0
+
+
+def _paced(messages: Sequence[AlertMessage], repeat: int, rate: float | None) -> Iterator[AlertMessage]:
+    interval = 1.0 / rate if rate else 0.0
+    start = time.monotonic()
+    n = 0
+    for _ in range(repeat):
+        for message in messages:
+            if interval:
+                delay = start + n * interval - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+            n += 1
+            yield message
+
+
+def replay(settings: Mapping, topic: str, messages: Sequence[AlertMessage], rate: float | None = None,
+           repeat: int = 1, progress: bool = True) -> ReplayResult:
+    """Produce ``messages`` (``repeat`` times, at ``rate`` per second) to ``topic`` and wait for delivery.
+
+    Parameters
+    ----------
+    settings : mapping
+        ``bootstrap_servers`` and ``kafka`` (pass-through librdkafka settings), as
+        `service.settings.resolve` returns them.
+    """
+    from confluent_kafka import Producer
+    from tqdm import tqdm
+
+    result = ReplayResult()
+    producer = Producer(kafka_client_config(settings, "producer", **{"enable.idempotence": True, "linger.ms": 5}))
+
+    def delivered(error, message):
+        if error is None:
+            result.sent += 1
+        else:
+            result.failed += 1
+            log.error("not delivered (%s): %s", dict(message.headers() or ()).get(HEADER_SOURCE_FILE), error)
+
+    total = len(messages) * repeat
+    with tqdm(total=total, unit="alert", desc=f"replay -> {topic}", disable=not progress, file=sys.stderr) as bar:
+        for message in _paced(messages, repeat, rate):
+            while True:
+                try:
+                    producer.produce(topic, value=message.value,
+                                     headers=[(HEADER_SOURCE_FILE, message.source.encode())], on_delivery=delivered)
+                    break
+                except BufferError:
+                    producer.poll(0.1)
+            producer.poll(0)
+            bar.update(1)
+        remaining = producer.flush(60)
+    result.failed += remaining
+    return result
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_options(parser, REPLAY_OPTIONS)
+    parser.add_argument("paths", nargs="+", metavar="PATH", help="alert files (Avro object containers) or folders")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        settings = resolve(args, REPLAY_OPTIONS)
+        messages = load_messages(args.paths, settings["survey"], settings["wire_format"])
+    except (SettingsError, FileNotFoundError) as exc:
+        log.error("%s", exc)
+        return 2
+    result = replay(settings, settings["topic"], messages, rate=settings["rate"], repeat=settings["repeat"],
+                    progress=not args.quiet)
+    print(f"{result.sent} alert messages sent to {settings['topic']}"
+          + (f", {result.failed} NOT delivered" if result.failed else ""), file=sys.stderr)
+    return 0 if result.failed == 0 else 1
