@@ -64,6 +64,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--batch-size", type=int, default=0, help="consumer --batch-size (default: the consumer's)")
     group.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda", "tensorrt"),
                        help="inference device of the consumer and the API (default cpu)")
+    group.add_argument("--profile", action="store_true",
+                       help="run the consumer under cProfile; writes e2e-consumer.prof and e2e-profile.txt")
     group = parser.add_argument_group("api")
     group.add_argument("--clients", type=_ints, default=None, help="concurrent clients (default 1,8,64)")
     group.add_argument("--requests", type=int, default=0,

@@ -1,0 +1,172 @@
+"""``rbstream bench api``: ``POST /classify`` requests per second and latency, by concurrency and body size.
+
+A real server (``rbstream serve`` under uvicorn, in its own process, on 127.0.0.1 only)
+and an asyncio client (httpx) in the benchmark process keeping 1, 8 or 64 requests in
+flight. Bodies are JSON holding the real ZTF sample cutouts as base64 gzip-compressed
+FITS (what a client that has the alert sends): one candidate, or 64. Request counts are
+bounded; every answer must be a 200 with one result per candidate, or the run counts
+it as an error. The client shares the machine's cores with the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from service.bench import data
+from service.bench.report import Result, percentile, summarise
+
+log = logging.getLogger(__name__)
+
+BODY_SIZES = (1, 64)
+FULL_CLIENTS = (1, 8, 64)
+QUICK_CLIENTS = (1, 4)
+CUTOUTS = {"science": "cutoutScience", "template": "cutoutTemplate", "difference": "cutoutDifference"}
+
+
+def candidates(messages: list[bytes]) -> list[dict]:
+    """One JSON candidate per alert: its cutouts as base64 (gzip-compressed FITS, as ZTF ships them)."""
+    import fastavro
+
+    out = []
+    for message in messages:
+        record = next(iter(fastavro.reader(io.BytesIO(message))))
+        candidate = {"id": str(record.get("candid", len(out)))}
+        for name, field in CUTOUTS.items():
+            cutout = record[field]
+            stamp = cutout["stampData"] if isinstance(cutout, dict) else cutout
+            candidate[name] = base64.b64encode(stamp).decode("ascii")
+        out.append(candidate)
+    return out
+
+
+def body(pool: list[dict], size: int, survey: str) -> bytes:
+    return json.dumps({"survey": survey, "candidates": [pool[i % len(pool)] for i in range(size)]}).encode()
+
+
+class Server:
+    """``rbstream serve`` on a free loopback port, as a context manager."""
+
+    def __init__(self, args, log_path: Path):
+        from service.broker import free_port
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        command = [sys.executable, "-m", "service.cli", "--log-level", "WARNING", "serve", "--host", "127.0.0.1",
+                   "--port", str(self.port), "--device", args.device]
+        if args.models:
+            command += ["--models-dir", str(args.models)]
+        self.command = command
+        self.log_path = log_path
+        self.process: subprocess.Popen | None = None
+
+    def __enter__(self) -> "Server":
+        import httpx
+
+        env = {k: v for k, v in os.environ.items() if k not in ("RBSTREAM_API_TOKEN", "RBSTREAM_API_TOKEN_FILE")}
+        self._log = open(self.log_path, "wb")
+        self.process = subprocess.Popen(self.command, stdout=self._log, stderr=subprocess.STDOUT, env=env,
+                                        cwd=data.REPO)
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the API exited with code {self.process.returncode}; see {self.log_path}")
+            try:
+                if httpx.get(self.url + "/readyz", timeout=1.0).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"the API was not ready within 90 s; see {self.log_path}")
+
+    def __exit__(self, *exc) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+
+
+async def _load(url: str, payload: bytes, expected: int, clients: int, requests: int) -> dict:
+    """``requests`` POSTs of ``payload`` with ``clients`` in flight; latency of each, errors counted."""
+    import httpx
+
+    latencies: list[float] = []
+    errors: list[str] = []
+    remaining = requests
+    headers = {"content-type": "application/json"}
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=120.0) as client:
+        async def worker():
+            nonlocal remaining
+            while remaining > 0:
+                remaining -= 1
+                start = time.perf_counter()
+                try:
+                    response = await client.post("/classify", content=payload, headers=headers)
+                    ok = response.status_code == 200 and len(response.json()["results"]) == expected
+                    if not ok:
+                        errors.append(f"{response.status_code}: {response.text[:200]}")
+                except httpx.HTTPError as exc:
+                    errors.append(repr(exc))
+                latencies.append(time.perf_counter() - start)
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(clients)))
+        elapsed = time.perf_counter() - start
+    return {"requests": len(latencies), "errors": len(errors), "first_error": errors[0] if errors else None,
+            "seconds": elapsed, "requests_per_s": len(latencies) / elapsed,
+            "p50_ms": percentile(latencies, 50) * 1e3, "p99_ms": percentile(latencies, 99) * 1e3}
+
+
+def run(args) -> Result:
+    quick = args.quick
+    survey = (args.survey or ["ztf"])[0]
+    clients_list = tuple(args.clients) if args.clients else (QUICK_CLIENTS if quick else FULL_CLIENTS)
+    base_requests = args.requests or (16 if quick else 400)
+    repeats = args.repeats or (2 if quick else 5)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    contract_by_survey, notes = data.contracts(args.models)
+    messages, _ = data.decodable_messages(survey, contract_by_survey)
+    pool = candidates(messages)
+    payloads = {size: body(pool, size, survey) for size in BODY_SIZES}
+    result = Result("api", notes=notes, settings={
+        "survey": survey, "clients": list(clients_list), "repeats": repeats, "device": args.device,
+        "body": "JSON, real ZTF sample cutouts as base64 gzip FITS",
+        "body_bytes": {str(k): len(v) for k, v in payloads.items()},
+        "requests_per_run": "--requests for 1-candidate bodies, an eighth of it for 64-candidate bodies, "
+                            "at least 2 per client",
+        "server": "rbstream serve (uvicorn) in a subprocess on 127.0.0.1", "client": "httpx.AsyncClient", "quick": quick})
+    result.columns = [("candidates", "candidates per request"), ("clients", "concurrent clients"),
+                      ("requests", "requests per run"), ("requests_per_s", "requests/s"),
+                      ("candidates_per_s", "candidates/s"), ("p50_ms", "p50 latency, ms"), ("p99_ms", "p99 latency, ms"),
+                      ("errors", "errors")]
+    with Server(args, out / "api-server.log") as server:
+        for size, payload in payloads.items():
+            asyncio.run(_load(server.url, payload, size, 2, 4))  # warm-up: connections, first batches
+            for clients in clients_list:
+                requests = max(base_requests if size == 1 else base_requests // 8, 2 * clients)
+                runs = [asyncio.run(_load(server.url, payload, size, clients, requests)) for _ in range(repeats)]
+                errors = sum(r["errors"] for r in runs)
+                result.rows.append({
+                    "candidates": size, "clients": clients, "requests": requests,
+                    "requests_per_s": summarise([r["requests_per_s"] for r in runs], 1),
+                    "candidates_per_s": summarise([r["requests_per_s"] * size for r in runs], 1),
+                    "p50_ms": summarise([r["p50_ms"] for r in runs], 2),
+                    "p99_ms": summarise([r["p99_ms"] for r in runs], 2), "errors": errors})
+                if errors:
+                    first = next(r["first_error"] for r in runs if r["first_error"])
+                    result.notes.append(f"{size} candidates, {clients} clients: {errors} failed requests, e.g. {first}")
+    return result

@@ -1,0 +1,129 @@
+"""``rbstream bench decode``: alerts per second per core, from message bytes to model-ready stamp batch.
+
+The real ZTF and Rubin sample alerts (the ones that decode: ZTF's JPEG-stamp prototypes
+are left out), repeated to a few thousand messages, go through
+
+* `service.batch.prepare` in this process, in batches of the consumer's default size;
+* `service.batch.prepare` with N worker processes (its pool, warmed up first);
+* the naive baseline, `service.naive.naive_decode` (a fresh ``fastavro.reader`` per message,
+  the standard library's gzip and astropy for every cutout) followed by the same
+  `service.contract.assemble` into a batch buffer — so both end at the same place,
+
+in the same run, so the speed-up is a ratio of two numbers measured side by side. The
+run also checks, on every distinct sample alert, that the fast path's cutouts are
+bit-identical to the naive path's (astropy's).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import numpy as np
+
+from service.bench import data
+from service.bench.report import Result, summarise
+
+log = logging.getLogger(__name__)
+
+#: Issue 5's targets.
+TARGET_ZTF_PER_CORE = 2000.0
+TARGET_SPEEDUP = 8.0
+#: Messages per `prepare` call: the consumer's default batch size.
+CHUNK = 256
+
+
+def _prepare_rate(messages: list[bytes], contracts: dict, survey: str, workers: int | None, chunk: int) -> float:
+    from service.batch import prepare
+
+    start = time.perf_counter()
+    done = 0
+    for first in range(0, len(messages), chunk):
+        batches, failures = prepare(messages[first:first + chunk], contracts, survey=survey, workers=workers)
+        if failures:
+            raise RuntimeError(f"{len(failures)} sample alerts failed to decode: {failures[0].reason}")
+        done += len(batches[survey])
+    return done / (time.perf_counter() - start)
+
+
+def _naive_rate(messages: list[bytes], contract) -> float:
+    from service.contract import assemble
+    from service.naive import naive_decode
+
+    buffer = np.empty((CHUNK, *contract.input_shape), dtype=np.float32)
+    start = time.perf_counter()
+    for i, message in enumerate(messages):
+        assemble(naive_decode(message), contract, out=buffer[i % CHUNK])
+    return len(messages) / (time.perf_counter() - start)
+
+
+def identical_to_naive(messages: list[bytes], survey: str) -> tuple[int, int]:
+    """(alerts whose three cutouts are bit-identical to astropy's, alerts compared)."""
+    from service.alerts import decode_message
+    from service.naive import naive_decode
+
+    same = 0
+    for message in messages:
+        fast = decode_message(message, survey=survey)[0].images
+        slow = naive_decode(message)
+        same += all(fast[k].dtype == slow[k].dtype and fast[k].shape == slow[k].shape
+                    and np.array_equal(fast[k], slow[k], equal_nan=True) for k in slow)
+    return same, len(messages)
+
+
+def run(args) -> Result:
+    quick = args.quick
+    count = args.messages or (200 if quick else 4000)
+    naive_count = max(50, count // 8)
+    repeats = args.repeats or (2 if quick else 5)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    workers = args.workers or max(2, cores)
+    contract_by_survey, notes = data.contracts(args.models)
+    result = Result("decode", notes=notes, settings={
+        "messages_per_run": count, "naive_messages_per_run": naive_count, "repeats": repeats,
+        "prepare_chunk": CHUNK, "workers": workers, "quick": quick,
+        "path": "message bytes -> service.batch.prepare -> float32 stamp batch [n, channels, size, size]",
+        "naive": "service.naive.naive_decode (fresh fastavro.reader, gzip, astropy) + contract.assemble"})
+    result.columns = [("survey", "survey"), ("mode", "decoder"), ("processes", "processes"),
+                      ("alerts_per_s", "alerts/s"), ("alerts_per_s_per_core", "alerts/s per core"),
+                      ("speedup", "× naive")]
+    surveys = args.survey or data.SURVEYS
+    for survey in surveys:
+        distinct, rejected = data.decodable_messages(survey, contract_by_survey)
+        messages = [distinct[i % len(distinct)] for i in range(count)]
+        contract = contract_by_survey[survey]
+        same, compared = identical_to_naive(distinct, survey)
+        result.notes.append(f"{survey}: {len(distinct)} distinct sample alerts ({rejected} undecodable left out); "
+                            f"cutouts bit-identical to astropy's on {same} of {compared}")
+        _prepare_rate(messages[:CHUNK], contract_by_survey, survey, None, CHUNK)  # warm-up: schema cache, imports
+        big_chunk = max(CHUNK, workers * 128)
+        _prepare_rate(messages[:big_chunk], contract_by_survey, survey, workers, big_chunk)  # start the pool
+        naive_messages = messages[:naive_count]
+        _naive_rate(naive_messages[:10], contract)  # warm-up: astropy imports
+        single, parallel, naive = [], [], []
+        for _ in range(repeats):  # interleaved, so a load change on the machine hits all three alike
+            single.append(_prepare_rate(messages, contract_by_survey, survey, None, CHUNK))
+            parallel.append(_prepare_rate(messages, contract_by_survey, survey, workers, big_chunk))
+            naive.append(_naive_rate(naive_messages, contract))
+        ratio = [s / n for s, n in zip(single, naive)]
+        result.rows.append({"survey": survey, "mode": "naive (fastavro.reader + astropy)", "processes": 1,
+                            "alerts_per_s": summarise(naive, 1), "alerts_per_s_per_core": summarise(naive, 1),
+                            "speedup": None})
+        result.rows.append({"survey": survey, "mode": "prepare", "processes": 1, "alerts_per_s": summarise(single, 1),
+                            "alerts_per_s_per_core": summarise(single, 1), "speedup": summarise(ratio, 2)})
+        used = min(workers, cores)
+        result.rows.append({"survey": survey, "mode": f"prepare, {workers} worker processes", "processes": workers,
+                            "alerts_per_s": summarise(parallel, 1),
+                            "alerts_per_s_per_core": summarise([p / used for p in parallel], 1),
+                            "speedup": summarise([p / n for p, n in zip(parallel, naive)], 2)})
+        if survey == "ztf":
+            result.targets["ztf_per_core"] = {"target": f">= {TARGET_ZTF_PER_CORE:,.0f} ZTF alerts/s per core",
+                                              "measured": summarise(single, 1),
+                                              "met": float(np.median(single)) >= TARGET_ZTF_PER_CORE}
+            result.targets["ztf_speedup"] = {"target": f">= {TARGET_SPEEDUP:g}x the naive baseline, same run",
+                                             "measured": summarise(ratio, 2),
+                                             "met": float(np.median(ratio)) >= TARGET_SPEEDUP}
+    result.notes.append(f"per core: one process = one core; {workers} workers on {cores} usable cores counts "
+                        f"{min(workers, cores)} cores")
+    return result
