@@ -422,27 +422,36 @@ async def _read_body(request: Request, limit: int) -> bytes:
 
 
 def _from_validation_error(exc: ValidationError) -> ApiError:
-    """One `ApiError` naming the candidate and field of pydantic's first errors."""
+    """One `ApiError` naming the candidate and field of pydantic's first errors.
+
+    pydantic reports a value that fits no member of a union once per member (``id.str``,
+    ``id.int``); those are merged into one line per field.
+    """
     errors = exc.errors(include_url=False, include_input=False, include_context=False)
     candidate = stamp = None
-    parts = []
-    for error in errors[:5]:
+    messages: dict[str, list[str]] = {}
+    for error in errors:
         loc = list(error["loc"])
         if len(loc) >= 2 and loc[0] == "candidates" and isinstance(loc[1], int):
             candidate = loc[1] if candidate is None else candidate
             field_name = loc[2] if len(loc) > 2 else None
             if field_name in RAW_IMAGES and stamp is None:
                 stamp = field_name
-            where = f"candidate {loc[1]}" + (f": field {'.'.join(map(str, loc[2:]))!r}" if len(loc) > 2 else "")
+            if field_name is not None:  # integer positions inside the field (centre[1]); union tags skipped
+                field_name += "".join(f"[{part}]" for part in loc[3:] if isinstance(part, int))
+            where = f"candidate {loc[1]}" + (f": field {field_name!r}" if field_name is not None else "")
+            known = Candidate.model_fields
         else:
-            where = f"field {'.'.join(map(str, loc))!r}" if loc else "body"
+            where = f"field {loc[0]!r}" if loc else "body"
+            known = ClassifyRequest.model_fields
         message = error["msg"]
         if error["type"] == "extra_forbidden":
-            accepted = Candidate.model_fields if candidate is not None else ClassifyRequest.model_fields
-            message = f"unknown field; accepted: {', '.join(accepted)}"
-        parts.append(f"{where}: {message}")
-    if len(errors) > 5:
-        parts.append(f"... and {len(errors) - 5} more")
+            message = f"unknown field; accepted: {', '.join(known)}"
+        if message not in messages.setdefault(where, []):
+            messages[where].append(message)
+    parts = [f"{where}: {' or '.join(found)}" for where, found in list(messages.items())[:5]]
+    if len(messages) > 5:
+        parts.append(f"... and {len(messages) - 5} more")
     return ApiError(422, "; ".join(parts), candidate=candidate, stamp=stamp, errors=errors)
 
 
