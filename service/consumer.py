@@ -228,6 +228,7 @@ class AlertConsumer:
     def _close(self) -> None:
         if self._producer is not None:
             self._producer.flush(30)
+            self._producer = None
         if self._consumer is not None:
             self._consumer.close()  # leaves the group (on_revoke commits anything pending)
             self._consumer = None

@@ -1,0 +1,303 @@
+"""``rbstream run`` (``make run``): the whole service on one machine, fed with real alerts.
+
+It starts, in this one process,
+
+1. a local Kafka-compatible broker (`service.broker.LocalBroker`, tansu, in memory),
+2. the API (`service.api.create_app` under uvicorn) — ``/classify``, ``/readyz`` (which
+   also checks that the broker answers), ``/metrics`` (the consumer's metrics too),
+3. the consumer (`service.consumer.AlertConsumer`) reading topic ``alerts`` and writing
+   ``scores`` and ``alerts-dlq``,
+
+then replays the sample alerts (ZTF as Avro containers, Rubin in the Confluent wire format,
+as each survey streams them), prints one line per score record and per rejected alert as
+they arrive on the output topics, and keeps serving until Ctrl-C (or SIGTERM), when it
+stops the consumer cleanly (batch finished, offsets committed), the API and the broker,
+and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+from service import pipeline
+from service.settings import SettingsError, non_negative_int, positive_int
+
+log = logging.getLogger(__name__)
+
+INPUT_TOPIC = "alerts"
+OUTPUT_TOPIC = "scores"
+DLQ_TOPIC = "alerts-dlq"
+GROUP_ID = "rbstream-run"
+
+SURVEY_NAMES = {"ztf": "ZTF", "rubin": "Rubin"}
+
+
+def _port_free(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def _pick_port(wanted: int, host: str, what: str) -> int:
+    """``wanted`` if free, else a free port (said so); 0 means any free port."""
+    from service.broker import free_port
+
+    if wanted and _port_free(wanted, host):
+        return wanted
+    port = free_port(host)
+    if wanted:
+        print(f"port {wanted} is busy; the {what} uses port {port}", flush=True)
+    return port
+
+
+# -- what is printed -----------------------------------------------------------------------------
+
+def score_line(record: Mapping[str, Any]) -> str:
+    """One line for a score record: survey, object id, candidate id, score, label, model."""
+    survey = SURVEY_NAMES.get(record.get("survey"), str(record.get("survey")))
+    return (f"  {survey:<5}  object {record.get('object_id') or '-':<20}  candidate {record.get('candidate_id'):<20}"
+            f"  score {record.get('score', float('nan')):.3f}  {record.get('label', '?'):<5}"
+            f"  {record.get('model_name')} {record.get('model_version')}")
+
+
+def rejected_line(letter: Mapping[str, Any], samples_root: Path | None = None) -> str:
+    """One line for a dead letter: file (or topic/partition/offset) and reason."""
+    source = letter.get("source") or {}
+    where = source.get("file")
+    if where and samples_root is not None:
+        try:
+            where = str(Path(where).resolve().relative_to(samples_root.resolve()))
+        except ValueError:
+            pass
+    place = f"{source.get('topic')}/{source.get('partition')}@{source.get('offset')}"
+    where = f"{where} ({place})" if where else place
+    return f"  REJECTED  {where}: [{letter.get('reason_kind')}] {letter.get('reason')}"
+
+
+class Printer:
+    """Prints the score and dead-letter topics as they fill (its own reader, no consumer group)."""
+
+    def __init__(self, settings: Mapping, samples_root: Path | None, out=sys.stdout):
+        self.settings = settings
+        self.samples_root = samples_root
+        self.out = out
+        self.scored = 0
+        self.rejected = 0
+        self.by_survey: dict[str, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="printer", daemon=True)
+
+    @property
+    def seen(self) -> int:
+        return self.scored + self.rejected
+
+    def start(self) -> "Printer":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
+        from service.settings import kafka_client_config
+        from service.tail import message_json
+
+        consumer = Consumer(kafka_client_config(self.settings, "consumer", **{
+            "group.id": "rbstream-run-printer", "enable.auto.commit": False}))
+        try:
+            partitions = []
+            for topic in (OUTPUT_TOPIC, DLQ_TOPIC):
+                info = consumer.list_topics(topic, timeout=10).topics[topic]
+                partitions += [TopicPartition(topic, p, OFFSET_BEGINNING) for p in sorted(info.partitions)]
+            consumer.assign(partitions)
+            while not self._stop.is_set():
+                message = consumer.poll(0.2)
+                if message is None or message.error():
+                    continue
+                headers = pipeline.headers_to_text(message.headers())
+                for item in message_json(message.value() or b"", headers):
+                    if item.get("dead_letter"):
+                        self.rejected += 1
+                        line = rejected_line(item, self.samples_root)
+                    else:
+                        self.scored += 1
+                        self.by_survey[item.get("survey")] = self.by_survey.get(item.get("survey"), 0) + 1
+                        line = score_line(item)
+                    print(line, file=self.out, flush=True)
+        finally:
+            consumer.close()
+
+
+# -- the command ---------------------------------------------------------------------------------
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    env = os.environ.get
+    parser.add_argument("--samples", nargs="+", default=[env("RBSTREAM_SAMPLE_DATA", "../shared/data")],
+                        metavar="PATH", help="alert files or folders to replay (default: ../shared/data, "
+                                             "env RBSTREAM_SAMPLE_DATA)")
+    parser.add_argument("--host", default=env("RBSTREAM_API_HOST", "127.0.0.1"), help="API host (default 127.0.0.1)")
+    parser.add_argument("--port", type=non_negative_int, default=int(env("RBSTREAM_API_PORT", 8000)),
+                        help="API port (default 8000; another free one if busy; 0: any)")
+    parser.add_argument("--broker-port", type=non_negative_int, default=int(env("RBSTREAM_BROKER_PORT", 9092)),
+                        help="local broker port (default 9092; another free one if busy; 0: any)")
+    parser.add_argument("--models-dir", default=env("RBSTREAM_MODELS_DIR"), help="models folder (default models/)")
+    parser.add_argument("--device", default=env("RBSTREAM_DEVICE", "auto"), choices=("auto", "cpu", "cuda", "tensorrt"),
+                        help="where to run the models (default auto: CUDA when usable, else CPU)")
+    parser.add_argument("--batch-size", type=positive_int, default=64, help="consumer batch size (default 64)")
+    parser.add_argument("--rate", type=float, default=None, help="replay rate, alerts per second (default: all at once)")
+    parser.add_argument("--repeat", type=positive_int, default=1, help="replay the samples this many times")
+    parser.add_argument("--no-wire-format", dest="wire_format", action="store_false",
+                        help="replay Rubin alerts as Avro containers instead of the Confluent wire format")
+    parser.add_argument("--exit-after-replay", action="store_true",
+                        help="stop once every replayed alert is accounted for (else serve until Ctrl-C)")
+
+
+def _start_api(scorers, host: str, port: int, readiness_checks):
+    import uvicorn
+
+    from service.api import create_app
+
+    app = create_app(scorers, readiness_checks=readiness_checks)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on"))
+    # In a thread uvicorn installs no signal handlers: Ctrl-C stays ours.
+    thread = threading.Thread(target=server.run, name="api", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if not server.started:
+        raise RuntimeError(f"the API did not start on {host}:{port}")
+    return server, thread
+
+
+def _create_topics(bootstrap_servers: str) -> None:
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    admin = AdminClient({"bootstrap.servers": bootstrap_servers})
+    futures = admin.create_topics([NewTopic(t, num_partitions=1, replication_factor=1)
+                                   for t in (INPUT_TOPIC, OUTPUT_TOPIC, DLQ_TOPIC)])
+    for topic, future in futures.items():
+        try:
+            future.result(timeout=10)
+        except Exception as exc:  # already there is fine
+            if "exist" not in str(exc).lower():
+                raise
+
+
+def main(args: argparse.Namespace) -> int:
+    from service import replay
+    from service.broker import LocalBroker
+    from service.consumer import AlertConsumer, CONSUME_OPTIONS
+    from service.model import ModelError, load_scorers
+    from service.settings import resolve
+
+    stop = threading.Event()
+
+    def on_signal(signum, _frame):
+        if not stop.is_set():
+            print(f"\n{signal.Signals(signum).name}: stopping (finishing the batch in hand)...", flush=True)
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+
+    samples = [Path(p) for p in args.samples]
+    try:
+        messages = replay.load_messages(samples, wire_format=args.wire_format)
+        scorers = load_scorers(args.models_dir, device=args.device)
+    except (FileNotFoundError, ModelError, SettingsError) as exc:
+        print(f"rbstream run: {exc}", file=sys.stderr)
+        return 2
+    samples_root = samples[0] if len(samples) == 1 and samples[0].is_dir() else None
+
+    print("rbstream: real/bogus scores for ZTF and Rubin alerts", flush=True)
+    for survey, scorer in scorers.items():
+        print(f"  model  {SURVEY_NAMES.get(survey, survey):<5}  {scorer.card.name} {scorer.card.version}"
+              f"  threshold {scorer.card.threshold:.3f}  on {scorer.provider}", flush=True)
+
+    broker_log = Path(tempfile.gettempdir()) / f"rbstream-run-tansu-{os.getpid()}.log"
+    broker = LocalBroker(port=_pick_port(args.broker_port, "127.0.0.1", "broker"), log_path=broker_log)
+    consumer = server = printer = admin = None
+    consumer_thread = api_thread = None
+    exit_code = 0
+    try:
+        broker.start()
+        print(f"  broker {broker.bootstrap_servers} (tansu, in memory; log {broker_log})", flush=True)
+        _create_topics(broker.bootstrap_servers)
+        settings = resolve(argparse.Namespace(
+            bootstrap_servers=broker.bootstrap_servers, input_topic=INPUT_TOPIC, output_topic=OUTPUT_TOPIC,
+            dlq_topic=DLQ_TOPIC, group_id=GROUP_ID, from_beginning=True, batch_size=str(args.batch_size),
+            device=args.device, kafka_option=["consumer.session.timeout.ms=6000"]), CONSUME_OPTIONS, environ={})
+        consumer = AlertConsumer(settings, scorers)
+
+        from confluent_kafka.admin import AdminClient
+
+        admin = AdminClient({"bootstrap.servers": broker.bootstrap_servers})
+
+        def broker_reachable():
+            """The in-process consumer's broker answers a metadata request, and the consumer runs."""
+            if consumer_thread is None or not consumer_thread.is_alive():
+                return False, "the consumer is not running"
+            admin.list_topics(timeout=2)
+            return True, f"broker {broker.bootstrap_servers} reachable"
+
+        api_port = _pick_port(args.port, args.host, "API")
+        server, api_thread = _start_api(scorers, args.host, api_port, [broker_reachable])
+        url = f"http://{args.host}:{api_port}"
+        print(f"  API    {url}  (POST /classify, /readyz, /model, docs {url}/docs)", flush=True)
+        print(f"  metrics {url}/metrics", flush=True)
+
+        consumer_thread = threading.Thread(target=consumer.run, name="consumer", daemon=True)
+        consumer_thread.start()
+        printer = Printer({"bootstrap_servers": broker.bootstrap_servers, "kafka": {}}, samples_root).start()
+
+        total = len(messages) * args.repeat
+        print(f"replaying {total} alerts from {', '.join(map(str, samples))} into topic {INPUT_TOPIC!r} "
+              f"(scores -> {OUTPUT_TOPIC!r}, rejected -> {DLQ_TOPIC!r}):", flush=True)
+        result = replay.replay({"bootstrap_servers": broker.bootstrap_servers, "kafka": {}}, INPUT_TOPIC, messages,
+                               rate=args.rate, repeat=args.repeat, progress=False)
+        while printer.seen < result.sent and not stop.is_set() and consumer_thread.is_alive():
+            time.sleep(0.1)
+        if printer.seen >= result.sent:
+            per_survey = ", ".join(f"{n} {SURVEY_NAMES.get(s, s)}" for s, n in sorted(printer.by_survey.items()))
+            print(f"done: {result.sent} alerts replayed, {printer.scored} scored ({per_survey}), "
+                  f"{printer.rejected} rejected.", flush=True)
+        if not consumer_thread.is_alive():
+            print("the consumer stopped unexpectedly (see the log above)", file=sys.stderr, flush=True)
+            exit_code = 1
+        elif not args.exit_after_replay and not stop.is_set():
+            print(f"serving: API {url}, metrics {url}/metrics, broker {broker.bootstrap_servers} "
+                  f"(topic {INPUT_TOPIC!r}: `rbstream replay --bootstrap-servers {broker.bootstrap_servers} "
+                  f"--topic {INPUT_TOPIC} FILES` scores more). Ctrl-C stops.", flush=True)
+            while not stop.is_set() and consumer_thread.is_alive():
+                stop.wait(0.5)
+    finally:
+        if consumer is not None:
+            consumer.stop()
+            if consumer_thread is not None:
+                consumer_thread.join(timeout=60)
+        if printer is not None:
+            printer.stop()
+        if server is not None:
+            server.should_exit = True
+            api_thread.join(timeout=10)
+        admin = None  # librdkafka handles go before the broker, or they log its disappearance
+        broker.stop()
+    print("stopped cleanly." if exit_code == 0 else "stopped.", flush=True)
+    return exit_code
