@@ -131,6 +131,7 @@ async def _load(url: str, payload: bytes, expected: int, clients: int, requests:
 
 
 def run(args) -> Result:
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request would drown the report
     quick = args.quick
     survey = (args.survey or ["ztf"])[0]
     clients_list = tuple(args.clients) if args.clients else (QUICK_CLIENTS if quick else FULL_CLIENTS)

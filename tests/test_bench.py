@@ -1,0 +1,110 @@
+"""``rbstream bench``: each benchmark runs in --quick mode and writes a well-formed report.
+
+These tests check the reports' shape and content (machine described, every figure a
+median with its min and max, all alerts accounted for); they never assert a time —
+performance lives in the benchmarks themselves (README, Performance).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from conftest import MODELS_DIR
+from service.cli import main as rbstream
+
+FIGURE_KEYS = {"median", "min", "max", "runs"}
+
+
+@pytest.fixture(scope="module")
+def models():
+    root = Path(os.environ.get("RBSTREAM_MODELS_DIR", MODELS_DIR))
+    if not (root / "ztf" / "model.onnx").exists():
+        pytest.fail(f"the default models are missing under {root}; run `make train`")
+    return root
+
+
+def run_bench(name: str, out, models, *extra: str) -> dict:
+    code = rbstream(["bench", name, "--quick", "--out", str(out), "--models", str(models), *extra])
+    document = json.loads((out / f"{name}.json").read_text())
+    assert code == 0, document["notes"]
+    return document
+
+
+def figures(row: dict) -> list[dict]:
+    return [v for v in row.values() if isinstance(v, dict) and "median" in v]
+
+
+def assert_well_formed(document: dict, name: str, out) -> None:
+    assert document["benchmark"] == name
+    machine = document["machine"]
+    assert machine["cpu"] and machine["cores"] >= 1 and machine["python"]
+    assert machine["gpu"] == "none" or isinstance(machine["gpu"], list)
+    for library in ("numpy", "onnxruntime", "fastavro", "confluent-kafka"):
+        assert machine["libraries"].get(library), f"{library} version missing"
+    assert "CPUExecutionProvider" in machine["onnxruntime_providers"]
+    assert document["started"] <= document["finished"]
+    assert document["rows"], "no measurement"
+    for row in document["rows"]:
+        for figure in figures(row):
+            assert set(figure) == FIGURE_KEYS
+            assert figure["min"] <= figure["median"] <= figure["max"]
+            assert figure["runs"] >= 1
+    assert not any(str(note).startswith("FAILED") for note in document["notes"])
+    table = (out / f"{name}.md").read_text()
+    assert table.startswith(f"### bench {name}") and "| --- " not in table and "|---|" in table
+    assert machine["cpu"] in table
+
+
+def test_decode_reports_prepare_workers_and_the_naive_baseline_of_the_same_run(tmp_path, models, sample_data):
+    document = run_bench("decode", tmp_path, models, "--survey", "ztf")
+    assert_well_formed(document, "decode", tmp_path)
+    modes = [row["mode"] for row in document["rows"]]
+    assert modes[0].startswith("naive") and modes[1] == "prepare" and "worker processes" in modes[2]
+    assert document["rows"][1]["speedup"]["median"] > 0
+    assert set(document["targets"]) == {"ztf_per_core", "ztf_speedup"}
+    assert any("bit-identical to astropy's on 16 of 16" in note for note in document["notes"])
+
+
+def test_infer_reports_each_batch_size_and_says_when_no_gpu_was_there(tmp_path, models):
+    import onnxruntime as ort
+
+    document = run_bench("infer", tmp_path, models, "--batch-sizes", "1,4")
+    assert_well_formed(document, "infer", tmp_path)
+    cpu = [r for r in document["rows"] if r["provider"] == "CPUExecutionProvider"]
+    assert sorted({r["batch"] for r in cpu}) == [1, 4]
+    assert {r["io_binding"] for r in cpu} == {True, False}
+    for row in cpu:  # throughput and latency are two views of the same runs: the fastest run gives both extremes
+        assert row["stamps_per_s"]["max"] == pytest.approx(row["batch"] / row["latency_ms"]["min"] * 1e3, rel=1e-3)
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        assert any(note.startswith("no GPU available for this run") for note in document["notes"])
+
+
+@pytest.mark.kafka
+def test_e2e_gets_every_alert_through_the_real_consumer(tmp_path, models, sample_data):
+    document = run_bench("e2e", tmp_path, models, "--alerts", "60")
+    assert_well_formed(document, "e2e", tmp_path)
+    assert [row["missing"] for row in document["rows"]] == [0, 0]
+    # every alert of the warm-up and of both runs came out as a score (all sample alerts used decode)
+    assert document["settings"]["scores_seen"] == 16 + 2 * 60
+    assert document["settings"]["dead_letters_seen"] == 0
+    assert set(document["targets"]) == {"throughput", "p99_at_half_rate"}
+
+
+def test_api_answers_every_request_of_every_concurrency(tmp_path, models, sample_data):
+    document = run_bench("api", tmp_path, models, "--clients", "1,3", "--requests", "6")
+    assert_well_formed(document, "api", tmp_path)
+    assert {(row["candidates"], row["clients"]) for row in document["rows"]} == {(1, 1), (1, 3), (64, 1), (64, 3)}
+    assert all(row["errors"] == 0 for row in document["rows"]), document["notes"]
+
+
+def test_json_flag_prints_the_report_and_a_failed_benchmark_is_reported_not_raised(tmp_path, capsys):
+    code = rbstream(["bench", "infer", "--quick", "--json", "--out", str(tmp_path), "--models", str(tmp_path / "none")])
+    assert code == 1
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["benchmark"] == "infer"
+    assert printed["notes"][0].startswith("FAILED: FileNotFoundError") and "make train" in printed["notes"][0]
+    assert json.loads((tmp_path / "infer.json").read_text())["notes"] == printed["notes"]
