@@ -340,39 +340,33 @@ class _Classifier:
     async def classify_alert(self, body: bytes, survey: str) -> ClassifyResponse:
         if not body:
             raise ApiError(400, "empty body; send the bytes of one alert message")
-        prepared = await run_in_threadpool(self._prepare_alert, body, survey)
-        scores = await self._score_rows([(s, stamp, None) for s, stamp, _ in prepared])
-        return ClassifyResponse(results=[self._result(s, alert.candidate_id, score, object_id=alert.object_id)
-                                         for (s, _, alert), score in zip(prepared, scores)])
+        batches = await run_in_threadpool(self._prepare_alert, body, survey)
+        results = []
+        for batch in batches:
+            scores = await self.batchers[batch.survey].score(batch.stamps)
+            self._observe_scores(batch.survey, scores)
+            results.extend(self._result(batch.survey, alert.candidate_id, score, object_id=alert.object_id)
+                           for alert, score in zip(batch.alerts, scores))
+        return ClassifyResponse(results=results)
 
     def _prepare_alert(self, body: bytes, survey: str) -> list:
-        """(survey, model-ready stamp, `service.alerts.Alert`) per alert of the body."""
-        from service.alerts import DecodeError, decode_message
+        """The body's `service.batch.SurveyBatch` es, made exactly as the consumer makes them
+        (`service.batch.prepare`), so an alert scores the same here and from Kafka."""
+        from service.batch import prepare
 
-        try:
-            alerts = decode_message(body, survey=survey)
-        except DecodeError as exc:
-            raise ApiError(422, f"alert body cannot be decoded ({exc.kind}): {exc.reason}") from None
-        except RecursionError:
-            raise ApiError(422, "alert body cannot be decoded (decode): nested too deeply") from None
-        if not alerts:
+        contracts = {name: scorer.contract for name, scorer in self.scorers.items()}
+        batches, failures = prepare([body], contracts, survey=survey)
+        if failures:
+            reasons = "; ".join(f"({failure.kind}) {failure.reason}" for failure in failures[:5])
+            raise ApiError(422, f"alert body cannot be decoded {reasons}")
+        batches = [batch for batch in batches.values() if len(batch)]
+        count = sum(len(batch) for batch in batches)
+        if count == 0:
             raise ApiError(422, "alert body holds no alert")
-        if len(alerts) > self.settings.max_candidates:
-            raise ApiError(413, f"too many alerts in the body: {len(alerts)}; at most "
+        if count > self.settings.max_candidates:
+            raise ApiError(413, f"too many alerts in the body: {count}; at most "
                                 f"{self.settings.max_candidates} (--max-candidates)")
-        prepared = []
-        for index, alert in enumerate(alerts):
-            scorer = self.scorers.get(alert.survey)
-            where = f"alert {index} (candidate id {alert.candidate_id})"
-            if scorer is None:
-                raise ApiError(422, f"{where}: no model loaded for survey {alert.survey!r}; loaded: "
-                                    f"{sorted(self.scorers)}", candidate=index)
-            try:
-                stamp = assemble(alert.images, scorer.contract, centre=alert.centre)
-            except StampError as exc:
-                raise ApiError(422, f"{where}: {exc}", candidate=index) from None
-            prepared.append((alert.survey, stamp, alert))
-        return prepared
+        return batches
 
     # ---- shared --------------------------------------------------------------------------------------
     async def _score_rows(self, prepared: Sequence[tuple[str, np.ndarray, object]]) -> np.ndarray:
@@ -386,10 +380,14 @@ class _Classifier:
         parts = await asyncio.gather(*(self.batchers[s].score(stack) for s, stack in zip(surveys, stacks)))
         for survey, part in zip(surveys, parts):
             scores[by_survey[survey]] = part
-            histogram = metrics.SCORE.labels(survey=survey)
-            for value in part:
-                histogram.observe(float(value))
+            self._observe_scores(survey, part)
         return scores
+
+    @staticmethod
+    def _observe_scores(survey: str, scores: np.ndarray) -> None:
+        histogram = metrics.SCORE.labels(survey=survey)
+        for value in scores:
+            histogram.observe(float(value))
 
     def _result(self, survey: str, ident, score: float, object_id: str | None = None) -> ScoreResult:
         card = self.scorers[survey].card
