@@ -357,7 +357,7 @@ class _Classifier:
         contracts = {name: scorer.contract for name, scorer in self.scorers.items()}
         batches, failures = prepare([body], contracts, survey=survey)
         if failures:
-            reasons = "; ".join(f"({failure.kind}) {failure.reason}" for failure in failures[:5])
+            reasons = "; ".join(f"({failure.kind}): {failure.reason}" for failure in failures[:5])
             raise ApiError(422, f"alert body cannot be decoded {reasons}")
         batches = [batch for batch in batches.values() if len(batch)]
         count = sum(len(batch) for batch in batches)
