@@ -128,6 +128,31 @@ def record_encoder(settings: Mapping[str, Any]):
     return RecordEncoder(settings["output_topic"], SchemaRegistry(url) if url else None)
 
 
+def consumer_config(settings: Mapping[str, Any], **callbacks: Any) -> dict[str, Any]:
+    """librdkafka consumer config: group, offset reset, statistics; manual offset commits enforced."""
+    conf = kafka_client_config(settings, "consumer", **{
+        "group.id": settings["group_id"],
+        "auto.offset.reset": "earliest" if settings["from_beginning"] else "latest",
+        "statistics.interval.ms": settings["stats_interval_ms"],
+    })
+    for key, value in (("enable.auto.commit", False), ("enable.auto.offset.store", False)):
+        if str(conf.get(key, value)).lower() not in ("false", "0"):
+            log.warning("ignoring %s=%s: offsets are committed only after delivery (at-least-once)", key, conf[key])
+        conf[key] = value
+    conf.update({k: v for k, v in callbacks.items() if v is not None})
+    return conf
+
+
+def producer_config(settings: Mapping[str, Any], **callbacks: Any) -> dict[str, Any]:
+    """librdkafka producer config: idempotent (acks=all, no duplicates from its own retries), enforced."""
+    conf = kafka_client_config(settings, "producer", **{"linger.ms": 5, "compression.type": "lz4"})
+    if str(conf.get("enable.idempotence", "true")).lower() not in ("true", "1"):
+        log.warning("ignoring enable.idempotence=%s: the producer is idempotent", conf["enable.idempotence"])
+    conf["enable.idempotence"] = True
+    conf.update({k: v for k, v in callbacks.items() if v is not None})
+    return conf
+
+
 class AlertConsumer:
     """The consume -> score -> publish -> commit loop.
 
@@ -170,28 +195,10 @@ class AlertConsumer:
         return self._stop.is_set()
 
     def consumer_config(self) -> dict[str, Any]:
-        s = self.settings
-        conf = kafka_client_config(s, "consumer", **{
-            "group.id": s["group_id"],
-            "auto.offset.reset": "earliest" if s["from_beginning"] else "latest",
-            "statistics.interval.ms": s["stats_interval_ms"],
-        })
-        for key, value in (("enable.auto.commit", False), ("enable.auto.offset.store", False)):
-            if str(conf.get(key, value)).lower() not in ("false", "0"):
-                log.warning("ignoring %s=%s: offsets are committed only after delivery (at-least-once)",
-                            key, conf[key])
-            conf[key] = value
-        conf["stats_cb"] = self._on_stats
-        conf["error_cb"] = self._on_error
-        return conf
+        return consumer_config(self.settings, stats_cb=self._on_stats, error_cb=self._on_error)
 
     def producer_config(self) -> dict[str, Any]:
-        conf = kafka_client_config(self.settings, "producer", **{"linger.ms": 5, "compression.type": "lz4"})
-        if str(conf.get("enable.idempotence", "true")).lower() not in ("true", "1"):
-            log.warning("ignoring enable.idempotence=%s: the producer is idempotent", conf["enable.idempotence"])
-        conf["enable.idempotence"] = True  # implies acks=all and ordered, duplicate-free retries
-        conf["error_cb"] = self._on_error
-        return conf
+        return producer_config(self.settings, error_cb=self._on_error)
 
     def _open(self) -> None:
         from confluent_kafka import Consumer, Producer
