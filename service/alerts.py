@@ -28,7 +28,7 @@ from __future__ import annotations
 import io
 import math
 from dataclasses import dataclass, field
-from typing import Mapping
+from collections.abc import Mapping
 
 import fastavro
 import numpy as np
@@ -110,7 +110,8 @@ class Alert:
         Source position in the cutouts when it is not their geometric centre
         (ZTF cutouts truncated at the CCD edge); see `service.contract.fit_stamp`.
     record : mapping
-        The decoded Avro record (for re-publishing the alert with its score).
+        The alert's whole Avro record (for re-publishing the alert with its score). A
+        `LazyRecord`: decoded on first access, since scoring needs only a few fields.
     """
 
     survey: str
@@ -151,13 +152,77 @@ def decode_message(message: bytes, survey: str = "auto", schemas: SchemaStore | 
     store = default_store() if schemas is None else schemas
     try:
         records = _read_records(message, store)
-        return [_to_alert(record, writer, survey) for record, writer in records]
+        alerts = [_to_alert(record, writer, survey) for record, writer in records]
     except DecodeError:
         raise
     except UnknownSchema as exc:
         raise DecodeError("schema", str(exc)) from None
     except Exception as exc:  # noqa: BLE001 - the contract: any other failure is undecodable bytes
         raise DecodeError("decode", f"not a readable alert ({_describe(exc)})") from None
+    for index, alert in enumerate(alerts):
+        alert.record = LazyRecord(message, index, store)
+    return alerts
+
+
+def read_full_records(message: bytes, schemas: SchemaStore | None = None) -> list[dict]:
+    """Every alert record of a message, with all its fields (what `Alert.record` holds).
+
+    Raises
+    ------
+    DecodeError
+        As `decode_message`.
+    """
+    store = default_store() if schemas is None else schemas
+    try:
+        return [record for record, _ in _read_records(message, store, full=True)]
+    except DecodeError:
+        raise
+    except UnknownSchema as exc:
+        raise DecodeError("schema", str(exc)) from None
+    except Exception as exc:  # noqa: BLE001 - the contract: any other failure is undecodable bytes
+        raise DecodeError("decode", f"not a readable alert ({_describe(exc)})") from None
+
+
+class LazyRecord(Mapping):
+    """An alert's full Avro record, decoded on first use.
+
+    Scoring needs a few fields, which `decode_message` reads with a reduced reader
+    schema; the whole record (histories of hundreds of fields) is only decoded when
+    someone looks at it, e.g. to re-publish the alert. It behaves as a read-only dict.
+    """
+
+    __slots__ = ("_message", "_index", "_schemas", "_record")
+
+    def __init__(self, message: bytes, index: int, schemas: SchemaStore | None = None):
+        self._message = bytes(message)
+        self._index = index
+        self._schemas = schemas
+        self._record = None
+
+    @property
+    def data(self) -> dict:
+        """The decoded record, a plain dict."""
+        if self._record is None:
+            self._record = read_full_records(self._message, self._schemas)[self._index]
+        return self._record
+
+    def __getitem__(self, key):
+        return self.data[key]
+
+    def __iter__(self):
+        return iter(self.data)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __repr__(self) -> str:
+        state = "decoded" if self._record is not None else "not decoded yet"
+        return f"<LazyRecord #{self._index} of a {len(self._message)}-byte message, {state}>"
+
+    def __reduce__(self):
+        # Stores hold locks and HTTP clients: a copy sent to another process uses that
+        # process's default store (the same configuration, from the environment).
+        return (LazyRecord, (self._message, self._index, None))
 
 
 def _describe(exc: BaseException) -> str:
@@ -170,7 +235,12 @@ def _describe(exc: BaseException) -> str:
 # --------------------------------------------------------------------------- framing
 
 
-def _read_records(message, store: SchemaStore) -> list[tuple[dict, WriterSchema]]:
+def _read_records(message, store: SchemaStore, full: bool = False) -> list[tuple[dict, WriterSchema]]:
+    """(record, writer schema) of each alert in the message.
+
+    With ``full=False`` records are read with the writer's scoring reader schema
+    (`service.schemas.scoring_reader_schema`): only what `Alert` needs.
+    """
     if message is None:
         raise DecodeError("decode", "empty message (no value)")
     if not isinstance(message, bytes):
@@ -180,9 +250,9 @@ def _read_records(message, store: SchemaStore) -> list[tuple[dict, WriterSchema]
     if not message:
         raise DecodeError("decode", "empty message")
     if message[:4] == CONTAINER_MAGIC:
-        return _read_container(message, store)
+        return _read_container(message, store, full)
     if message[0] == WIRE_MAGIC:
-        return _read_wire_format(message, store)
+        return _read_wire_format(message, store, full)
     raise DecodeError(
         "decode",
         f"not an alert: neither an Avro object container (starts with 'Obj\\x01') nor the Confluent "
@@ -190,14 +260,14 @@ def _read_records(message, store: SchemaStore) -> list[tuple[dict, WriterSchema]
     )
 
 
-def _read_wire_format(message: bytes, store: SchemaStore) -> list[tuple[dict, WriterSchema]]:
+def _read_wire_format(message: bytes, store: SchemaStore, full: bool) -> list[tuple[dict, WriterSchema]]:
     if len(message) < 6:
         raise DecodeError("decode", f"truncated wire-format message ({len(message)} bytes)")
     schema_id, _ = split_wire_format(message)
     writer = store.schema_for_id(schema_id)
     stream = io.BytesIO(message)
     stream.seek(5)
-    record = fastavro.schemaless_reader(stream, writer.parsed)
+    record = _read_one(stream, writer, full)
     left = len(message) - stream.tell()
     if left:
         # A schemaless body has no framing of its own: bytes left over mean the id names
@@ -206,7 +276,7 @@ def _read_wire_format(message: bytes, store: SchemaStore) -> list[tuple[dict, Wr
     return [(record, writer)]
 
 
-def _read_container(message: bytes, store: SchemaStore) -> list[tuple[dict, WriterSchema]]:
+def _read_container(message: bytes, store: SchemaStore, full: bool) -> list[tuple[dict, WriterSchema]]:
     metadata, sync, pos = read_container_header(message)
     schema_text = metadata.get("avro.schema")
     if not schema_text:
@@ -230,7 +300,7 @@ def _read_container(message: bytes, store: SchemaStore) -> list[tuple[dict, Writ
             block, start = io.BytesIO(isal_zlib.decompress(message[pos : pos + nbytes], -15)), 0
         block.seek(start)
         for _ in range(count):
-            records.append((fastavro.schemaless_reader(block, writer.parsed), writer))
+            records.append((_read_one(block, writer, full), writer))
         end = start + nbytes if codec == b"null" else len(block.getbuffer())
         if block.tell() != end:
             raise DecodeError("decode", "Avro container block size does not match its records (corrupt data)")
@@ -241,6 +311,12 @@ def _read_container(message: bytes, store: SchemaStore) -> list[tuple[dict, Writ
     if not records:
         raise DecodeError("decode", "the Avro container holds no record")
     return records
+
+
+def _read_one(stream, writer: WriterSchema, full: bool):
+    if full or writer.reader is None:
+        return fastavro.schemaless_reader(stream, writer.parsed)
+    return fastavro.schemaless_reader(stream, writer.parsed, writer.reader)
 
 
 def _read_container_fastavro(message: bytes, writer: WriterSchema) -> list[tuple[dict, WriterSchema]]:
@@ -344,11 +420,11 @@ def _read_cutouts(record: dict, label: str) -> dict[str, np.ndarray]:
             raise DecodeError("cutout", f"{where} is missing (null) ({label})")
         if not isinstance(value, bytes):
             raise DecodeError("cutout", f"{where} is a {type(value).__name__}, not FITS bytes ({label})")
-        images[name] = read_cutout(value, f"{where} ({label})")
+        images[name] = read_cutout(value, where, context=f" ({label})")
     return images
 
 
-def read_cutout(data: bytes, where: str = "cutout") -> np.ndarray:
+def read_cutout(data: bytes, where: str = "cutout", context: str = "") -> np.ndarray:
     """One cutout's bytes (FITS, gzip-compressed or not) as a float32 2-D image.
 
     Parameters
@@ -356,6 +432,8 @@ def read_cutout(data: bytes, where: str = "cutout") -> np.ndarray:
     data : bytes
     where : str
         Names the cutout in error messages (``cutoutScience.stampData``).
+    context : str
+        Appended to error messages (which alert: `` (ztf candid 123)``).
 
     Raises
     ------
@@ -363,27 +441,29 @@ def read_cutout(data: bytes, where: str = "cutout") -> np.ndarray:
         Kind ``cutout``: empty, not gzip/FITS (JPEG stamps are named as such), not 2-D.
     """
     if not data:
-        raise DecodeError("cutout", f"{where} is empty")
+        raise DecodeError("cutout", f"{where} is empty{context}")
     if data[:2] == _GZIP_MAGIC:
         try:
             inflater = isal_zlib.decompressobj(31)  # 16 + 15: gzip framing
             inflated = inflater.decompress(data, MAX_CUTOUT_BYTES)
         except Exception as exc:  # noqa: BLE001 - isal raises its own error type
-            raise DecodeError("cutout", f"{where} is not valid gzip ({_describe(exc)})") from None
+            raise DecodeError("cutout", f"{where} is not valid gzip ({_describe(exc)}){context}") from None
         if inflater.unconsumed_tail:
-            raise DecodeError("cutout", f"{where} decompresses to more than {MAX_CUTOUT_BYTES} bytes")
+            raise DecodeError("cutout", f"{where} decompresses to more than {MAX_CUTOUT_BYTES} bytes{context}")
+        if not inflater.eof:
+            raise DecodeError("cutout", f"{where} is truncated or not valid gzip{context}")
         data = inflated
     for magic, what in _IMAGE_MAGICS.items():
         if data[: len(magic)] == magic:
-            raise DecodeError("cutout", f"{where} is {what}, not FITS")
+            raise DecodeError("cutout", f"{where} is {what}, not FITS{context}")
     try:
         image = fits.read_image(data)
     except fits.FitsError as exc:
-        raise DecodeError("cutout", f"{where}: {exc}") from None
+        raise DecodeError("cutout", f"{where}: {exc}{context}") from None
     except Exception as exc:  # noqa: BLE001 - anything astropy throws on junk
-        raise DecodeError("cutout", f"{where}: not a readable FITS image ({_describe(exc)})") from None
+        raise DecodeError("cutout", f"{where}: not a readable FITS image ({_describe(exc)}){context}") from None
     if image.ndim != 2 or image.size == 0:
-        raise DecodeError("cutout", f"{where}: the image has shape {image.shape}, not a non-empty 2-D image")
+        raise DecodeError("cutout", f"{where}: the image has shape {image.shape}, not a non-empty 2-D image{context}")
     return image
 
 
