@@ -175,7 +175,8 @@ def create_app(scorers: Mapping | None = None, settings: ApiSettings | None = No
     @app.post(
         "/classify", response_model=ClassifyResponse, tags=["scoring"],
         summary="Score candidates (JSON stamps) or raw alerts",
-        responses={**_ERRORS, **(_AUTH_ERRORS if auth.enabled else {})},
+        responses={200: {"description": "One result per candidate (or per alert of a raw body), in order."},
+                   **_ERRORS, **(_AUTH_ERRORS if auth.enabled else {})},
         openapi_extra={"requestBody": _CLASSIFY_BODY},
     )
     async def classify(

@@ -76,7 +76,7 @@ def assert_still_serving(client: TestClient) -> None:
 def two_channel_model(folder: Path, size: int = 31):
     """A real ONNX model of two channels (template, science), with its card, loaded as a Scorer.
 
-    The graph is small on purpose (masked mean of tanh-compressed pixels, through a
+    The graph is small on purpose (mean of tanh-compressed finite pixels, through a
     sigmoid): what matters here is its input, ``[N, 2, size, size]``.
     """
     import json
@@ -92,7 +92,9 @@ def two_channel_model(folder: Path, size: int = 31):
     constants = [helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0]),
                  helper.make_tensor("scale", TensorProto.FLOAT, [], [0.01]),
                  helper.make_tensor("axes", TensorProto.INT64, [3], [1, 2, 3])]
-    nodes = [helper.make_node("IsNaN", [ONNX_INPUT], ["masked"]),
+    nodes = [helper.make_node("IsNaN", [ONNX_INPUT], ["nan"]),
+             helper.make_node("IsInf", [ONNX_INPUT], ["infinite"]),
+             helper.make_node("Or", ["nan", "infinite"], ["masked"]),
              helper.make_node("Where", ["masked", "zero", ONNX_INPUT], ["clean"]),
              helper.make_node("Mul", ["clean", "scale"], ["scaled"]),
              helper.make_node("Tanh", ["scaled"], ["squashed"]),

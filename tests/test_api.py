@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 
 import httpx
@@ -89,6 +90,23 @@ def test_result_fields_follow_the_model_card(client):
     assert result["model"] == card.name and result["model_version"] == card.version
     assert result["threshold"] == card.threshold
     assert result["label"] == ("real" if result["score"] >= card.threshold else "bogus")
+
+
+def test_missing_pixels_as_null_nan_or_infinity_are_masked_alike(client):
+    """null (strict JSON), NaN and Infinity (JSON extensions) all mean "no data" and give one score."""
+    alert = decoded(ztf_fits_files()[0])
+    candidate = candidate_json(alert, "array")
+    scores = []
+    for missing in ("null", "NaN", "Infinity", "-Infinity"):
+        body = json.loads(json.dumps({"candidates": [candidate]}))
+        for name in ("science", "template", "difference"):
+            for row in body["candidates"][0][name][:10]:  # a band of missing rows, like a CCD edge
+                row[:] = [None] * len(row)
+        text = json.dumps(body).replace("null", missing)
+        scores.append(_score(client, None, content=text.encode(),
+                             headers={"content-type": "application/json"})["results"][0]["score"])
+    assert len(set(scores)) == 1
+    assert scores[0] != _score(client, {"candidates": [candidate]})["results"][0]["score"]
 
 
 def test_many_candidates_keep_their_order_and_ids(client):
