@@ -455,7 +455,9 @@ def _from_validation_error(exc: ValidationError) -> ApiError:
 
 
 def _run_check(check: ReadinessCheckFn, index: int) -> ReadinessCheck:
-    name = getattr(check, "__name__", None) or f"check{index}"
+    name = getattr(check, "__name__", "<lambda>")
+    if name == "<lambda>":  # a lambda has no useful name: number it
+        name = f"check{index}"
     try:
         ok, detail = check()
         return ReadinessCheck(name=name, ok=bool(ok), detail=str(detail))
