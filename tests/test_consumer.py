@@ -1,0 +1,151 @@
+"""The consumer against a real local broker, the real sample alerts and the real default models.
+
+One stream serves the module: every sample alert as its survey frames it in an object
+container, the Rubin alerts once more in the Confluent wire format, and two messages that
+are not alerts at all. The consumer (in this process, batches of 8) scores it; the tests
+then read the score and dead-letter topics and the group's committed offsets.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import fastavro
+import pytest
+
+from conftest import rubin_files, ztf_fits_files, ztf_jpeg_files
+from service import pipeline, records, replay
+from streaming import (committed, consumer_settings, create_topic, default_models, end_offsets,  # noqa: F401
+                       read_topic, running_consumer, scorers, wait_for)
+
+pytestmark = pytest.mark.kafka
+
+BATCH_SIZE = 8
+GARBAGE = [b"this is not an alert", b"Obj\x01" + b"\x00" * 40]
+
+
+def expected_ids(path: Path) -> tuple[str, int, str]:
+    """(survey, candidate id, object id) read straight from the file with fastavro."""
+    (alert,) = list(fastavro.reader(io.BytesIO(path.read_bytes())))
+    if "diaSource" in alert:
+        source, dia_object = alert["diaSource"], alert.get("diaObject") or {}
+        object_id = dia_object.get("diaObjectId") or source.get("diaObjectId")
+        return "rubin", source["diaSourceId"], str(object_id)
+    return "ztf", alert["candid"], str(alert.get("objectId") or alert.get("alertId"))
+
+
+@pytest.fixture(scope="module")
+def stream(broker, scorers):
+    """Replay the samples (+ Rubin in wire format + garbage), consume them all, read everything back."""
+    settings = consumer_settings(broker.bootstrap_servers, batch_size=BATCH_SIZE)
+    create_topic(broker.bootstrap_servers, settings["input_topic"], partitions=1)  # offsets = replay order
+    containers = replay.load_messages(ztf_fits_files() + ztf_jpeg_files() + rubin_files())
+    wire = replay.load_messages(rubin_files(), wire_format=True)
+    garbage = [replay.AlertMessage(value, f"garbage-{i}", None) for i, value in enumerate(GARBAGE)]
+    messages = containers + wire + garbage
+    assert all(m.value[0] == 0 for m in wire)
+    sent = replay.replay(settings, settings["input_topic"], messages, progress=False)
+    assert sent.sent == len(messages) and sent.failed == 0
+    with running_consumer(settings, scorers) as consumer:
+        wait_for(lambda: committed(broker.bootstrap_servers, settings["group_id"], settings["input_topic"]).get(0, -1)
+                 >= len(messages), timeout=90, what="every offset committed")
+    scores = read_topic(broker.bootstrap_servers, settings["output_topic"])
+    letters = read_topic(broker.bootstrap_servers, settings["dlq_topic"])
+    return dict(settings=settings, messages=messages, n_containers=len(containers), n_wire=len(wire),
+                scores=scores, letters=letters, consumer=consumer,
+                committed=committed(broker.bootstrap_servers, settings["group_id"], settings["input_topic"]),
+                end=end_offsets(broker.bootstrap_servers, settings["input_topic"]))
+
+
+def by_source(reads) -> dict[int, list]:
+    grouped: dict[int, list] = {}
+    for read in reads:
+        grouped.setdefault(read.source_offset[1], []).append(read)
+    return grouped
+
+
+def test_every_decodable_sample_has_exactly_one_score_record_with_its_ids(stream):
+    paths = ztf_fits_files() + ztf_jpeg_files() + rubin_files()
+    scores = by_source(stream["scores"])
+    decodable = [i for i, p in enumerate(paths) if p not in ztf_jpeg_files()]
+    assert len(decodable) == 26
+    for offset in decodable:
+        assert len(scores.get(offset, [])) == 1, f"{paths[offset].name}: {len(scores.get(offset, []))} records"
+        (read,) = scores[offset]
+        (record,) = read.items
+        survey, candidate_id, object_id = expected_ids(paths[offset])
+        assert (record["survey"], record["candidate_id"], record["object_id"]) == (survey, candidate_id, object_id)
+        assert read.key == object_id.encode()  # keyed by object id: per-object order holds
+        card = stream["consumer"].scorers[survey].card
+        assert record["model_name"] == card.name and record["model_version"] == card.version
+        assert record["label"] == ("real" if record["score"] >= card.threshold else "bogus")
+        assert record["observation_mjd"] is not None and 50000 < record["observation_mjd"] < 70000
+    assert len(stream["scores"]) == 26 + stream["n_wire"], "no other score record"
+
+
+def test_jpeg_samples_and_garbage_go_to_the_dead_letter_topic_with_reason_and_source(stream):
+    letters = by_source(stream["letters"])
+    jpeg_offsets = range(len(ztf_fits_files()), len(ztf_fits_files()) + len(ztf_jpeg_files()))
+    garbage_offsets = range(len(stream["messages"]) - len(GARBAGE), len(stream["messages"]))
+    assert sorted(letters) == [*jpeg_offsets, *garbage_offsets]
+    for offset, (read,) in letters.items():
+        assert read.value == stream["messages"][offset].value, "the original bytes"
+        assert read.headers[pipeline.HEADER_SOURCE_TOPIC] == stream["settings"]["input_topic"]
+        assert read.headers[pipeline.HEADER_SOURCE_PARTITION] == "0"
+        assert read.headers[pipeline.HEADER_SOURCE_FILE] == stream["messages"][offset].source
+        assert read.headers[pipeline.HEADER_REASON]
+        kind = read.headers[pipeline.HEADER_REASON_KIND]
+        if offset in jpeg_offsets:
+            assert kind == "cutout" and "JPEG" in read.headers[pipeline.HEADER_REASON]
+        elif offset == garbage_offsets[0]:
+            assert kind == "decode"
+        else:  # a container header without a schema
+            assert kind in ("decode", "schema")
+
+
+def test_offsets_committed_up_to_the_end_of_the_input(stream):
+    assert stream["committed"] == stream["end"] == {0: len(stream["messages"])}
+
+
+def test_rubin_wire_format_is_scored_like_the_container_form(stream):
+    scores = by_source(stream["scores"])
+    first_rubin = len(ztf_fits_files()) + len(ztf_jpeg_files())
+    for i, path in enumerate(rubin_files()):
+        (container,) = scores[first_rubin + i][0].items
+        (wire,) = scores[stream["n_containers"] + i][0].items
+        assert wire["candidate_id"] == container["candidate_id"] == expected_ids(path)[1]
+        assert wire["score"] == pytest.approx(container["score"], abs=1e-6)
+
+
+def test_score_via_kafka_equals_score_via_classify(stream, scorers):
+    """POST /classify with the raw alert body gives the score the stream gave (to 1e-6)."""
+    from fastapi.testclient import TestClient
+
+    from service.api import create_app
+
+    scores = by_source(stream["scores"])
+    paths = ztf_fits_files() + ztf_jpeg_files() + rubin_files()
+    with TestClient(create_app(scorers)) as client:
+        for offset, path in enumerate(paths):
+            if path in ztf_jpeg_files():
+                continue
+            response = client.post("/classify", content=path.read_bytes(),
+                                   headers={"Content-Type": "application/avro"})
+            assert response.status_code == 200, response.text
+            (answer,) = response.json()["results"]
+            (record,) = scores[offset][0].items
+            assert answer["score"] == pytest.approx(record["score"], abs=1e-6), path.name
+            assert answer["label"] == record["label"]
+
+
+def test_metrics_count_the_stream(stream):
+    from prometheus_client import REGISTRY
+
+    def value(name, **labels):
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+
+    # The registry is the process's: other tests may add to it, never subtract.
+    assert value("rbstream_alerts_failed_total", survey="ztf", reason="cutout") >= len(ztf_jpeg_files())
+    assert value("rbstream_alerts_scored_total", survey="rubin") >= 2 * len(rubin_files())
+    assert value("rbstream_alert_latency_seconds_count") >= len(stream["scores"])
