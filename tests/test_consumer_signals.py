@@ -1,0 +1,110 @@
+"""At-least-once across crashes and clean stops: ``rbstream consume`` as a real process.
+
+One stream flows at a steady rate while three consumer processes of one group take turns:
+
+1. the first is killed with SIGKILL as soon as it has committed a batch (mid-stream);
+2. the second takes over, and gets SIGTERM once it has committed two batches of its own:
+   it must exit 0 with everything it published committed (no work left behind);
+3. the third finishes the stream and gets SIGTERM at the end.
+
+Then every input message has a score record or a dead letter, and the duplicates (the
+batch the killed consumer had published but not committed) are at most one batch.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, rubin_files, ztf_files
+from service import replay
+from streaming import committed, create_topic, default_models, read_topic, unique, wait_for  # noqa: F401
+
+pytestmark = [pytest.mark.kafka, pytest.mark.slow]
+
+BATCH_SIZE = 16
+REPEAT = 30          # 32 samples x 30 = 960 messages...
+RATE = 50.0          # ...over about 19 s, so that every signal lands mid-stream
+
+
+def start_consumer(bootstrap_servers: str, topics: dict, log_path: Path) -> subprocess.Popen:
+    command = [sys.executable, "-m", "service.cli", "--log-level", "INFO", "consume",
+               "--bootstrap-servers", bootstrap_servers, "--input-topic", topics["input"],
+               "--output-topic", topics["output"], "--dlq-topic", topics["dlq"], "--group-id", topics["group"],
+               "--from-beginning", "--batch-size", str(BATCH_SIZE), "--max-wait-ms", "50", "--device", "cpu",
+               "--kafka-option", "consumer.session.timeout.ms=6000"]
+    return subprocess.Popen(command, cwd=REPO, stdout=open(log_path, "ab"), stderr=subprocess.STDOUT,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def test_sigkill_loses_nothing_and_sigterm_stops_cleanly(broker, default_models, tmp_path):
+    bootstrap = broker.bootstrap_servers
+    topics = {"input": unique("alerts"), "output": unique("scores"), "dlq": unique("dlq"), "group": unique("group")}
+    create_topic(bootstrap, topics["input"], partitions=1)
+    messages = replay.load_messages(ztf_files() + rubin_files())
+    total = len(messages) * REPEAT
+    settings = {"bootstrap_servers": bootstrap, "kafka": {}}
+    replayed = []
+    producer = threading.Thread(target=lambda: replayed.append(
+        replay.replay(settings, topics["input"], messages, rate=RATE, repeat=REPEAT, progress=False)), daemon=True)
+    producer.start()
+
+    def done() -> int:
+        return max(committed(bootstrap, topics["group"], topics["input"]).get(0, -1), 0)
+
+    log = tmp_path / "consumers.log"
+    processes = []
+    try:
+        # 1. SIGKILL as soon as a batch is committed.
+        first = start_consumer(bootstrap, topics, log)
+        processes.append(first)
+        wait_for(lambda: done() > 0, timeout=90, what="the first consumer's first commit")
+        first.send_signal(signal.SIGKILL)
+        assert first.wait(timeout=10) == -signal.SIGKILL
+        after_kill = done()
+        assert after_kill < total, "the stream should still be flowing when the consumer is killed"
+
+        # 2. A second consumer takes over; SIGTERM once it has committed two batches of its own.
+        second = start_consumer(bootstrap, topics, log)
+        processes.append(second)
+        wait_for(lambda: done() >= after_kill + 2 * BATCH_SIZE, timeout=90, what="the second consumer's commits")
+        second.send_signal(signal.SIGTERM)
+        assert second.wait(timeout=30) == 0, log.read_text()[-3000:]
+        after_term = done()
+        assert after_term < total, "SIGTERM should arrive mid-stream"
+        published = read_topic(bootstrap, topics["output"], idle=1.0) + read_topic(bootstrap, topics["dlq"], idle=1.0)
+        beyond = [r.source_offset[1] for r in published if r.source_offset[1] >= after_term]
+        assert not beyond, f"published but not committed after SIGTERM: offsets {beyond[:10]}"
+
+        # 3. A third consumer finishes the stream.
+        third = start_consumer(bootstrap, topics, log)
+        processes.append(third)
+        producer.join(timeout=120)
+        assert replayed and replayed[0].sent == total
+        wait_for(lambda: done() >= total, timeout=120, what="the whole stream committed")
+        third.send_signal(signal.SIGTERM)
+        assert third.wait(timeout=30) == 0, log.read_text()[-3000:]
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+    scores = read_topic(bootstrap, topics["output"], idle=1.0)
+    letters = read_topic(bootstrap, topics["dlq"], idle=1.0)
+    outputs = Counter(r.source_offset[1] for r in scores + letters)
+    missing = sorted(set(range(total)) - set(outputs))
+    assert not missing, f"{len(missing)} input messages lost, e.g. offsets {missing[:10]}"
+    duplicates = sum(outputs.values()) - len(outputs)
+    print(f"killed at {after_kill}, terminated at {after_term} of {total}; {duplicates} duplicates")
+    assert duplicates <= BATCH_SIZE, f"{duplicates} duplicates: more than one batch ({BATCH_SIZE})"
+    # Every message is either scored or dead-lettered, never both.
+    assert not {r.source_offset[1] for r in scores} & {r.source_offset[1] for r in letters}
+    assert log.read_text().count("stopping: batch finished, offsets committed") == 2
