@@ -43,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the JSON report on stdout instead of the table")
     parser.add_argument("--quick", action="store_true",
                         help="tiny settings to check that the benchmark runs (figures meaningless)")
-    parser.add_argument("--repeats", type=int, default=0, help="runs per figure (default 5, --quick 2)")
+    parser.add_argument("--repeats", type=int, default=0, help="runs per figure (default: decode 5, infer/e2e/api 3; --quick 1-2)")
     parser.add_argument("--models", default=None, help="models folder with <survey>/ subfolders (default models/)")
     parser.add_argument("--survey", action="append", choices=("ztf", "rubin"),
                         help="limit to this survey (repeatable; default both)")

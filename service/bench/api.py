@@ -136,7 +136,7 @@ def run(args) -> Result:
     survey = (args.survey or ["ztf"])[0]
     clients_list = tuple(args.clients) if args.clients else (QUICK_CLIENTS if quick else FULL_CLIENTS)
     base_requests = args.requests or (16 if quick else 400)
-    repeats = args.repeats or (2 if quick else 5)
+    repeats = args.repeats or (2 if quick else 3)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     contract_by_survey, notes = data.contracts(args.models)

@@ -76,8 +76,8 @@ def run(args) -> Result:
 
     quick = args.quick
     batch_sizes = tuple(args.batch_sizes) if args.batch_sizes else (QUICK_BATCH_SIZES if quick else FULL_BATCH_SIZES)
-    repeats = args.repeats or (2 if quick else 5)
-    min_seconds = 0.05 if quick else 0.5
+    repeats = args.repeats or (2 if quick else 3)
+    min_seconds = 0.05 if quick else 0.3
     providers = ort.get_available_providers()
     root = data.models_root(args.models)
     contract_by_survey, notes = data.contracts(args.models)
