@@ -160,8 +160,7 @@ def main(args: argparse.Namespace) -> int:
         log.error("%s", exc)
         return 2
     stopping = []
-    signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
-    signal.signal(signal.SIGINT, lambda *_: stopping.append(True))
+    previous = {sig: signal.signal(sig, lambda *_: stopping.append(True)) for sig in (signal.SIGTERM, signal.SIGINT)}
     registry = records.SchemaRegistry(settings["schema_registry_url"]) if settings["schema_registry_url"] else None
 
     def show(message, dicts):
@@ -183,4 +182,7 @@ def main(args: argparse.Namespace) -> int:
         return 1
     except BrokenPipeError:  # `rbstream tail ... | head`
         return 0
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return 0
