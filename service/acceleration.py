@@ -36,10 +36,6 @@ from service.contract import ONNX_INPUT, ONNX_OUTPUT, StampContract
 
 log = logging.getLogger(__name__)
 
-#: Largest batch a TensorRT engine is built for (the benchmarks go up to 4096).
-TRT_MAX_BATCH = 4096
-#: Batch size TensorRT tunes its kernels for.
-TRT_OPT_BATCH = 1024
 #: Largest difference between fp16 and fp32 scores for fp16 to be used.
 FP16_TOLERANCE = 1e-3
 
@@ -54,28 +50,28 @@ def trt_cache_dir() -> Path:
 def provider_options(providers: list[str], contract: StampContract, fp16: bool) -> list[Any]:
     """Providers with their options, in the form ``InferenceSession(providers=...)`` takes.
 
-    TensorRT gets an optimisation profile spanning batch 1 to `TRT_MAX_BATCH` (else it
-    rebuilds its engine for every new batch size) and a persistent engine cache.
+    TensorRT gets a persistent engine and timing cache (building an engine takes minutes).
+    No explicit optimisation profile: TensorRT takes only the float32 part of the graph
+    (the normaliser computes in float64, which it does not support), whose input is not
+    the graph's ``stamps``, so ONNX Runtime's own dynamic profile — widened as new batch
+    sizes arrive, and cached — is the one that is right by construction. ``contract`` is
+    kept for options that depend on the stamp shape.
     """
-    shape = "x".join(str(d) for d in contract.input_shape)
     out: list[Any] = []
     for name in providers:
         if name == "TensorrtExecutionProvider":
             cache = trt_cache_dir()
             cache.mkdir(parents=True, exist_ok=True)
             out.append((name, {
+                "device_id": 0,
                 "trt_fp16_enable": bool(fp16),
                 "trt_engine_cache_enable": True,
                 "trt_engine_cache_path": str(cache),
                 "trt_timing_cache_enable": True,
                 "trt_timing_cache_path": str(cache),
-                "trt_profile_min_shapes": f"{ONNX_INPUT}:1x{shape}",
-                "trt_profile_opt_shapes": f"{ONNX_INPUT}:{TRT_OPT_BATCH}x{shape}",
-                "trt_profile_max_shapes": f"{ONNX_INPUT}:{TRT_MAX_BATCH}x{shape}",
             }))
         elif name == "CUDAExecutionProvider":
-            # The default stream for copies keeps the one H2D copy ordered before the kernels.
-            out.append((name, {"device_id": 0, "do_copy_in_default_stream": True}))
+            out.append((name, {"device_id": 0}))
         else:
             out.append(name)
     return out
@@ -104,8 +100,12 @@ def _ort_host_accessible(shape: tuple[int, ...]):
 
 
 def _cudart():
-    """The CUDA runtime library (from the nvidia-cuda-runtime wheel or the system), or None."""
+    """The CUDA runtime library (already loaded by the CUDA provider, the nvidia wheel's, or the system's), or None."""
+    import site
+
     names = ["libcudart.so.13", "libcudart.so.12", "libcudart.so.11.0", ctypes.util.find_library("cudart")]
+    for folder in site.getsitepackages():
+        names += sorted(str(p) for p in Path(folder).glob("nvidia/cuda_runtime/lib/libcudart.so*"))
     for name in filter(None, names):
         try:
             return ctypes.CDLL(name)
