@@ -79,6 +79,8 @@ def test_infer_reports_each_batch_size_and_says_when_no_gpu_was_there(tmp_path, 
     assert {r["io_binding"] for r in cpu} == {True, False}
     for row in cpu:  # throughput and latency are two views of the same runs: the fastest run gives both extremes
         assert row["stamps_per_s"]["max"] == pytest.approx(row["batch"] / row["latency_ms"]["min"] * 1e3, rel=1e-3)
+    assert any(note.startswith("ztf: CPU scores through IO binding bit-identical") and note.endswith(": True")
+               for note in document["notes"])
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         assert any(note.startswith("no GPU available for this run") for note in document["notes"])
 

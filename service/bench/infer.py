@@ -108,6 +108,10 @@ def run(args) -> Result:
             except Exception as exc:  # a GPU provider present but unusable: report, measure the rest
                 result.notes.append(f"{survey} on {config['device']}: cannot load ({exc})")
                 continue
+            if config["device"] == "cpu" and scorer.io_binding:
+                same = bool(np.array_equal(scorer.score(stamps), scorer0.score(stamps)))
+                result.notes.append(f"{survey}: CPU scores through IO binding bit-identical to session.run on "
+                                    f"{len(stamps)} sample stamps: {same}")
             if config["device"] != "cpu":
                 agreement = float(np.max(np.abs(scorer.score(stamps) - scorer0.score(stamps))))
                 result.notes.append(f"{survey} on {scorer.provider} ({scorer.precision}): max |score - CPU fp32 "
