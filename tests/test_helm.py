@@ -360,3 +360,128 @@ def test_values_yaml_documents_every_value():
 
     walk(yaml.compose((CHART / "values.yaml").read_text()), ())
     assert undocumented == []
+
+
+# -- the rendered consumer, running --------------------------------------------------------------------
+
+
+@pytest.mark.kafka
+def test_rendered_consumer_config_runs_a_real_consumer_with_its_probes(broker, tmp_path):
+    """The chart's ConfigMap and container args boot ``rbstream consume`` on a real broker: the
+    probes the chart declares answer on the metrics port, the container health check passes, the
+    sample alerts are scored and counted on ``/metrics``, and SIGTERM stops it cleanly."""
+    import os
+    import signal
+    import sys
+    import urllib.request
+
+    from conftest import rubin_files, ztf_files, ztf_jpeg_files
+    from prometheus_client.parser import text_string_to_metric_families
+    from service import replay
+    from service.broker import free_port
+    from streaming import create_topic, unique, wait_for
+
+    port = free_port()
+    topics = {"inputTopic": unique("alerts"), "outputTopic": unique("scores"), "dlqTopic": unique("dlq"),
+              "groupId": unique("group")}
+    create_topic(broker.bootstrap_servers, topics["inputTopic"], partitions=1)
+    docs = render({"kafka": {"bootstrapServers": broker.bootstrap_servers, **topics,
+                             "extraOptions": {"consumer.session.timeout.ms": "6000"}},
+                   "consumer": {"metricsPort": port, "fromBeginning": True, "batchSize": 8, "maxWaitMs": 50}})
+    config = tmp_path / "consumer.toml"
+    config.write_text(one(docs, "ConfigMap", "-config")["data"]["consumer.toml"])
+    c = container(one(docs, "Deployment", "-consumer"))
+    env = {**os.environ, **{v["name"]: v["value"] for v in c["env"] if "value" in v}, "RBSTREAM_CONFIG": str(config)}
+    log = tmp_path / "consumer.log"
+    process = subprocess.Popen([sys.executable, "-m", "service.cli", *c["args"]], cwd=REPO, env=env,
+                               stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+
+    def get(path: str) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as response:
+                return response.status, response.read().decode()
+        except OSError:
+            return 0, ""
+
+    def counted(metric: str) -> float:
+        families = text_string_to_metric_families(get("/metrics")[1])
+        return sum(s.value for f in families for s in f.samples if s.name == metric)
+
+    try:
+        wait_for(lambda: get("/metrics")[0] == 200 or process.poll() is not None, timeout=60, what="/metrics")
+        assert process.poll() is None, log.read_text()[-3000:]
+        for probe in ("livenessProbe", "readinessProbe"):
+            assert get(c[probe]["httpGet"]["path"])[0] == 200, probe
+        health = subprocess.run([sys.executable, str(REPO / "docker" / "healthcheck.py")], capture_output=True,
+                                env={**os.environ, "RBSTREAM_HEALTHCHECK_URL": f"http://127.0.0.1:{port}/metrics"},
+                                timeout=30)
+        assert health.returncode == 0, health.stderr
+        replay.replay({"bootstrap_servers": broker.bootstrap_servers, "kafka": {}}, topics["inputTopic"],
+                      replay.load_messages(ztf_files() + rubin_files()), progress=False)
+        decodable = len(ztf_files()) - len(ztf_jpeg_files()) + len(rubin_files())
+        wait_for(lambda: counted("rbstream_alerts_scored_total") >= decodable, timeout=90, what="the scores")
+        assert counted("rbstream_alerts_failed_total") == len(ztf_jpeg_files())
+        assert counted("rbstream_alerts_consumed_total") == len(ztf_files()) + len(rubin_files())
+        assert counted("rbstream_model_info") == 2  # ztf and rubin
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0, log.read_text()[-3000:]
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=10)
+
+
+def test_rendered_api_runs_with_its_probes_and_token_file(tmp_path):
+    """The chart's API container (args, env, the token Secret as a file) serves the real API: the
+    probes and /metrics are open, /model needs the bearer token from the mounted file."""
+    import os
+    import sys
+    import urllib.error
+    import urllib.request
+
+    from service.broker import free_port
+    from streaming import wait_for
+
+    port = free_port()
+    docs = render(merged(SECURED, {"api": {"port": port}}))
+    deployment = one(docs, "Deployment", "-api")
+    c = container(deployment)
+    (mount,) = [m for m in c["volumeMounts"] if m["name"] == "api-token"]
+    secret_dir = tmp_path / "api-token"  # where the kubelet would project Secret rb-api-token
+    secret_dir.mkdir()
+    token = "t0ken-from-the-secret"
+    env = {**os.environ}
+    env.pop("RBSTREAM_API_TOKEN", None)
+    for var in c["env"]:
+        env[var["name"]] = var["value"].replace(mount["mountPath"], str(secret_dir))
+    (secret_dir / Path(env["RBSTREAM_API_TOKEN_FILE"]).name).write_text(token + "\n")
+    # The pod listens on all its interfaces; here, loopback is enough.
+    args = ["127.0.0.1" if a == "0.0.0.0" else a for a in c["args"]]
+    log = tmp_path / "api.log"
+    process = subprocess.Popen([sys.executable, "-m", "service.cli", *args], cwd=REPO, env=env,
+                               stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+
+    def status(path: str, bearer: str | None = None) -> int:
+        request = urllib.request.Request(f"http://127.0.0.1:{port}{path}")
+        if bearer:
+            request.add_header("Authorization", f"Bearer {bearer}")
+        try:
+            with urllib.request.urlopen(request, timeout=5) as response:
+                return response.status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+        except OSError:
+            return 0
+
+    try:
+        wait_for(lambda: status("/healthz") == 200 or process.poll() is not None, timeout=60, what="/healthz")
+        assert process.poll() is None, log.read_text()[-3000:]
+        assert status(c["livenessProbe"]["httpGet"]["path"]) == 200
+        assert status(c["readinessProbe"]["httpGet"]["path"]) == 200
+        assert status("/metrics") == 200
+        assert status("/model") == 401
+        assert status("/model", bearer="wrong") == 401
+        assert status("/model", bearer=token) == 200
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
