@@ -110,6 +110,20 @@ def end_offsets(bootstrap_servers: str, topic: str) -> dict[int, int]:
     return ends
 
 
+def expected_ids(path) -> tuple[str, int, str]:
+    """(survey, candidate id, object id) of a one-alert file, read straight from it with fastavro."""
+    import io
+
+    import fastavro
+
+    (alert,) = list(fastavro.reader(io.BytesIO(path.read_bytes())))
+    if "diaSource" in alert:
+        source, dia_object = alert["diaSource"], alert.get("diaObject") or {}
+        object_id = dia_object.get("diaObjectId") or source.get("diaObjectId")
+        return "rubin", source["diaSourceId"], str(object_id)
+    return "ztf", alert["candid"], str(alert.get("objectId") or alert.get("alertId"))
+
+
 def wait_for(condition, timeout: float, interval: float = 0.2, what: str = "condition"):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

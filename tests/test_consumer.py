@@ -8,31 +8,17 @@ then read the score and dead-letter topics and the group's committed offsets.
 
 from __future__ import annotations
 
-import io
-from pathlib import Path
-
-import fastavro
 import pytest
 
 from conftest import rubin_files, ztf_fits_files, ztf_jpeg_files
 from service import pipeline, records, replay
 from streaming import (committed, consumer_settings, create_topic, default_models, end_offsets,  # noqa: F401
-                       read_topic, running_consumer, scorers, wait_for)
+                       expected_ids, read_topic, running_consumer, scorers, wait_for)
 
 pytestmark = pytest.mark.kafka
 
 BATCH_SIZE = 8
 GARBAGE = [b"this is not an alert", b"Obj\x01" + b"\x00" * 40]
-
-
-def expected_ids(path: Path) -> tuple[str, int, str]:
-    """(survey, candidate id, object id) read straight from the file with fastavro."""
-    (alert,) = list(fastavro.reader(io.BytesIO(path.read_bytes())))
-    if "diaSource" in alert:
-        source, dia_object = alert["diaSource"], alert.get("diaObject") or {}
-        object_id = dia_object.get("diaObjectId") or source.get("diaObjectId")
-        return "rubin", source["diaSourceId"], str(object_id)
-    return "ztf", alert["candid"], str(alert.get("objectId") or alert.get("alertId"))
 
 
 @pytest.fixture(scope="module")

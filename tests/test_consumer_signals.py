@@ -14,6 +14,7 @@ batch the killed consumer had published but not committed) are at most one batch
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -21,10 +22,12 @@ import threading
 from collections import Counter
 from pathlib import Path
 
+import httpx
 import pytest
 
 from conftest import REPO, rubin_files, ztf_files
 from service import replay
+from service.broker import free_port
 from streaming import committed, create_topic, default_models, read_topic, unique, wait_for  # noqa: F401
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
@@ -34,12 +37,12 @@ REPEAT = 30          # 32 samples x 30 = 960 messages...
 RATE = 50.0          # ...over about 19 s, so that every signal lands mid-stream
 
 
-def start_consumer(bootstrap_servers: str, topics: dict, log_path: Path) -> subprocess.Popen:
+def start_consumer(bootstrap_servers: str, topics: dict, log_path: Path, *extra: str) -> subprocess.Popen:
     command = [sys.executable, "-m", "service.cli", "--log-level", "INFO", "consume",
                "--bootstrap-servers", bootstrap_servers, "--input-topic", topics["input"],
                "--output-topic", topics["output"], "--dlq-topic", topics["dlq"], "--group-id", topics["group"],
                "--from-beginning", "--batch-size", str(BATCH_SIZE), "--max-wait-ms", "50", "--device", "cpu",
-               "--kafka-option", "consumer.session.timeout.ms=6000"]
+               "--kafka-option", "consumer.session.timeout.ms=6000", *extra]
     return subprocess.Popen(command, cwd=REPO, stdout=open(log_path, "ab"), stderr=subprocess.STDOUT,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
@@ -84,11 +87,16 @@ def test_sigkill_loses_nothing_and_sigterm_stops_cleanly(broker, default_models,
         assert not beyond, f"published but not committed after SIGTERM: offsets {beyond[:10]}"
 
         # 3. A third consumer finishes the stream.
-        third = start_consumer(bootstrap, topics, log)
+        metrics_port = free_port()
+        third = start_consumer(bootstrap, topics, log, "--metrics-port", str(metrics_port))
         processes.append(third)
         producer.join(timeout=120)
         assert replayed and replayed[0].sent == total
         wait_for(lambda: done() >= total, timeout=120, what="the whole stream committed")
+        exported = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
+        assert re.search(r'rbstream_alerts_scored_total\{survey="ztf"\} [1-9]', exported)
+        assert re.search(r'rbstream_alerts_failed_total\{reason="cutout",survey="ztf"\} [1-9]', exported)
+        assert "rbstream_model_info{" in exported
         third.send_signal(signal.SIGTERM)
         assert third.wait(timeout=30) == 0, log.read_text()[-3000:]
     finally:

@@ -1,0 +1,83 @@
+"""``rbstream run`` (what ``make run`` runs), as a process: broker, API, consumer, replay, Ctrl-C."""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+
+from conftest import REPO, rubin_files, ztf_fits_files, ztf_jpeg_files
+from streaming import default_models, expected_ids  # noqa: F401  (fixture)
+
+pytestmark = pytest.mark.kafka
+
+
+def test_run_scores_the_samples_serves_the_api_and_stops_on_ctrl_c(tmp_path, default_models):
+    samples = tmp_path / "data"
+    chosen = {"ztf": ztf_fits_files()[:2] + ztf_jpeg_files()[:1], "rubin": rubin_files()[:1]}
+    for survey, paths in chosen.items():
+        (samples / survey).mkdir(parents=True)
+        for path in paths:
+            shutil.copy(path, samples / survey / path.name)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "--log-level", "WARNING", "run", "--samples", str(samples),
+         "--port", "0", "--broker-port", "0", "--device", "cpu"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line.rstrip("\n")) for line in process.stdout], daemon=True).start()
+    seen: list[str] = []
+
+    def until(pattern: str, timeout: float = 90) -> re.Match:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                line = lines.get(timeout=0.5)
+            except queue.Empty:
+                assert process.poll() is None, "rbstream run exited early:\n" + "\n".join(seen)
+                continue
+            seen.append(line)
+            match = re.search(pattern, line)
+            if match:
+                return match
+        raise AssertionError(f"no line matching {pattern!r} within {timeout} s:\n" + "\n".join(seen))
+
+    try:
+        api = until(r"API\s+(http://\S+)").group(1)
+        until(r"metrics\s+http://\S+/metrics")
+        done = until(r"done: (\d+) alerts replayed, (\d+) scored .*, (\d+) rejected")
+        assert tuple(map(int, done.groups())) == (4, 3, 1)
+        until(r"Ctrl-C stops")
+        text = "\n".join(seen)
+        # One line per scored alert: survey, object id, candidate id, score, label, model.
+        for path in chosen["ztf"][:2] + chosen["rubin"]:
+            survey, candidate, obj = expected_ids(path)
+            name = {"ztf": "ZTF", "rubin": "Rubin"}[survey]
+            assert re.search(rf"{name}\s+object {obj}\s+candidate {candidate}\s+score [01]\.\d{{3}}\s+(real|bogus)\s+\S+",
+                             text), path.name
+        jpeg = chosen["ztf"][2].name
+        assert re.search(rf"REJECTED\s+ztf/{jpeg} \(alerts/0@\d+\): \[cutout\] .*JPEG", text)
+
+        ready = httpx.get(f"{api}/readyz", timeout=10)
+        assert ready.status_code == 200, ready.text
+        assert any("broker" in check["name"] and check["ok"] for check in ready.json()["checks"])
+        exported = httpx.get(f"{api}/metrics", timeout=10).text
+        assert re.search(r'rbstream_alerts_scored_total\{survey="ztf"\} 2\.0', exported)
+        assert re.search(r'rbstream_alerts_failed_total\{reason="cutout",survey="ztf"\} 1\.0', exported)
+
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=60) == 0, "\n".join(seen)
+        until(r"stopped cleanly", timeout=5)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
