@@ -410,8 +410,9 @@ def test_rendered_consumer_config_runs_a_real_consumer_with_its_probes(broker, t
     try:
         wait_for(lambda: get("/metrics")[0] == 200 or process.poll() is not None, timeout=60, what="/metrics")
         assert process.poll() is None, log.read_text()[-3000:]
-        for probe in ("livenessProbe", "readinessProbe"):
-            assert get(c[probe]["httpGet"]["path"])[0] == 200, probe
+        assert get(c["livenessProbe"]["httpGet"]["path"])[0] == 200
+        # Readiness may wait for the broker and the group's assignment.
+        wait_for(lambda: get(c["readinessProbe"]["httpGet"]["path"])[0] == 200, timeout=30, what="readiness")
         health = subprocess.run([sys.executable, str(REPO / "docker" / "healthcheck.py")], capture_output=True,
                                 env={**os.environ, "RBSTREAM_HEALTHCHECK_URL": f"http://127.0.0.1:{port}/metrics"},
                                 timeout=30)
