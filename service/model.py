@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
@@ -96,6 +97,9 @@ class Scorer:
         Default: on for CUDA/TensorRT, off on CPU (where ``session.run`` is as fast).
     check_stamps : ndarray, optional
         Stamps for the fp16 check; default `service.acceleration.check_stamps`.
+
+    Environment: ``RBSTREAM_ORT_SPINNING=0`` stops ONNX Runtime's threads from busy-waiting
+    between parallel sections (same scores; less CPU taken from decoding on a shared box).
     """
 
     def __init__(self, path: str | Path, device: str = "auto", intra_op_threads: int = 0, *,
@@ -116,6 +120,10 @@ class Scorer:
         self._options = ort.SessionOptions()
         if intra_op_threads:
             self._options.intra_op_num_threads = intra_op_threads
+        if os.environ.get("RBSTREAM_ORT_SPINNING", "").strip() == "0":
+            # ORT's pool threads busy-wait between parallel sections; on a small box that shares
+            # its cores with decoding and the broker client, that burns CPU the others need.
+            self._options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers = resolve_providers(device)
         #: fp16 runs only through TensorRT, and only when its scores stay within
         #: `acceleration.FP16_TOLERANCE` of fp32 on `check_stamps` (see `_check_fp16`).

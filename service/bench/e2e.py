@@ -280,7 +280,8 @@ def run(args) -> Result:
         "offered_rate": args.rate, "device": args.device, "consumer_batch_size": args.batch_size or "default",
         "quick": quick, "consumer": "rbstream consume in a subprocess (the production code path)",
         "producer": "confluent-kafka producer in the benchmark process (acks=all), one partition",
-        "latency": "produce() call -> score record (or dead letter) readable on the output topic"})
+        "latency": "produce() call -> score record (or dead letter) readable on the output topic",
+        "RBSTREAM_ORT_SPINNING": os.environ.get("RBSTREAM_ORT_SPINNING", "unset (ONNX Runtime default: spinning)")})
     result.columns = [("mode", "run"), ("alerts", "alerts"), ("throughput", "alerts/s"),
                       ("p50_ms", "p50 latency, ms"), ("p99_ms", "p99 latency, ms"), ("max_ms", "max latency, ms"),
                       ("missing", "missing")]
