@@ -183,6 +183,8 @@ class AlertConsumer:
         self.broker_up = False
         self.assigned: list[tuple[str, int]] = []
         self.batches_committed = 0
+        self._running = False
+        self._last_loop = time.monotonic()
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -221,8 +223,10 @@ class AlertConsumer:
     def run(self) -> int:
         """Consume until `stop` is called; returns the exit code (0 after a clean stop)."""
         self._open()
+        self._running = True
         try:
             while not self._stop.is_set():
+                self._last_loop = time.monotonic()
                 messages = self._consumer.consume(num_messages=self.settings["batch_size"],
                                                   timeout=self.settings["max_wait_ms"] / 1000)
                 if messages:
@@ -230,7 +234,31 @@ class AlertConsumer:
             log.info("stopping: batch finished, offsets committed")
             return 0
         finally:
+            self._running = False
             self._close()
+
+    # -- probes (called from the HTTP server's threads) ------------------------------------------
+
+    #: The loop must come back to fetch within this many seconds to count as alive.
+    LIVENESS_SECONDS = 300.0
+
+    def health(self) -> tuple[bool, str]:
+        """Alive: the loop runs and came back to fetch within `LIVENESS_SECONDS`."""
+        if not self._running:
+            return (False, "stopped") if self._stop.is_set() else (True, "starting")
+        idle = time.monotonic() - self._last_loop
+        if idle > self.LIVENESS_SECONDS:
+            return False, f"the consume loop has been stuck for {idle:.0f} s"
+        return True, f"consume loop alive; {self.batches_committed} batches committed"
+
+    def readiness(self) -> tuple[bool, str]:
+        """Ready: the loop runs and the broker answers (partitions assigned, or statistics from it)."""
+        if not self._running:
+            return False, "the consume loop is not running"
+        if not self.broker_up:
+            return False, f"broker {self.settings['bootstrap_servers']} not reached yet"
+        partitions = ", ".join(f"{t}/{p}" for t, p in self.assigned) or "none yet"
+        return True, f"broker {self.settings['bootstrap_servers']} reachable; assigned: {partitions}"
 
     def _close(self) -> None:
         if self._producer is not None:
@@ -425,6 +453,42 @@ class AlertConsumer:
                     metrics.CONSUMER_LAG.labels(topic=topic, partition=partition).set(lag)
 
 
+def probe_app(consumer: AlertConsumer, registry=None):
+    """WSGI app of the consumer's port: ``/healthz``, ``/readyz`` (JSON, 200 or 503), else Prometheus metrics."""
+    from prometheus_client import REGISTRY, make_wsgi_app
+
+    metrics_app = make_wsgi_app(registry or REGISTRY)
+
+    def app(environ, start_response):
+        path = environ.get("PATH_INFO", "/")
+        if path not in ("/healthz", "/readyz"):
+            return metrics_app(environ, start_response)
+        ok, detail = consumer.health() if path == "/healthz" else consumer.readiness()
+        body = json.dumps({"ok": ok, "detail": detail}).encode()
+        start_response("200 OK" if ok else "503 Service Unavailable",
+                       [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+        return [body]
+
+    return app
+
+
+def serve_probes(consumer: AlertConsumer, port: int, host: str = "0.0.0.0"):
+    """Serve `probe_app` on ``host:port`` from a daemon thread; returns the server."""
+    from socketserver import ThreadingMixIn
+    from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+    class Server(ThreadingMixIn, WSGIServer):
+        daemon_threads = True
+
+    class QuietHandler(WSGIRequestHandler):
+        def log_message(self, *args):  # Prometheus scrapes every few seconds: no access log
+            pass
+
+    server = make_server(host, port, probe_app(consumer), server_class=Server, handler_class=QuietHandler)
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+    return server
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_options(parser, CONSUME_OPTIONS)
 
@@ -448,12 +512,10 @@ def main(args: argparse.Namespace) -> int:
     except (SettingsError, ModelError) as exc:
         log.error("%s", exc)
         return 2
-    if settings.get("metrics_port"):
-        from prometheus_client import start_http_server
-
-        start_http_server(settings["metrics_port"])
-        log.info("metrics on http://0.0.0.0:%d/metrics", settings["metrics_port"])
     consumer = AlertConsumer(settings, scorers)
+    if settings.get("metrics_port"):
+        serve_probes(consumer, settings["metrics_port"])
+        log.info("metrics on http://0.0.0.0:%d/metrics, probes on /healthz and /readyz", settings["metrics_port"])
     install_signal_handlers(consumer.stop)
     try:
         return consumer.run()

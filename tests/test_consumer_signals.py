@@ -97,6 +97,9 @@ def test_sigkill_loses_nothing_and_sigterm_stops_cleanly(broker, default_models,
         assert re.search(r'rbstream_alerts_scored_total\{survey="ztf"\} [1-9]', exported)
         assert re.search(r'rbstream_alerts_failed_total\{reason="cutout",survey="ztf"\} [1-9]', exported)
         assert "rbstream_model_info{" in exported
+        for probe in ("healthz", "readyz"):  # the chart's liveness and readiness probes
+            answer = httpx.get(f"http://127.0.0.1:{metrics_port}/{probe}", timeout=10)
+            assert answer.status_code == 200 and answer.json()["ok"] is True, answer.text
         third.send_signal(signal.SIGTERM)
         assert third.wait(timeout=30) == 0, log.read_text()[-3000:]
     finally:
