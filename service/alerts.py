@@ -18,15 +18,22 @@ The survey is recognised from the record's field names, never from the schema
 name (brokers rename schemas, e.g. ``topLevelRecord``): ``candid`` + ``candidate``
 is ZTF, ``diaSource`` is Rubin.
 
-Speed (issue 5): each distinct writer schema is parsed once (`SchemaStore`), the
-records are read with ``fastavro.schemaless_reader`` straight from the message
-bytes, gzip is ISA-L's, and FITS cutouts are read by `service.fits.read_image`.
+Speed (issue 5): each distinct writer schema is parsed once (`SchemaStore`); records
+are read with ``fastavro.schemaless_reader`` straight from the message bytes, with a
+reader schema that skips what scoring does not need; gzip is ISA-L's; FITS cutouts are
+read by `service.fits.read_image`. Most of a ZTF alert's Avro time is its history
+(``prv_candidates``: ~100 fields per earlier detection), so for a ZTF message holding
+one record the ids are read from the record's head and the cutouts found from its end
+(`_read_ztf_from_both_ends`), never walking the history; any doubt (layout not
+recognised, a stamp that does not decode) falls back to reading the record from the
+front. `Alert.record` still gives the whole record, decoded when first used.
 """
 
 from __future__ import annotations
 
 import io
 import math
+import re
 from dataclasses import dataclass, field
 from collections.abc import Mapping
 
@@ -150,9 +157,18 @@ def decode_message(message: bytes, survey: str = "auto", schemas: SchemaStore | 
     if survey not in SURVEYS:
         raise ValueError(f"survey must be one of {SURVEYS}, got {survey!r}")
     store = default_store() if schemas is None else schemas
+    records: list = []
     try:
-        records = _read_records(message, store)
-        alerts = [_to_alert(record, writer, survey) for record, writer in records]
+        try:
+            records = _read_records(message, store, FAST)
+            alerts = [_to_alert(record, writer, survey) for record, writer in records]
+        except DecodeError as exc:
+            if exc.kind != "cutout" or not any(isinstance(r, _TailRecord) for r, _ in records):
+                raise
+            # The cutouts were found from the record's end (see _cutouts_from_end); when they
+            # do not decode, read the record the long way before blaming the alert.
+            records = _read_records(message, store, SCORING)
+            alerts = [_to_alert(record, writer, survey) for record, writer in records]
     except DecodeError:
         raise
     except UnknownSchema as exc:
@@ -174,7 +190,7 @@ def read_full_records(message: bytes, schemas: SchemaStore | None = None) -> lis
     """
     store = default_store() if schemas is None else schemas
     try:
-        return [record for record, _ in _read_records(message, store, full=True)]
+        return [record for record, _ in _read_records(message, store, FULL)]
     except DecodeError:
         raise
     except UnknownSchema as exc:
@@ -235,12 +251,13 @@ def _describe(exc: BaseException) -> str:
 # --------------------------------------------------------------------------- framing
 
 
-def _read_records(message, store: SchemaStore, full: bool = False) -> list[tuple[dict, WriterSchema]]:
-    """(record, writer schema) of each alert in the message.
+#: How much of a record `_read_records` reads: FULL, every field; SCORING, the fields an
+#: `Alert` needs (reader schema); FAST, as SCORING but ZTF cutouts are found from the end.
+FULL, SCORING, FAST = "full", "scoring", "fast"
 
-    With ``full=False`` records are read with the writer's scoring reader schema
-    (`service.schemas.scoring_reader_schema`): only what `Alert` needs.
-    """
+
+def _read_records(message, store: SchemaStore, mode: str) -> list[tuple[dict, WriterSchema]]:
+    """(record, writer schema) of each alert in the message, read as ``mode`` says."""
     if message is None:
         raise DecodeError("decode", "empty message (no value)")
     if not isinstance(message, bytes):
@@ -250,9 +267,9 @@ def _read_records(message, store: SchemaStore, full: bool = False) -> list[tuple
     if not message:
         raise DecodeError("decode", "empty message")
     if message[:4] == CONTAINER_MAGIC:
-        return _read_container(message, store, full)
+        return _read_container(message, store, mode)
     if message[0] == WIRE_MAGIC:
-        return _read_wire_format(message, store, full)
+        return _read_wire_format(message, store, mode)
     raise DecodeError(
         "decode",
         f"not an alert: neither an Avro object container (starts with 'Obj\\x01') nor the Confluent "
@@ -260,14 +277,14 @@ def _read_records(message, store: SchemaStore, full: bool = False) -> list[tuple
     )
 
 
-def _read_wire_format(message: bytes, store: SchemaStore, full: bool) -> list[tuple[dict, WriterSchema]]:
+def _read_wire_format(message: bytes, store: SchemaStore, mode: str) -> list[tuple[dict, WriterSchema]]:
     if len(message) < 6:
         raise DecodeError("decode", f"truncated wire-format message ({len(message)} bytes)")
     schema_id, _ = split_wire_format(message)
     writer = store.schema_for_id(schema_id)
     stream = io.BytesIO(message)
     stream.seek(5)
-    record = _read_one(stream, writer, full)
+    record = _read_one(stream, writer, mode)
     left = len(message) - stream.tell()
     if left:
         # A schemaless body has no framing of its own: bytes left over mean the id names
@@ -276,7 +293,7 @@ def _read_wire_format(message: bytes, store: SchemaStore, full: bool) -> list[tu
     return [(record, writer)]
 
 
-def _read_container(message: bytes, store: SchemaStore, full: bool) -> list[tuple[dict, WriterSchema]]:
+def _read_container(message: bytes, store: SchemaStore, mode: str) -> list[tuple[dict, WriterSchema]]:
     metadata, sync, pos = read_container_header(message)
     schema_text = metadata.get("avro.schema")
     if not schema_text:
@@ -295,15 +312,24 @@ def _read_container(message: bytes, store: SchemaStore, full: bool) -> list[tupl
         if count < 0 or nbytes < 0 or count > nbytes or pos + nbytes + 16 > size:
             raise DecodeError("decode", "truncated or corrupt Avro container block")
         if codec == b"null":
-            block, start = stream, pos
+            buffer, start, end = message, pos, pos + nbytes
         else:
-            block, start = io.BytesIO(isal_zlib.decompress(message[pos : pos + nbytes], -15)), 0
+            buffer = isal_zlib.decompress(message[pos : pos + nbytes], -15)
+            start, end = 0, len(buffer)
+        block = stream if buffer is message else io.BytesIO(buffer)
         block.seek(start)
-        for _ in range(count):
-            records.append((_read_one(block, writer, full), writer))
-        end = start + nbytes if codec == b"null" else len(block.getbuffer())
-        if block.tell() != end:
-            raise DecodeError("decode", "Avro container block size does not match its records (corrupt data)")
+        record = None
+        if count == 1 and mode == FAST and writer.tail is not None:
+            # One record in the block: its end is the block's end, and ZTF cutouts close the record.
+            record = _read_ztf_from_both_ends(buffer, block, start, end, writer)
+        if record is not None:
+            records.append((record, writer))
+        else:
+            block.seek(start)  # the tail attempt may have read the head
+            for _ in range(count):
+                records.append((_read_one(block, writer, mode), writer))
+            if block.tell() != end:
+                raise DecodeError("decode", "Avro container block size does not match its records (corrupt data)")
         pos += nbytes
         if message[pos : pos + 16] != sync:
             raise DecodeError("decode", "Avro container sync marker mismatch (corrupt or concatenated data)")
@@ -313,10 +339,111 @@ def _read_container(message: bytes, store: SchemaStore, full: bool) -> list[tupl
     return records
 
 
-def _read_one(stream, writer: WriterSchema, full: bool):
-    if full or writer.reader is None:
+def _read_one(stream, writer: WriterSchema, mode: str):
+    if mode == FULL or writer.reader is None:
         return fastavro.schemaless_reader(stream, writer.parsed)
     return fastavro.schemaless_reader(stream, writer.parsed, writer.reader)
+
+
+class _TailRecord(dict):
+    """A ZTF record read by `_read_ztf_from_both_ends` (a dict; the type marks where it came from)."""
+
+
+def _read_ztf_from_both_ends(buffer: bytes, stream, start: int, end: int, writer: WriterSchema):
+    """The fields an `Alert` needs of a ZTF record in ``buffer[start:end]``, without its history.
+
+    The ids and ``candidate`` lead the record and are read with the head schemas; the three
+    cutouts close it and are found backwards from ``end`` (`_cutouts_from_end`). The
+    history in between (``prv_candidates``, ``fp_hists``: most of the parsing time) is
+    never walked. Returns None when the layout is not recognised (the caller then reads
+    the record the usual way).
+    """
+    head_writer, head_reader = writer.head
+    record = fastavro.schemaless_reader(stream, head_writer, head_reader)
+    found = _cutouts_from_end(buffer, stream.tell(), end, writer.tail)
+    if found is None:
+        return None
+    tail = _TailRecord(record)
+    tail.update(found)
+    return tail
+
+
+_PRINTABLE_RUN = re.compile(rb"[\x20-\x7e]*")
+#: gzip magic and its only compression method (deflate): how every gzip stream starts.
+_GZIP_DEFLATE = b"\x1f\x8b\x08"
+#: Gzip-magic positions tried per cutout before giving up (the bytes 1f 8b 08 occur
+#: inside compressed data about once per 16 MB; the stamp's start is the first tried).
+_GZIP_MAGIC_TRIES = 3
+
+
+def _encode_long(value: int) -> bytes:
+    """Avro (zig-zag varint) encoding of a non-negative long."""
+    if value < 64:
+        return _SMALL_LONGS[value]
+    value <<= 1
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+_SMALL_LONGS = tuple(bytes([2 * n]) for n in range(64))
+
+
+def _cutouts_from_end(buffer: bytes, low: int, end: int, layout) -> dict | None:
+    """The cutout fields that end a ZTF record at ``end``, found backwards; None if not found.
+
+    Each cutout is ``[union tag] varint(len) fileName varint(len) stampData``, with
+    gzip stampData (``1f 8b``) and a printable fileName. Working backwards from ``end``:
+    the stampData starts at a gzip magic preceded by the varint of its length to ``end``;
+    the fileName is the printable run before it, preceded by the varint of its length and
+    the union tag. The three cutouts so found tile ``[start, end)`` exactly, so they are a
+    valid parse of the record's tail; that they are *the* parse is then guaranteed by the
+    gzip CRC of each stamp (a wrong split cannot give three intact gzip streams), and the
+    caller re-reads the whole record when a stamp does not decode.
+    """
+    values: dict = {}
+    for name, record_tag, null_tag in reversed(layout):
+        found = _one_cutout_before(buffer, low, end, record_tag, null_tag)
+        if found is None:
+            return None
+        end, values[name] = found
+    return values
+
+
+def _one_cutout_before(buffer: bytes, low: int, end: int, record_tag, null_tag):
+    """(start, value) of the cutout field ending at ``end``; a null cutout only when no stamp fits."""
+    rfind = buffer.rfind
+    magic = rfind(_GZIP_DEFLATE, low, end)
+    tries = 0
+    while magic >= low and tries < _GZIP_MAGIC_TRIES:
+        tries += 1
+        length = _encode_long(end - magic)
+        name_end = magic - len(length)
+        if name_end > low and buffer[name_end:magic] == length:
+            # The fileName is printable ASCII; the printable run before the stamp's length is
+            # the name plus, maybe, its own one- or two-byte length (which can be printable).
+            run = _PRINTABLE_RUN.match(buffer[max(low, name_end - 258) : name_end][::-1]).end()
+            for name_length in (run, run - 1, run - 2):
+                if name_length < 0:
+                    break
+                encoded = _encode_long(name_length)
+                name_start = name_end - name_length
+                start = name_start - len(encoded)
+                if start < low or buffer[start:name_start] != encoded:
+                    continue
+                if record_tag is not None:
+                    start -= 1
+                    if start < low or buffer[start] != record_tag:
+                        continue
+                return start, {"fileName": buffer[name_start:name_end].decode("ascii"),
+                               "stampData": buffer[magic:end]}
+        magic = rfind(_GZIP_DEFLATE, low, magic)
+    if null_tag is not None and end - 1 >= low and buffer[end - 1] == null_tag:
+        return end - 1, None
+    return None
 
 
 def _read_container_fastavro(message: bytes, writer: WriterSchema) -> list[tuple[dict, WriterSchema]]:

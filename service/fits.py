@@ -52,8 +52,29 @@ def read_image(data: bytes) -> np.ndarray:
     return pixels.astype(np.float32).reshape(rows, cols)
 
 
+#: Parsed one-block headers, by their bytes: the cutouts of a survey share a handful of
+#: headers (ZTF's differ only by NAXISn), so most cutouts skip the card loop.
+_HEADER_CACHE: dict[bytes, tuple | None] = {}
+_HEADER_CACHE_SIZE = 256
+
+
 def _parse_simple_header(data: bytes):
     """(data offset, dtype, rows, cols) when the file is the simple case, else None."""
+    first_block = data[:BLOCK]
+    if first_block in _HEADER_CACHE:
+        parsed = _HEADER_CACHE[first_block]
+        if parsed is not None and parsed[0] + parsed[2] * parsed[3] * parsed[1].itemsize <= len(data):
+            return parsed
+        return None
+    parsed = _parse_header_cards(data)
+    if parsed is not None and parsed[0] == BLOCK and len(first_block) == BLOCK:
+        if len(_HEADER_CACHE) >= _HEADER_CACHE_SIZE:
+            _HEADER_CACHE.clear()
+        _HEADER_CACHE[first_block] = parsed
+    return parsed
+
+
+def _parse_header_cards(data: bytes):
     if data[:6] != b"SIMPLE":
         return None
     # Unfortunately, ZTF writes "SIMPLE  =  T" with the T in column 13 rather than 30

@@ -62,6 +62,13 @@ class WriterSchema:
         A parsed *reader* schema with only what scoring needs (`scoring_reader_schema`):
         reading with it skips the histories (``prv_candidates``, ``prvDiaSources``...)
         instead of building thousands of dict entries. None when it cannot be derived.
+    head : (dict, dict or None) or None
+        ZTF only: parsed writer and reader schemas of the record's leading fields, up to
+        ``candidate`` (`head_schemas`): what comes before the history.
+    tail : tuple or None
+        ZTF only: ``(field name, record tag, null tag)`` of the three cutout fields when they
+        close the record (`cutout_tail_layout`), which lets the decoder find them from the
+        record's end without walking the history (`service.alerts`).
     survey : str or None
         ``ztf`` or ``rubin``, recognised from the top-level field names (never from
         the schema name: community brokers rename it, e.g. ``topLevelRecord``), or
@@ -77,6 +84,8 @@ class WriterSchema:
     fields: frozenset
     name: str
     reader: Any = None
+    head: Any = None
+    tail: Any = None
 
 
 def survey_of_fields(fields) -> str | None:
@@ -111,7 +120,88 @@ def parse_writer_schema(schema: Any) -> WriterSchema:
         raise UnknownSchema("the writer schema is not an Avro record")
     fields = frozenset(f.get("name") for f in parsed.get("fields", ()))
     survey = survey_of_fields(fields)
-    return WriterSchema(parsed, survey, fields, str(parsed.get("name", "")), _scoring_reader(definition, survey))
+    head = tail = None
+    if survey == "ztf":
+        head, tail = head_schemas(definition), cutout_tail_layout(definition)
+    return WriterSchema(parsed, survey, fields, str(parsed.get("name", "")), _scoring_reader(definition, survey),
+                        head, tail if head is not None else None)
+
+
+#: Leading ZTF fields an `Alert` needs (all come before ``prv_candidates``).
+ZTF_HEAD_FIELDS = frozenset({"objectId", "alertId", "candid", "candidate"})
+#: Names of the cutout fields, in the order ZTF writes them.
+CUTOUT_FIELD_NAMES = ("cutoutScience", "cutoutTemplate", "cutoutDifference")
+
+
+def head_schemas(definition: Mapping) -> tuple | None:
+    """Parsed (writer, reader) schemas of a ZTF record cut after its last `ZTF_HEAD_FIELDS` field.
+
+    Avro writes a record as its fields one after the other, so the first k fields of a
+    record are exactly readable with a schema of those k fields (and, for the last of
+    them when it is a record, of its own first fields). When ``candidate`` closes the
+    head it is cut after the last field `Alert` needs (reader None: nothing to skip);
+    otherwise the reader schema keeps only what `Alert` needs (`scoring_reader_schema`).
+    """
+    try:
+        fields = list(definition["fields"])
+        last = max(i for i, f in enumerate(fields) if f["name"] in ZTF_HEAD_FIELDS)
+        writer = {k: v for k, v in definition.items() if not k.startswith("__")}
+        writer["fields"] = fields[: last + 1]
+        candidate = writer["fields"][-1]
+        keep = SCORING_FIELDS["ztf"]["candidate"]
+        if candidate["name"] == "candidate" and isinstance(candidate["type"], dict):
+            # candidate closes the head, so its own leading fields are all that need reading:
+            # jd, candid, xpos and ypos are among the first fifteen of its ~100.
+            inner = candidate["type"]["fields"]
+            upto = max(i for i, f in enumerate(inner) if f["name"] in keep)
+            writer["fields"] = writer["fields"][:-1] + [
+                dict(candidate, type=dict(candidate["type"], fields=inner[: upto + 1]))]
+            reader = None
+        else:
+            reader = fastavro.parse_schema(scoring_reader_schema(writer, "ztf"))
+        return fastavro.parse_schema(writer), reader
+    except Exception:  # an unusual schema: the decoder reads the whole record instead
+        return None
+
+
+def cutout_tail_layout(definition: Mapping) -> tuple | None:
+    """How the three cutouts close a ZTF record, or None when they do not.
+
+    Returns ``((field name, record tag, null tag), ...)`` for cutoutScience, Template and
+    Difference when they are the record's last three fields, each a record
+    ``{fileName: string, stampData: bytes}`` (or a union of it with null); a tag is the
+    byte that encodes the union branch (None: not a union / no null branch).
+    """
+    try:
+        fields = list(definition["fields"])[-3:]
+        if tuple(f["name"] for f in fields) != CUTOUT_FIELD_NAMES:
+            return None
+        cutout_name = None
+        layout = []
+        for field in fields:
+            branches = field["type"] if isinstance(field["type"], list) else [field["type"]]
+            record_tag = null_tag = None
+            for index, branch in enumerate(branches):
+                if branch == "null":
+                    null_tag = index * 2  # zig-zag encoding of a small non-negative long
+                elif isinstance(branch, dict) and branch.get("type") == "record":
+                    names = [(f["name"], f["type"]) for f in branch["fields"]]
+                    if names != [("fileName", "string"), ("stampData", "bytes")]:
+                        return None
+                    namespace = branch.get("namespace")
+                    cutout_name = branch["name"] if "." in branch["name"] or not namespace else f"{namespace}.{branch['name']}"
+                    record_tag = index * 2
+                elif isinstance(branch, str) and cutout_name is not None and branch in (cutout_name, cutout_name.rsplit(".", 1)[-1]):
+                    record_tag = index * 2
+                else:
+                    return None
+            if record_tag is None or len(branches) > 63:
+                return None
+            layout.append((field["name"], record_tag if isinstance(field["type"], list) else None,
+                           null_tag))
+        return tuple(layout)
+    except Exception:
+        return None
 
 
 #: Per survey: nested records kept by the scoring reader schema, and the fields kept in each.

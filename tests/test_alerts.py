@@ -422,3 +422,61 @@ def test_full_size_cutouts_have_no_centre():
         (alert,) = decode_message(path.read_bytes())
         if alert.images["difference"].shape == (63, 63):
             assert alert.centre is None
+
+
+# --------------------------------------------------------------------------- the fast ZTF path
+
+
+@pytest.mark.parametrize("path", ztf_fits_files(), ids=lambda p: p.name)
+def test_fast_path_finds_exactly_fastavros_cutouts(path):
+    from service import alerts
+
+    data = path.read_bytes()
+    _, (record,) = read_container(data)
+    (fast,) = [r for r, _ in alerts._read_records(data, schemas.SchemaStore(), alerts.FAST)]
+    assert isinstance(fast, alerts._TailRecord), "the history-skipping path was not taken"
+    assert "prv_candidates" not in fast
+    for field_name in CUTOUT_FIELDS.values():
+        assert fast[field_name] == record[field_name]
+    assert fast["candid"] == record["candid"]
+    for key in ("jd", "xpos", "ypos", "candid"):
+        assert fast["candidate"][key] == record["candidate"][key]
+
+
+def test_fast_path_steps_aside_for_unusual_cutouts():
+    from service import alerts
+
+    schema, record = ztf_sample()
+    # A non-ASCII file name and a null cutout: the backwards search finds nothing it trusts,
+    # and the record is read from the front.
+    record["cutoutScience"]["fileName"] = "é.fits.gz"
+    plain = write_container(schema, [record])
+    (fast,) = [r for r, _ in alerts._read_records(plain, schemas.SchemaStore(), alerts.FAST)]
+    assert not isinstance(fast, alerts._TailRecord)
+    (alert,) = decode_message(plain)
+    assert alert.images["science"].shape == (63, 63)
+
+
+def test_stamp_that_mimics_a_cutout_tail_still_decodes_right():
+    # The difference stamp carries, after its gzip stream, bytes shaped like three whole
+    # cutout fields, the last a broken gzip stream. The backwards search takes them; that
+    # stamp then fails to decode, and the record is re-read from the front, which gives
+    # the true images (the real stamp's trailing bytes are ignored by gzip).
+    from service import alerts
+
+    schema, record = ztf_sample()
+    truth = decode_message(write_container(schema, [record]))[0]
+
+    def cutout_field(name: bytes, stamp: bytes) -> bytes:
+        return b"\x00" + alerts._encode_long(len(name)) + name + alerts._encode_long(len(stamp)) + stamp
+
+    good = record["cutoutTemplate"]["stampData"]
+    mimic = (cutout_field(b"fake-sci.fits.gz", good) + cutout_field(b"fake-ref.fits.gz", good)
+             + cutout_field(b"fake-diff.fits.gz", b"\x1f\x8b\x08" + b"\x00" * 40))
+    record["cutoutDifference"]["stampData"] += mimic
+    data = write_container(schema, [record])
+    (taken,) = [r for r, _ in alerts._read_records(data, schemas.SchemaStore(), alerts.FAST)]
+    assert taken["cutoutScience"]["fileName"] == "fake-sci.fits.gz"  # the search was fooled...
+    (alert,) = decode_message(data)  # ...and decode_message was not
+    for key in CUTOUT_FIELDS:
+        assert alert.images[key].tobytes() == truth.images[key].tobytes(), key
