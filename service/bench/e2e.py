@@ -2,11 +2,12 @@
 
 A real local broker (`service.broker.LocalBroker`, tansu) and the real consumer
 (``rbstream consume``, in its own process, as it runs in production) on an input
-topic. The benchmark produces real sample alerts into the topic — at a fixed offered
-rate, and as fast as it can — and reads the score records (and dead letters) as they
-are published. Each output record names the input partition and offset it came from
-(provenance headers), so each alert's latency is exact: from the moment it was
-produced to the moment its score was readable on the output topic.
+topic. The benchmark replays real sample alerts into the topic with ``rbstream replay``'s
+own code (`service.replay.replay`) — at a fixed offered rate, and as fast as it can — and
+reads the score records (and dead letters) as they are published. Each output record
+names the input partition and offset it came from (provenance headers), so each alert's
+latency is exact: from its input message's timestamp (set when it was produced) to the
+moment its score was readable on the output topic.
 
 All of it shares the machine: broker, producer and reader run beside the consumer, so
 on a 2-core box the consumer gets less than 2 cores. ``--profile`` runs the consumer
@@ -44,6 +45,7 @@ class OutputReader:
         from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
         self.input_topic = input_topic
+        self.bootstrap = bootstrap
         # assign(), not subscribe(): no group join to wait for, and nothing to commit.
         self.consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"bench-reader-{os.getpid()}",
                                   "enable.auto.commit": False, "fetch.wait.max.ms": 5, "log.connection.close": False,
@@ -93,54 +95,57 @@ class OutputReader:
         self.consumer.close()
 
 
-class Producer:
-    """Produces alert messages, at a rate or flat out, remembering when each offset was produced."""
+def replay_alerts(bootstrap: str, topic: str, messages: list[bytes], count: int,
+                  rate: float | None) -> tuple[float, float]:
+    """``rbstream replay``'s own producing code (`service.replay.replay`): ``count`` messages cycling
+    through ``messages``, at ``rate`` per second or flat out; returns (start, end of producing)."""
+    from service.replay import AlertMessage, replay
+
+    stream = [AlertMessage(messages[i % len(messages)], f"bench#{i}", None) for i in range(count)]
+    start = time.time()
+    result = replay({"bootstrap_servers": bootstrap, "kafka": {"log.connection.close": "false"}}, topic, stream,
+                    rate=rate, progress=False)
+    if result.failed or result.sent != count:
+        raise RuntimeError(f"replay delivered {result.sent} of {count} alerts ({result.failed} failed)")
+    return start, time.time()
+
+
+class InputTopic:
+    """The input topic's offsets, and when each message of a range was produced (its CreateTime)."""
 
     def __init__(self, bootstrap: str, topic: str):
-        from confluent_kafka import Producer as KafkaProducer
+        from confluent_kafka import Consumer
 
         self.topic = topic
-        self.producer = KafkaProducer({"bootstrap.servers": bootstrap, "linger.ms": 1, "acks": "all",
-                                       "log.connection.close": False,
-                                       "queue.buffering.max.kbytes": 1024 * 1024,
-                                       "queue.buffering.max.messages": 1_000_000})
-        self.produced: dict[tuple[int, int], float] = {}
-        self.errors = 0
+        self.consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"bench-input-{os.getpid()}",
+                                  "enable.auto.commit": False, "session.timeout.ms": 6000,
+                                  "log.connection.close": False})
+
+        #: Offset the next replayed message gets: only the benchmark writes this one-partition
+        #: topic, so offsets run on from 0 (tansu's high watermark can lag behind a run's end).
+        self.next_offset = 0
+
+    def produced_at(self, first: int, end: int) -> dict[tuple[int, int], float]:
+        """``(partition, offset) -> produce time`` (epoch seconds) of offsets ``first`` to ``end - 1``.
+
+        Read back after the run, so that it takes nothing from the consumer while it is measured.
+        """
+        from confluent_kafka import TopicPartition
+
+        self.consumer.assign([TopicPartition(self.topic, 0, first)])
+        times: dict[tuple[int, int], float] = {}
+        deadline = time.monotonic() + 60
+        while len(times) < end - first and time.monotonic() < deadline:
+            for message in self.consumer.consume(num_messages=500, timeout=1.0):
+                if not message.error() and first <= message.offset() < end:
+                    times[(message.partition(), message.offset())] = message.timestamp()[1] / 1000
+        self.consumer.unassign()
+        if len(times) < end - first:
+            raise RuntimeError(f"could read back only {len(times)} of {end - first} input messages")
+        return times
 
     def close(self) -> None:
-        """Flush and drop the client, so that it does not try to reconnect once the broker is gone."""
-        self.producer.flush(10)
-        self.producer = None
-
-    def _callback(self, started: float):
-        def delivered(error, message):
-            if error is not None:
-                self.errors += 1
-            else:
-                self.produced[(message.partition(), message.offset())] = started
-        return delivered
-
-    def send(self, messages: list[bytes], count: int, rate: float | None) -> tuple[float, float]:
-        """Produce ``count`` messages cycling through ``messages``; returns (start, end of producing)."""
-        before = len(self.produced)
-        start = time.time()
-        for i in range(count):
-            if rate:
-                delay = start + i / rate - time.time()
-                if delay > 0:
-                    time.sleep(delay)
-            now = time.time()
-            while True:
-                try:
-                    self.producer.produce(self.topic, messages[i % len(messages)], on_delivery=self._callback(now))
-                    break
-                except BufferError:
-                    self.producer.poll(0.01)
-            self.producer.poll(0)
-        self.producer.flush(60)
-        if len(self.produced) - before + self.errors < count:
-            raise RuntimeError(f"only {len(self.produced) - before} of {count} alerts were delivered to the broker")
-        return start, time.time()
+        self.consumer.close()
 
 
 def _create_topics(bootstrap: str, topics: list[str]) -> None:
@@ -186,18 +191,19 @@ def _wait_for(reader: OutputReader, keys: list[tuple[int, int]], consumer: subpr
         time.sleep(0.05)
 
 
-def measure_run(producer: Producer, reader: OutputReader, consumer: subprocess.Popen, messages: list[bytes],
+def measure_run(inputs: InputTopic, reader: OutputReader, consumer: subprocess.Popen, messages: list[bytes],
                 count: int, rate: float | None) -> dict:
-    """One run: produce ``count`` alerts (at ``rate``, or flat out), wait for their outputs."""
-    known = set(producer.produced)
-    start, end_produce = producer.send(messages, count, rate)
-    keys = [k for k in producer.produced if k not in known]
+    """One run: replay ``count`` alerts (at ``rate``, or flat out), wait for their outputs."""
+    first = inputs.next_offset
+    start, end_produce = replay_alerts(reader.bootstrap, inputs.topic, messages, count, rate)
+    inputs.next_offset += count
+    keys = [(0, offset) for offset in range(first, first + count)]
     _wait_for(reader, keys, consumer)
-    arrivals = {k: reader.arrival(k) for k in keys}
-    done = {k: t for k, t in arrivals.items() if t is not None}
-    latencies = [(t - producer.produced[k]) * 1e3 for k, t in done.items()]
-    if not latencies:
+    done = {k: reader.arrival(k) for k in keys if reader.arrival(k) is not None}
+    if not done:
         raise RuntimeError("no alert came out of the consumer")
+    produced = inputs.produced_at(first, first + len(keys))
+    latencies = [(t - produced[k]) * 1e3 for k, t in done.items()]
     last = max(done.values())
     return {"offered_rate": rate, "alerts": count, "came_out": len(done), "missing": count - len(done),
             "produce_seconds": end_produce - start, "seconds": last - start,
@@ -279,8 +285,9 @@ def run(args) -> Result:
         "survey": survey, "distinct_alerts": len(messages), "alerts_per_run": count, "repeats": repeats,
         "offered_rate": args.rate, "device": args.device, "consumer_batch_size": args.batch_size or "default",
         "quick": quick, "consumer": "rbstream consume in a subprocess (the production code path)",
-        "producer": "confluent-kafka producer in the benchmark process (acks=all), one partition",
-        "latency": "produce() call -> score record (or dead letter) readable on the output topic",
+        "producer": "service.replay.replay (rbstream replay's code) in the benchmark process, one partition",
+        "latency": "the input message's CreateTime (set at produce(), ms) -> score record (or dead letter) "
+                   "readable on the output topic",
         "RBSTREAM_ORT_SPINNING": os.environ.get("RBSTREAM_ORT_SPINNING", "unset (ONNX Runtime default: spinning)")})
     result.columns = [("mode", "run"), ("alerts", "alerts"), ("throughput", "alerts/s"),
                       ("p50_ms", "p50 latency, ms"), ("p99_ms", "p99 latency, ms"), ("max_ms", "max latency, ms"),
@@ -295,13 +302,13 @@ def run(args) -> Result:
         consumer = subprocess.Popen(consumer_command(broker.bootstrap_servers, topics, args, profile_path),
                                     stdout=log_file, stderr=subprocess.STDOUT, env=env, cwd=data.REPO)
         reader = OutputReader(broker.bootstrap_servers, topics["input"], [topics["output"], topics["dlq"]])
-        producer = Producer(broker.bootstrap_servers, topics["input"])
+        inputs = InputTopic(broker.bootstrap_servers, topics["input"])
         try:
-            warm = measure_run(producer, reader, consumer, messages, WARM_UP_ALERTS, None)
+            warm = measure_run(inputs, reader, consumer, messages, WARM_UP_ALERTS, None)
             result.settings["warm_up"] = {"alerts": WARM_UP_ALERTS, "seconds": round(warm["seconds"], 2)}
             for _ in range(repeats):
-                runs["fixed"].append(measure_run(producer, reader, consumer, messages, count, args.rate))
-                runs["full"].append(measure_run(producer, reader, consumer, messages, count, None))
+                runs["fixed"].append(measure_run(inputs, reader, consumer, messages, count, args.rate))
+                runs["full"].append(measure_run(inputs, reader, consumer, messages, count, None))
         finally:
             reader.close()
             consumer.terminate()  # SIGTERM: the consumer finishes its batch, commits and exits 0
@@ -311,7 +318,7 @@ def run(args) -> Result:
                 consumer.kill()
                 consumer.wait()
             log_file.close()
-            producer.close()
+            inputs.close()
         result.settings["scores_seen"] = reader.scores
         result.settings["dead_letters_seen"] = reader.dead_letters
     for mode, label in (("fixed", f"offered {args.rate:g} alerts/s"), ("full", "full speed")):
