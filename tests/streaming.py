@@ -124,6 +124,64 @@ def expected_ids(path) -> tuple[str, int, str]:
     return "ztf", alert["candid"], str(alert.get("objectId") or alert.get("alertId"))
 
 
+class TinySchemaRegistry:
+    """The part of the Confluent Schema Registry REST API the service uses, over real HTTP.
+
+    ``POST /subjects/{subject}/versions`` registers a schema (same text, same id);
+    ``GET /schemas/ids/{id}`` returns it. ``preload`` maps ids to schemas known from the
+    start (Rubin's alert schemas under lsst-alert-packet's ids). Runs on 127.0.0.1 in a thread.
+    """
+
+    def __init__(self, preload: dict | None = None):
+        import json
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.schemas: dict[int, str] = {i: json.dumps(s) for i, s in (preload or {}).items()}
+        self.subjects: dict[str, list[int]] = {}
+        registry = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _answer(self, status, body):
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/vnd.schemaregistry.v1+json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self):
+                parts = self.path.strip("/").split("/")
+                if len(parts) == 3 and parts[:2] == ["schemas", "ids"] and int(parts[2]) in registry.schemas:
+                    return self._answer(200, {"schema": registry.schemas[int(parts[2])]})
+                self._answer(404, {"error_code": 40403, "message": "Schema not found"})
+
+            def do_POST(self):
+                parts = self.path.strip("/").split("/")
+                if len(parts) != 3 or parts[0] != "subjects" or parts[2] != "versions":
+                    return self._answer(404, {"error_code": 404, "message": "not found"})
+                text = json.loads(self.rfile.read(int(self.headers["Content-Length"])))["schema"]
+                canonical = json.dumps(json.loads(text), sort_keys=True)
+                for schema_id, known in registry.schemas.items():
+                    if json.dumps(json.loads(known), sort_keys=True) == canonical:
+                        break
+                else:
+                    schema_id = max(registry.schemas, default=0) + 1
+                    registry.schemas[schema_id] = text
+                registry.subjects.setdefault(parts[1], []).append(schema_id)
+                self._answer(200, {"id": schema_id})
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
 def wait_for(condition, timeout: float, interval: float = 0.2, what: str = "condition"):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -135,3 +135,38 @@ def test_metrics_count_the_stream(stream):
     assert value("rbstream_alerts_failed_total", survey="ztf", reason="cutout") >= len(ztf_jpeg_files())
     assert value("rbstream_alerts_scored_total", survey="rubin") >= 2 * len(rubin_files())
     assert value("rbstream_alert_latency_seconds_count") >= len(stream["scores"])
+
+
+def test_with_a_schema_registry_rubin_schemas_come_from_it_and_scores_go_out_in_wire_format(broker, scorers, stream):
+    """``--schema-registry-url``: wire-format input resolved there, score records registered and framed there."""
+    from service.schemas import official_rubin_schema, rubin_schema_id, rubin_versions
+    from streaming import TinySchemaRegistry
+
+    registry = TinySchemaRegistry({rubin_schema_id(*v): official_rubin_schema(v) for v in rubin_versions()})
+    try:
+        settings = consumer_settings(broker.bootstrap_servers, batch_size=BATCH_SIZE,
+                                     schema_registry_url=registry.url)
+        messages = replay.load_messages(rubin_files(), wire_format=True) + replay.load_messages(ztf_fits_files()[:2])
+        create_topic(broker.bootstrap_servers, settings["input_topic"], partitions=1)
+        assert replay.replay(settings, settings["input_topic"], messages, progress=False).sent == len(messages)
+        with running_consumer(settings, scorers):
+            wait_for(lambda: committed(broker.bootstrap_servers, settings["group_id"],
+                                       settings["input_topic"]).get(0, -1) >= len(messages), timeout=90,
+                     what="every offset committed")
+        scores = read_topic(broker.bootstrap_servers, settings["output_topic"], count=len(messages))
+        assert len(scores) == len(messages)
+        (subject_ids,) = registry.subjects.values()
+        assert list(registry.subjects) == [f"{settings['output_topic']}-value"]
+        client = records.SchemaRegistry(registry.url)
+        via_kafka = by_source(stream["scores"])
+        first_rubin = len(ztf_fits_files()) + len(ztf_jpeg_files())
+        for read in scores:
+            assert read.value[0] == 0 and int.from_bytes(read.value[1:5], "big") == subject_ids[0]
+            (record,) = records.decode_records(read.value, client)
+            offset = read.source_offset[1]
+            reference = first_rubin + offset if offset < len(rubin_files()) else offset - len(rubin_files())
+            (expected,) = via_kafka[reference][0].items
+            assert record["candidate_id"] == expected["candidate_id"]
+            assert record["score"] == pytest.approx(expected["score"], abs=1e-6)
+    finally:
+        registry.close()
