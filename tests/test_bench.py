@@ -89,7 +89,9 @@ def test_infer_reports_each_batch_size_and_says_when_no_gpu_was_there(tmp_path, 
 def test_e2e_gets_every_alert_through_the_real_consumer(tmp_path, models, sample_data):
     document = run_bench("e2e", tmp_path, models, "--alerts", "60")
     assert_well_formed(document, "e2e", tmp_path)
-    assert [row["missing"] for row in document["rows"]] == [0, 0]
+    kafka_rows, in_process_rows = document["rows"][:2], document["rows"][2:]
+    assert [row["missing"] for row in kafka_rows] == [0, 0]
+    assert [row["mode"].split(":")[0] for row in in_process_rows] == ["in-process, no Kafka"] * 2
     # every alert of the warm-up and of both runs came out as a score (all sample alerts used decode)
     assert document["settings"]["scores_seen"] == 16 + 2 * 60
     assert document["settings"]["dead_letters_seen"] == 0
