@@ -1,0 +1,175 @@
+"""The network and its exported graph: in-graph normalisation, NaN safety, rotation
+invariance (PyTorch and ONNX, random and real ZTF stamps), ONNX/PyTorch parity."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from conftest import ztf_fits_files  # noqa: E402
+from service.alerts import decode_message  # noqa: E402
+from service.contract import MASK_FILL, StampContract, assemble  # noqa: E402
+from training.export import ExportError, export_onnx, onnx_scores, verify  # noqa: E402
+from training.model import ARCHITECTURES, ArchConfig, RealBogusNet, ScoringGraph, StampNormaliser  # noqa: E402
+
+FOUR = ("template", "science", "difference", "snr_difference")
+
+
+def make_net(channels=FOUR, size=21, dihedral=False, activation="leaky_relu", seed=0):
+    torch.manual_seed(seed)
+    arch = ArchConfig(**{**ARCHITECTURES["tiny"], "fc_units": [8], "dihedral": dihedral,
+                         "activation_function": activation, "dropout": 0.3})
+    return RealBogusNet(StampContract(channels=channels, size=size), arch).eval()
+
+
+def random_stamps(n, contract, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(500.0, 20.0, (n, *contract.input_shape)).astype(np.float32)
+    c = contract.size // 2
+    x[:, :, c - 1:c + 2, c - 1:c + 2] += rng.uniform(0, 500, (n, 1, 1, 1)).astype(np.float32)
+    x[: n // 2, :, :, : contract.size // 4] += 300.0  # asymmetric content, so rotations matter
+    return x
+
+
+def real_ztf_stamps(contract):
+    """The real ZTF sample cutouts, decoded by the service's own decoder."""
+    stamps = []
+    for path in ztf_fits_files():
+        for alert in decode_message(path.read_bytes(), "ztf"):
+            stamps.append(assemble(alert.images, contract, alert.centre))
+    assert len(stamps) >= 10
+    return np.stack(stamps)
+
+
+# --------------------------------------------------------------------------- normaliser
+def test_normaliser_matches_the_contract_definition():
+    contract = StampContract(channels=("difference", "snr_difference", "science"), size=17)
+    x = random_stamps(3, contract)
+    x[0, 0, :4] = np.nan
+    out = StampNormaliser(contract)(torch.from_numpy(x)).numpy()
+    raw = list(contract.raw_inputs)
+    for i in range(3):
+        for j, channel in enumerate(contract.channels):
+            img = x[i, raw.index("difference" if channel == "snr_difference" else channel)].astype(np.float64)
+            ok = np.isfinite(img)
+            if channel == "snr_difference":
+                med = np.median(img[ok]) if ok.sum() % 2 else np.sort(img[ok])[(ok.sum() - 1) // 2]
+                mad = np.sort(np.abs(img[ok] - med))[(ok.sum() - 1) // 2]
+                expected = np.arcsinh(img / (1.4826 * mad))
+            else:
+                expected = np.arcsinh((img - img[ok].mean()) / img[ok].std())
+            np.testing.assert_allclose(out[i, j][ok], expected[ok], rtol=1e-5, atol=1e-5)
+            assert np.all(out[i, j][~ok] == MASK_FILL)
+
+
+def test_nan_inf_and_all_masked_channels_never_give_nan():
+    net = make_net()
+    contract = net.contract
+    x = random_stamps(6, contract)
+    x[0] = np.nan                      # everything masked
+    x[1, 2] = np.nan                   # no difference at all (snr channel too)
+    x[2, :, :10] = np.nan              # cut at the CCD edge
+    x[3, 0, 5, 5] = np.inf
+    x[3, 1, 6, 6] = -np.inf
+    x[4] = 7.0                         # constant stamp: std 0
+    x[5, 1] = 0.0
+    with torch.no_grad():
+        z = net.normaliser(torch.from_numpy(x))
+        scores = ScoringGraph(net)(torch.from_numpy(x))
+    assert torch.isfinite(z).all() and torch.isfinite(scores).all()
+    assert torch.all(z[0] == MASK_FILL) and torch.all(z[1, 2:4] == MASK_FILL)
+    assert torch.all(z[4] == 0)
+
+
+@pytest.mark.parametrize("dihedral", [False, True])
+@pytest.mark.parametrize("activation", ["tanh", "relu", "leaky_relu", "prelu"])
+def test_torch_score_is_rotation_invariant(dihedral, activation):
+    net = make_net(dihedral=dihedral, activation=activation)
+    x = torch.from_numpy(random_stamps(8, net.contract))
+    with torch.no_grad():
+        base = net(x)
+        for k in (1, 2, 3):
+            assert torch.max(torch.abs(net(torch.rot90(x, k, (2, 3))) - base)) <= 1e-5
+        flipped = net(torch.flip(x, (3,)))
+    if dihedral:
+        assert torch.max(torch.abs(flipped - base)) <= 1e-5
+    # the trunk really sees rotated inputs differently (invariance is not triviality)
+    with torch.no_grad():
+        views = net.trunk(net.views(net.normaliser(x))).reshape(net.n_views, 8, -1)
+    assert torch.max(torch.abs(views[0] - views[1])) > 1e-4
+
+
+def test_template_science_only_model():
+    net = make_net(channels=("template", "science"))
+    assert net.contract.input_shape == (2, 21, 21)
+    with torch.no_grad():
+        assert net(torch.from_numpy(random_stamps(3, net.contract))).shape == (3,)
+
+
+def test_freeze_layers_for_fine_tuning():
+    net = make_net()
+    assert net.freeze(1) == 1
+    frozen = [p.requires_grad for p in net.freezable[0].parameters()]
+    assert frozen and not any(frozen)
+    assert all(p.requires_grad for p in net.output.parameters())
+    net2 = make_net()
+    assert net2.freeze("all_but_head") == len(net2.freezable)
+    assert all(p.requires_grad for p in net2.output.parameters())
+    with pytest.raises(ValueError, match="all_but_head"):
+        make_net().freeze(99)
+
+
+# --------------------------------------------------------------------------- ONNX
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    net = make_net(size=31)
+    path = tmp_path_factory.mktemp("onnx") / "model.onnx"
+    summary = export_onnx(net, path, random_stamps(16, net.contract, seed=1))
+    return net, path, summary
+
+
+def test_export_parity_and_dynamic_batch(exported):
+    net, path, summary = exported
+    assert summary["parity_max_abs_diff"] <= 1e-5 and summary["opset"] >= 17
+    import onnx
+
+    model = onnx.load(str(path))
+    assert [i.name for i in model.graph.input] == ["stamps"] and [o.name for o in model.graph.output] == ["score"]
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    assert dims[0].dim_param and [d.dim_value for d in dims[1:]] == [3, 31, 31]
+    assert max(op.version for op in model.opset_import if op.domain in ("", "ai.onnx")) >= 17
+    for n in (1, 5, 33):
+        x = random_stamps(n, net.contract, seed=n)
+        with torch.no_grad():
+            expected = ScoringGraph(net)(torch.from_numpy(x)).numpy()
+        got = onnx_scores(path, x)
+        assert got.shape == (n,) and got.dtype == np.float32
+        np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
+
+
+def test_export_fails_when_onnx_and_torch_disagree(exported):
+    net, path, _ = exported
+    other = make_net(size=31, seed=1)  # same architecture, other weights: not what the file holds
+    with pytest.raises(ExportError, match="disagree"):
+        verify(ScoringGraph(other).eval(), path, random_stamps(8, net.contract))
+
+
+def test_onnx_rotation_invariance_random_stamps(exported):
+    net, path, _ = exported
+    x = random_stamps(32, net.contract, seed=3)
+    x[::5, :, :6] = np.nan
+    base = onnx_scores(path, x)
+    assert np.isfinite(base).all()
+    for k in (1, 2, 3):
+        assert np.max(np.abs(onnx_scores(path, np.rot90(x, k, (2, 3)).copy()) - base)) <= 1e-5
+
+
+def test_onnx_rotation_invariance_real_ztf_stamps(exported):
+    net, path, _ = exported
+    x = real_ztf_stamps(net.contract)
+    base = onnx_scores(path, x)
+    assert np.isfinite(base).all()
+    for k in (1, 2, 3):
+        assert np.max(np.abs(onnx_scores(path, np.rot90(x, k, (2, 3)).copy()) - base)) <= 1e-5

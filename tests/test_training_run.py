@@ -1,0 +1,245 @@
+"""Training runs end to end on tiny configs: artefacts, resume after SIGKILL, early
+stopping, fine-tuning, and every data source (simulator, chunks, braai, alert files)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from conftest import REPO, ztf_fits_files  # noqa: E402
+from service.alerts import decode_message  # noqa: E402
+from service.contract import StampContract, assemble  # noqa: E402
+from service.model import Scorer  # noqa: E402
+from training.config import from_dict  # noqa: E402
+from training.data import DataError, read_alerts, write_chunks  # noqa: E402
+from training.profiles import ZTF  # noqa: E402
+from training.simulate import simulate  # noqa: E402
+from training.train import augment, lr_factor, train  # noqa: E402
+
+RBSTREAM = [sys.executable, "-m", "service.cli"]
+
+TINY = {
+    "name": "tiny", "survey": "ztf", "seed": 7, "arch": "tiny", "base_lr": 0.01, "n_epochs": 2,
+    "batch_size": 32, "N_train": 256, "N_valid": 64, "N_test": 128, "validate_every_batches": 4,
+    "savestep": 4, "ini_patience": 1000, "threads": 1, "progress": False, "input": {"size": 16},
+}
+
+CARD_FIELDS = ("name", "version", "survey", "created", "git_commit", "threshold", "input", "config", "data",
+               "test_metrics", "training", "verification")
+METRIC_FIELDS = ("accuracy", "roc_auc", "fpr", "fnr", "threshold_at_fpr_1pct")
+
+
+def tiny(**changes):
+    raw = json.loads(json.dumps(TINY))
+    for key, value in changes.items():
+        if isinstance(value, dict):
+            raw.setdefault(key, {}).update(value)
+        else:
+            raw[key] = value
+    return from_dict(raw)
+
+
+def write_toml(path: Path, raw: dict) -> Path:
+    lines, tables = [], []
+    for k, v in raw.items():
+        (tables if isinstance(v, dict) else lines).append((k, v))
+    text = "\n".join(f"{k} = {json.dumps(v)}" for k, v in lines) + "\n"
+    for name, table in tables:
+        text += f"\n[{name}]\n" + "\n".join(f"{k} = {json.dumps(v)}" for k, v in table.items()) + "\n"
+    path.write_text(text)
+    return path
+
+
+def test_lr_policies_and_augmentation():
+    c = tiny(gamma=0.5, stepsize=10, lr_policy="step")
+    assert [lr_factor(c, i) for i in (0, 9, 10, 25)] == [1.0, 1.0, 0.5, 0.25]
+    assert lr_factor(tiny(gamma=0.9, lr_policy="exp"), 2) == pytest.approx(0.81)
+    assert lr_factor(tiny(gamma=0.1, power=1.0, lr_policy="inv"), 10) == pytest.approx(0.5)
+    c = tiny(augment={"rot90": True, "flip": True, "shift": 2, "noise": 0.5})
+    x = torch.from_numpy(simulate(ZTF, 8, seed=1)["stamps"][:, :, :16, :16].copy())
+    g = torch.Generator().manual_seed(0)
+    y = augment(x, c, g)
+    assert y.shape == x.shape
+    assert torch.isnan(y).any() and not torch.equal(torch.nan_to_num(y), torch.nan_to_num(x))
+    same = augment(x, c, torch.Generator().manual_seed(0))
+    assert torch.equal(torch.nan_to_num(y), torch.nan_to_num(same))  # deterministic by generator
+
+
+def test_end_to_end_cli_produces_every_artefact(tmp_path):
+    config = write_toml(tmp_path / "tiny.toml", TINY)
+    out = tmp_path / "run"
+    result = subprocess.run(RBSTREAM + ["train", "--config", str(config), "--out", str(out)], cwd=REPO,
+                            capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "test accuracy" in result.stdout
+    assert "iter" in result.stderr  # one log line per validation
+    assert sorted(p.name for p in (out / "checkpoints").glob("checkpoint_*.pt"))
+    for name in ("model.onnx", "model_card.json", "history.png", "roc.png", "det.png", "history.json"):
+        assert (out / name).stat().st_size > 0, name
+    for png in ("history.png", "roc.png", "det.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    card = json.loads((out / "model_card.json").read_text())
+    for field in CARD_FIELDS:
+        assert field in card, field
+    for field in METRIC_FIELDS:
+        assert isinstance(card["test_metrics"][field], float), field
+    assert card["data"]["source"] == "simulator" and card["data"]["size"] == {"train": 256, "valid": 64, "test": 128}
+    assert card["input"]["channels"] == ["template", "science", "difference", "snr_difference"]
+    assert card["verification"]["parity_max_abs_diff"] <= 1e-5
+    # TensorBoard scalars
+    events = list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert events
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    assert {"train/loss", "valid/loss", "valid/accuracy", "test/accuracy"} <= set(acc.Tags()["scalars"])
+    # the service loads it
+    scorer = Scorer(out, device="cpu")
+    x = simulate(ZTF, 4, seed=99)["stamps"][:, [1, 0, 2], 8:24, 8:24]
+    assert scorer.score(np.ascontiguousarray(x)).shape == (4,)
+
+
+def test_bad_config_exits_with_a_message(tmp_path):
+    config = write_toml(tmp_path / "bad.toml", {**TINY, "base_lr": -1})
+    result = subprocess.run(RBSTREAM + ["train", "--config", str(config), "--out", str(tmp_path / "r")], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "base_lr: bad value -1; accepted: a number > 0" in result.stderr
+
+
+@pytest.mark.slow
+def test_killed_and_resumed_run_equals_uninterrupted_run(tmp_path):
+    raw = {**TINY, "n_epochs": 4, "N_train": 512, "batch_size": 16, "savestep": 10, "validate_every_batches": 8,
+           "augment": {"shift": 1, "noise": 0.2}, "model": {"dropout": 0.3}}
+    config = write_toml(tmp_path / "resume.toml", raw)
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    cmd = RBSTREAM + ["train", "--config", str(config), "--no-progress"]
+    done = subprocess.run(cmd + ["--out", str(whole)], cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+    # the same run, killed with SIGKILL right after its second checkpoint
+    proc = subprocess.Popen(cmd + ["--out", str(broken)], cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 200
+    while not (broken / "checkpoints" / "checkpoint_00000020.pt").exists():
+        assert proc.poll() is None and time.time() < deadline, "run ended before its checkpoint"
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (broken / "model_card.json").exists()
+    killed_at = max(int(p.stem.split("_")[1]) for p in (broken / "checkpoints").glob("checkpoint_*.pt"))
+    total = 4 * (512 // 16)
+    assert 20 <= killed_at < total
+
+    resumed = subprocess.run(cmd + ["--out", str(broken), "--resume"], cwd=REPO, capture_output=True, text=True,
+                             timeout=240)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resumed from" in resumed.stderr
+
+    a = torch.load(sorted((whole / "checkpoints").glob("*.pt"))[-1], weights_only=False)
+    b = torch.load(sorted((broken / "checkpoints").glob("*.pt"))[-1], weights_only=False)
+    assert a["iteration"] == b["iteration"] == total
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    assert a["history"] == b["history"]
+    card_a = json.loads((whole / "model_card.json").read_text())
+    card_b = json.loads((broken / "model_card.json").read_text())
+    assert card_a["test_metrics"] == card_b["test_metrics"]
+
+
+def test_early_stopping_stops(tmp_path):
+    # patience of 8 iterations that no improvement can extend (it would need a 99% lower loss)
+    config = tiny(n_epochs=50, ini_patience=8, improvement_threshold=0.01, validate_every_batches=4)
+    card = train(config, tmp_path / "run")
+    t = card["training"]
+    assert t["stopped_early"] is True
+    assert t["iterations"] == 8 < t["max_iterations"] == 50 * 8
+    # a generous patience does not stop
+    card = train(tiny(n_epochs=1, ini_patience=1000), tmp_path / "run2")
+    assert card["training"]["stopped_early"] is False and card["training"]["iterations"] == 8
+
+
+def test_fine_tuning_from_a_checkpoint_with_frozen_layers(tmp_path):
+    train(tiny(n_epochs=1), tmp_path / "base")
+    base = torch.load(sorted((tmp_path / "base" / "checkpoints").glob("*.pt"))[-1], weights_only=False)
+    config = tiny(n_epochs=1, seed=8, finetune={"from": str(tmp_path / "base"), "freeze": 1})
+    card = train(config, tmp_path / "tuned")
+    assert card["training"]["frozen_layers"] == 1 and card["training"]["finetuned_from"]
+    tuned = torch.load(sorted((tmp_path / "tuned" / "checkpoints").glob("*.pt"))[-1], weights_only=False)
+    start = base["best"]["model"]
+    first = [k for k in start if k.startswith("trunk.0.")]
+    assert first and all(torch.equal(start[k], tuned["model"][k]) for k in first)  # frozen
+    assert not torch.equal(start["output.1.weight"], tuned["model"]["output.1.weight"])  # trained
+
+
+def _simulated_arrays(n, seed, size=31):
+    d = simulate(ZTF, n, seed=seed)
+    return d["stamps"], d["labels"], list(d["channels"])
+
+
+def test_chunk_directory_and_random_sources(tmp_path):
+    for split, n, seed in (("train", 96, 1), ("validate", 32, 2), ("test", 40, 3)):
+        stamps, labels, channels = _simulated_arrays(n, seed)
+        write_chunks(tmp_path / "chunks" / split, stamps, labels, channels, n_cand_chunk=30)
+    assert len(list((tmp_path / "chunks" / "train").glob("*.npz"))) == 4
+    config = tiny(n_epochs=1, path_to_chunks=str(tmp_path / "chunks"), data_interface="directory",
+                  data={"source": "chunks"})
+    card = train(config, tmp_path / "dir_run")
+    assert card["data"]["source"] == "chunks" and card["data"]["size"] == {"train": 96, "valid": 32, "test": 40}
+
+    stamps, labels, channels = _simulated_arrays(120, 4)
+    write_chunks(tmp_path / "pool", stamps, labels, channels[::-1] and channels, n_cand_chunk=50)
+    config = tiny(n_epochs=1, path_to_chunks=str(tmp_path / "pool"), data_interface="random", N_valid=20,
+                  N_test=30, data={"source": "chunks"})
+    card = train(config, tmp_path / "random_run")
+    assert card["data"]["size"] == {"train": 70, "valid": 20, "test": 30}
+
+    np.savez(tmp_path / "pool" / "broken.npz", stamps=stamps[:3])
+    with pytest.raises(DataError, match="'stamps' and 'labels'"):
+        train(config, tmp_path / "broken_run")
+
+
+def test_braai_source(tmp_path):
+    stamps, labels, channels = _simulated_arrays(90, 5)
+    # braai layout: [n, 63, 63, 3] channels last (science, reference, difference); pad 31 -> 63 with noise
+    big = np.random.default_rng(0).normal(0, 1, (90, 63, 63, 3)).astype(np.float32)
+    big[:, 16:47, 16:47, :] = np.moveaxis(stamps, 1, -1)
+    np.save(tmp_path / "triplets.npy", big)
+    (tmp_path / "labels.csv").write_text("candid,label\n" + "".join(f"{i},{l}\n" for i, l in enumerate(labels)))
+    config = tiny(n_epochs=1, N_valid=20, N_test=20, data={"source": "braai", "triplets": str(tmp_path / "triplets.npy"),
+                                                           "labels": str(tmp_path / "labels.csv")})
+    card = train(config, tmp_path / "run")
+    assert card["data"]["source"] == "braai" and card["data"]["size"]["train"] == 50
+
+
+def test_alert_files_source_uses_the_service_decoder(tmp_path):
+    """Decoding smoke test only: real alerts are never training data for the default models."""
+    files = ztf_fits_files()
+    labels_csv = tmp_path / "labels.csv"
+    rows, ids = [], []
+    for i, path in enumerate(files):
+        candid = decode_message(path.read_bytes(), "ztf")[0].candidate_id
+        ids.append(candid)
+        rows.append(f"{candid},{'real' if i % 2 else 'bogus'}\n")
+    labels_csv.write_text("candid,label\n" + "".join(rows))
+    contract = StampContract(size=16)
+    data = read_alerts(files, labels_csv, contract, "ztf")
+    assert len(data) == len(files) and list(data.labels) == [i % 2 for i in range(len(files))]
+    first = decode_message(files[0].read_bytes(), "ztf")[0]
+    np.testing.assert_array_equal(data.stamps[0], assemble(first.images, contract, first.centre))
+    config = tiny(n_epochs=1, N_valid=3, N_test=4, batch_size=4,
+                  data={"source": "alerts", "alerts": str(files[0].parent), "labels": str(labels_csv)})
+    card = train(config, tmp_path / "run")  # the JPEG prototypes are skipped with a warning
+    assert card["data"]["source"] == "alerts" and sum(card["data"]["size"].values()) == len(files)

@@ -1,0 +1,176 @@
+"""The triplet simulator: each class is what it claims, and it is deterministic."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from training.profiles import PROFILES, RUBIN, ZTF, get_profile
+from training.simulate import (BOGUS_KINDS, KINDS, MARGIN, SimulatorConfig, gaussian_blur, psf_match,
+                               simulate, simulate_triplet)
+
+N_DRAWS = 25
+
+
+def draws(kind, profile=ZTF, n=N_DRAWS, seed=11):
+    return [simulate_triplet(profile, np.random.default_rng([seed, i]), kind) for i in range(n)]
+
+
+def crop(canvas, size):
+    return canvas[MARGIN:MARGIN + size, MARGIN:MARGIN + size]
+
+
+def minor_axis_sigma(layer):
+    """Square root of the smaller eigenvalue of the second-moment matrix of |layer|."""
+    w = np.abs(layer)
+    y, x = np.mgrid[0:w.shape[0], 0:w.shape[1]]
+    total = w.sum()
+    cy, cx = (w * y).sum() / total, (w * x).sum() / total
+    cov = np.array([[(w * (y - cy) ** 2).sum(), (w * (y - cy) * (x - cx)).sum()],
+                    [(w * (y - cy) * (x - cx)).sum(), (w * (x - cx) ** 2).sum()]]) / total
+    return float(np.sqrt(max(np.linalg.eigvalsh(cov)[0], 0.0)))
+
+
+def test_profiles():
+    assert set(PROFILES) == {"hits", "ztf", "rubin"}
+    assert get_profile("hits").stamp_size == 21 and get_profile("hits").pixel_scale == 0.27
+    assert ZTF.pixel_scale == 1.01 and RUBIN.pixel_scale == 0.2
+    with pytest.raises(ValueError, match="accepted: hits, ztf, rubin"):
+        get_profile("gaia")
+
+
+def test_deterministic_by_seed():
+    a, b, c = simulate(ZTF, 12, seed=3), simulate(ZTF, 12, seed=3), simulate(ZTF, 12, seed=4)
+    np.testing.assert_array_equal(a["stamps"], b["stamps"])  # NaN == NaN for assert_array_equal
+    np.testing.assert_array_equal(a["labels"], b["labels"])
+    assert not np.array_equal(np.nan_to_num(a["stamps"]), np.nan_to_num(c["stamps"]))
+    assert a["stamps"].shape == (12, 3, ZTF.stamp_size, ZTF.stamp_size) and a["stamps"].dtype == np.float32
+    assert list(a["channels"]) == ["science", "template", "difference"]
+
+
+def test_labels_and_kind_mix():
+    d = simulate(ZTF, 400, seed=5, config=SimulatorConfig(real_fraction=0.5))
+    assert set(d["kinds"]) == set(KINDS)
+    assert np.all(d["labels"][d["kinds"] == "point_source"] == 1)
+    assert np.all(d["labels"][np.isin(d["kinds"], BOGUS_KINDS)] == 0)
+    assert 0.4 < d["labels"].mean() < 0.6
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_difference_is_science_minus_psf_matched_template(kind):
+    """Never drawn on its own: recompute it from the science and template images."""
+    for t in draws(kind, n=6):
+        truth, gain = t.truth, ZTF.gain
+        science = truth["science_canvas"] - truth["sky_science"] / gain
+        template = (truth["template_canvas"] / truth["zero_point_ratio"] - truth["sky_template"] / gain) \
+            * truth["scale_error"]
+        expected, match = psf_match(science, template, truth["sigma_science"], truth["sigma_template"],
+                                    truth["kernel_offset"])
+        assert match == truth["match"]
+        expected = crop(expected, ZTF.stamp_size)
+        finite = np.isfinite(t.images["difference"])
+        np.testing.assert_allclose(t.images["difference"][finite], expected[finite], rtol=1e-5, atol=1e-3)
+        # the image that was convolved is the sharper one
+        sharper = "template" if truth["sigma_template"] <= truth["sigma_science"] else "science"
+        assert match["convolved"] == sharper
+
+
+def test_psf_matching_cancels_a_static_star():
+    canvas = 61
+    from training.simulate import gaussian_source
+    science = gaussian_source(canvas, 30.2, 29.7, 1e5, 2.0)
+    template = gaussian_source(canvas, 30.2, 29.7, 1e5, 1.2)
+    difference, match = psf_match(science, template, 2.0, 1.2)
+    assert match["convolved"] == "template"
+    assert np.abs(difference).max() < 1e-3 * science.max()
+    # a wrong kernel leaves a residual
+    bad, _ = psf_match(science, template, 2.0, 1.2, kernel_offset=0.8)
+    assert np.abs(bad).max() > 0.05 * science.max()
+    assert np.isclose(gaussian_blur(science, 1.0).sum(), science.sum())
+
+
+def test_template_and_science_differ_in_psf_and_noise():
+    blank = [t for t in draws("point_source", n=40) if not t.truth["on_host"]]
+    assert all(t.truth["sigma_science"] != t.truth["sigma_template"] for t in blank)
+    ratios = []
+    for t in blank:
+        sci = t.images["science"] / 1.0
+        tmp = t.images["template"] / t.truth["zero_point_ratio"]
+        edge = np.zeros_like(sci, dtype=bool)
+        edge[:4], edge[-4:] = True, True
+        edge &= np.isfinite(sci)
+        ratios.append(np.std(tmp[edge]) / np.std(sci[edge]))
+    # the template is a coadd: less noisy than a single exposure
+    assert np.median(ratios) < 0.5
+
+
+def test_cosmic_rays_are_sharper_than_the_psf_and_absent_from_the_template():
+    for t in draws("cosmic_ray", n=40):
+        cr = t.truth["artifact_science"]
+        assert cr.max() > 0
+        assert not np.any(t.truth["artifact_template"])  # nothing added to the template
+        # where the ray is, the noiseless template has (almost) nothing of it
+        where = cr > 0.05 * cr.max()
+        assert np.all(t.truth["model_template"][where] < 0.01 * cr.max() * ZTF.gain + 1e-9) or t.truth["on_host"]
+        # sharper than the science PSF along its narrow axis (a PSF has minor sigma == sigma)
+        assert minor_axis_sigma(cr) < t.truth["sigma_science"]
+        # and it shows in the difference at the centre
+        c = ZTF.stamp_size // 2
+        assert np.nanmax(np.abs(t.images["difference"][c - 3:c + 4, c - 3:c + 4])) > 3 * t.truth["pixel_noise_adu"]
+
+
+def test_real_point_sources_have_the_science_psf_and_the_right_sign():
+    for t in draws("point_source", n=60):
+        truth = t.truth
+        if truth["snr"] < 30 or truth["saturated"]:
+            continue
+        c = ZTF.stamp_size // 2
+        core = np.nansum(t.images["difference"][c - 2:c + 3, c - 2:c + 3])
+        assert np.sign(core) == (-1 if truth["negative"] else 1)
+        # noiseless science layer is a PSF of the science width (minor == major == sigma_s)
+        transient = truth["model_science"] - (truth["model_template"] if False else 0)
+        if not truth["on_host"] and not truth["negative"]:
+            assert minor_axis_sigma(crop(transient, ZTF.stamp_size)) == pytest.approx(truth["sigma_science"],
+                                                                                      rel=0.15)
+
+
+def test_dipoles_have_a_positive_and_a_negative_lobe():
+    for t in draws("dipole", n=20):
+        diff = t.images["difference"]
+        noise = t.truth["pixel_noise_adu"]
+        if t.truth["flux"] / ZTF.gain < 200 * noise:  # faint ones drown in noise
+            continue
+        assert np.nanmax(diff) > 5 * noise and np.nanmin(diff) < -5 * noise
+        assert t.truth["misregistration"] >= 0.4
+
+
+def test_bright_star_residuals_have_a_template_counterpart():
+    for t in draws("bright_star", n=15):
+        c = (ZTF.stamp_size + 2 * MARGIN) // 2
+        assert t.truth["model_template"][c - 2:c + 3, c - 2:c + 3].max() > 0
+        assert t.truth["kernel_offset"] != 0.0
+
+
+def test_edge_stamps_have_nan_regions_in_all_images_but_not_at_the_centre():
+    for t in draws("edge", profile=RUBIN, n=20):
+        masks = [np.isnan(t.images[n]) for n in ("science", "template", "difference")]
+        assert masks[0].any()
+        assert np.array_equal(masks[0], masks[1]) and np.array_equal(masks[0], masks[2])
+        c = RUBIN.stamp_size // 2
+        assert not masks[0][c, c]
+        assert np.array_equal(masks[0], t.truth["nan_mask"])
+    # edges are not only bogus: some real stamps are cut at the CCD edge too
+    d = simulate(ZTF, 300, seed=9)
+    has_nan = np.isnan(d["stamps"]).any(axis=(1, 2, 3))
+    assert has_nan[d["labels"] == 1].any()
+
+
+def test_bad_pixels_columns_and_saturation():
+    for t in draws("bad_column", n=10):
+        layer = t.truth["artifact_science"] if t.truth["bad_column"] == "science" else t.truth["artifact_template"]
+        cols = np.flatnonzero(np.abs(layer).sum(axis=0))
+        assert 1 <= len(cols) <= 2 and (np.abs(layer[:, cols[0]]) > 0).sum() >= layer.shape[0] // 2
+    for t in draws("bad_pixel", n=10):
+        assert t.truth["bad_pixel"] in ("hot_science", "hot_template", "dead")
+    for t in draws("bright_star", n=10) + draws("point_source", n=10):
+        assert np.nanmax(t.images["science"]) <= ZTF.saturation

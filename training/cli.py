@@ -1,0 +1,94 @@
+"""``rbstream train``: train a real-bogus model and export it to ONNX.
+
+No torch at module level: ``rbstream --help`` and the service never import it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import sys
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+#: Surveys whose default model `--defaults` trains (hits with --with-hits).
+DEFAULT_SURVEYS = ("ztf", "rubin")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--config", type=Path, metavar="FILE",
+                      help="a TOML config or a Deep-HiTS input.txt ([vars] section)")
+    what.add_argument("--defaults", action="store_true",
+                      help="train the default model of each survey (ztf, rubin) into models/<survey>/")
+    parser.add_argument("--out", type=Path, metavar="DIR",
+                        help="run folder (default: runs/<name>-<UTC time>; with --defaults: runs/default-<survey>)")
+    parser.add_argument("--resume", nargs="?", const=True, default=None, metavar="PATH",
+                        help="resume from a checkpoint file or run folder (no PATH: the --out folder)")
+    parser.add_argument("--with-hits", action="store_true", help="with --defaults: also train models/hits")
+    parser.add_argument("--surveys", nargs="+", choices=("ztf", "rubin", "hits"),
+                        help="with --defaults: only these surveys")
+    parser.add_argument("--models-dir", type=Path, default=None,
+                        help="with --defaults: where to publish (default: the service's models/ folder)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (overrides the config)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
+
+
+def _overrides(args) -> dict:
+    out = {}
+    if args.threads:
+        out["threads"] = args.threads
+    if args.no_progress:
+        out["progress"] = False
+    return out
+
+
+def main(args: argparse.Namespace) -> int:
+    from training.config import ConfigError, builtin_config, load_config
+    from training.data import DataError
+
+    try:
+        if args.defaults:
+            return _defaults(args)
+        config = load_config(args.config, _overrides(args))
+        run_dir = args.out or Path("runs") / f"{config.name}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+        resume = run_dir if args.resume is True else args.resume
+        from training.train import train
+
+        card = train(config, run_dir, resume=resume)
+    except (ConfigError, DataError) as exc:
+        print(f"rbstream train: {exc}", file=sys.stderr)
+        return 2
+    _summary(card, run_dir)
+    return 0
+
+
+def _defaults(args) -> int:
+    from service.model import DEFAULT_MODELS_DIR
+    from training.config import builtin_config, load_config
+    from training.export import publish
+    from training.train import train
+
+    surveys = tuple(args.surveys or DEFAULT_SURVEYS + (("hits",) if args.with_hits else ()))
+    models_dir = args.models_dir or DEFAULT_MODELS_DIR
+    started = time.time()
+    for survey in surveys:
+        config = load_config(builtin_config(survey), _overrides(args))
+        run_dir = (args.out or Path("runs")) / f"default-{survey}"
+        if run_dir.exists() and not args.resume:
+            shutil.rmtree(run_dir)  # a fresh run: stale checkpoints must not be resumed by accident
+        card = train(config, run_dir, resume=run_dir if args.resume else None)
+        target = publish(run_dir, Path(models_dir) / survey)
+        _summary(card, target)
+    print(f"default models {', '.join(surveys)} trained in {time.time() - started:.0f} s")
+    return 0
+
+
+def _summary(card: dict, where: Path) -> None:
+    m = card["test_metrics"]
+    print(f"{card['name']} ({card['survey']}): test accuracy {m['accuracy']:.4f}, ROC AUC {m['roc_auc']:.4f}, "
+          f"FPR {m['fpr']:.4f} / FNR {m['fnr']:.4f} at {card['threshold']:g}, "
+          f"{card['training']['seconds']:.0f} s -> {where}")

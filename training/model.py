@@ -1,0 +1,269 @@
+"""The rotation-invariant real-bogus network and the in-graph stamp normalisation.
+
+`StampNormaliser` is the one implementation of `service.contract.NORMALISATION`: it is
+the first module of every network, so training sees exactly what the exported ONNX
+graph computes, and the service feeds raw pixels (NaN allowed).
+
+`RealBogusNet` follows Deep-HiTS (Cabrera-Vives et al. 2017): one convolutional trunk
+sees the stamp rotated by 0, 90, 180 and 270 degrees (optionally also flipped: the
+dihedral group of 8); the features of all versions are averaged before the classifier
+head, so the score is invariant to those transforms by construction, not by training.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from service.contract import DERIVED_CHANNELS, MASK_FILL, StampContract
+
+#: Accepted activation names (case-insensitive; Deep-HiTS spells them tanh, ReLU, PReLU).
+ACTIVATIONS = ("tanh", "relu", "leaky_relu", "prelu")
+_ACTIVATION_ALIASES = {"leakyrelu": "leaky_relu", "leaky relu": "leaky_relu", "leaky-relu": "leaky_relu"}
+
+#: 1.4826 * MAD estimates the standard deviation of Gaussian noise.
+MAD_TO_SIGMA = 1.4826
+
+
+def canonical_activation(name: str) -> str:
+    """Normalise an activation name; raises ValueError naming the accepted ones."""
+    key = str(name).strip().lower()
+    key = _ACTIVATION_ALIASES.get(key, key)
+    if key not in ACTIVATIONS:
+        raise ValueError(f"activation_function: unknown {name!r}; accepted: {', '.join(ACTIVATIONS)}")
+    return key
+
+
+def make_activation(name: str, channels: int) -> nn.Module:
+    name = canonical_activation(name)
+    if name == "tanh":
+        return nn.Tanh()
+    if name == "relu":
+        return nn.ReLU()
+    if name == "leaky_relu":
+        return nn.LeakyReLU(0.01)
+    return nn.PReLU(channels)
+
+
+def _asinh(z: torch.Tensor) -> torch.Tensor:
+    """asinh from log and sqrt: ONNX Runtime has no float64 Asinh kernel."""
+    a = torch.abs(z)
+    return torch.sign(z) * torch.log(a + torch.sqrt(a * a + 1.0))
+
+
+class StampNormaliser(nn.Module):
+    """Raw stamps ``[batch, len(contract.raw_inputs), size, size]`` -> model channels.
+
+    For each declared channel of each stamp: non-finite pixels are masked; a raw image is
+    standardised with the mean and standard deviation of its unmasked pixels; the
+    ``snr_difference`` channel is the difference divided by its noise (1.4826 x the median
+    absolute deviation of its unmasked pixels; the standard deviation when that is 0; the
+    channel is 0 when both are 0), so its zero stays zero; both are compressed with asinh and masked pixels are set to
+    `MASK_FILL`. A channel with no finite pixel becomes all `MASK_FILL` (no division by zero).
+
+    Statistics are accumulated in float64: a float32 sum of ~1000 sky-level pixels rounds
+    differently when the stamp is rotated, and that would show in the score.
+    """
+
+    def __init__(self, contract: StampContract):
+        super().__init__()
+        self.contract = contract
+        raw = list(contract.raw_inputs)
+        standardised, noise_scaled = [], []
+        for channel in contract.channels:
+            if channel in DERIVED_CHANNELS:
+                noise_scaled.append(raw.index(DERIVED_CHANNELS[channel]))
+            else:
+                standardised.append(raw.index(channel))
+        # Output order: `contract.channels`. Build a permutation from [standardised..., snr...].
+        order, s_i, n_i = [], 0, len(standardised)
+        for channel in contract.channels:
+            if channel in DERIVED_CHANNELS:
+                order.append(n_i)
+                n_i += 1
+            else:
+                order.append(s_i)
+                s_i += 1
+        self.standardised = standardised
+        self.noise_scaled = noise_scaled
+        self.order = order
+        self.mask_fill = float(contract.mask_fill)
+
+    @staticmethod
+    def _masked_median(values: torch.Tensor, mask: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+        """Median of the unmasked entries along the last axis (lower median; 0 when none)."""
+        big = torch.full_like(values, float("inf"))
+        ordered, _ = torch.sort(torch.where(mask, values, big), dim=-1)
+        index = torch.clamp((count - 1) // 2, min=0).unsqueeze(-1)
+        median = torch.gather(ordered, -1, index).squeeze(-1)
+        return torch.where(count > 0, median, torch.zeros_like(median))
+
+    def forward(self, stamps: torch.Tensor) -> torch.Tensor:
+        batch = stamps.shape[0]
+        size = stamps.shape[-1]
+        x = stamps.to(torch.float64).flatten(2)          # [B, R, P]
+        mask = torch.isfinite(x)
+        # torch.where first: NaN * 0 is NaN, so masked pixels must never enter arithmetic.
+        x = torch.where(mask, x, torch.zeros_like(x))
+        maskf = mask.to(x.dtype)
+        count = mask.sum(-1)                               # [B, R] int64
+        n = torch.clamp(count.to(x.dtype), min=1.0)
+        outputs = []
+        if self.standardised:
+            idx = self.standardised
+            xs, ms, ns = x[:, idx], maskf[:, idx], n[:, idx]
+            mean = (xs * ms).sum(-1) / ns
+            dev = (xs - mean.unsqueeze(-1)) * ms
+            std = torch.sqrt((dev * dev).sum(-1) / ns)
+            z = dev / torch.clamp(std, min=1e-12).unsqueeze(-1)
+            outputs.append(z)
+        if self.noise_scaled:
+            idx = self.noise_scaled
+            d, m, c, ns = x[:, idx], mask[:, idx], count[:, idx], n[:, idx]
+            median = self._masked_median(d, m, c)
+            mad = self._masked_median(torch.abs(d - median.unsqueeze(-1)), m, c)
+            mf = m.to(d.dtype)
+            mean = (d * mf).sum(-1) / ns
+            std = torch.sqrt((((d - mean.unsqueeze(-1)) * mf) ** 2).sum(-1) / ns)
+            noise = torch.where(mad > 0, MAD_TO_SIGMA * mad, std)
+            # A difference with no measurable noise (constant) carries no SNR: 0, not d / 0.
+            inverse = torch.where(noise > 0, 1.0 / torch.clamp(noise, min=1e-300), torch.zeros_like(noise))
+            outputs.append(d * mf * inverse.unsqueeze(-1))
+        z = torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]
+        z = z[:, self.order] if self.order != list(range(len(self.order))) else z
+        out_mask = torch.cat([mask[:, self.standardised], mask[:, self.noise_scaled]], dim=1)[:, self.order]
+        z = torch.where(out_mask, _asinh(z), torch.full_like(z, self.mask_fill))
+        return z.to(torch.float32).reshape(batch, len(self.order), size, size)
+
+
+@dataclass
+class ArchConfig:
+    """Architecture of `RealBogusNet` (the ``[model]`` table of a training config).
+
+    Parameters
+    ----------
+    conv_channels : list of int
+        Output channels of each convolution of the trunk.
+    kernel_sizes : list of int
+        Kernel size of each convolution (same length as ``conv_channels``).
+    pool_after : list of int
+        2x2 max-pooling after these convolutions (1-based).
+    fc_units : list of int
+        Hidden fully connected layers of the head, before the output unit.
+    activation_function : str
+        One of `ACTIVATIONS`.
+    dropout : float
+        Dropout probability before each fully connected layer (0 disables it).
+    dihedral : bool
+        Also pool over the four flipped versions (the dihedral group of 8).
+    """
+
+    conv_channels: list[int] = field(default_factory=lambda: [8, 16, 16, 32])
+    kernel_sizes: list[int] = field(default_factory=lambda: [3, 3, 3, 3])
+    pool_after: list[int] = field(default_factory=lambda: [1, 3])
+    fc_units: list[int] = field(default_factory=lambda: [32])
+    activation_function: str = "leaky_relu"
+    dropout: float = 0.1
+    dihedral: bool = False
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+#: Named architectures (``arch`` key): Deep-HiTS's arch7 and a narrower default.
+ARCHITECTURES: dict[str, dict] = {
+    "deephits": dict(conv_channels=[32, 32, 64, 64, 64], kernel_sizes=[4, 3, 3, 3, 3], pool_after=[2, 5],
+                     fc_units=[64, 64], dropout=0.5),
+    "small": dict(conv_channels=[8, 16, 16, 32], kernel_sizes=[3, 3, 3, 3], pool_after=[1, 3],
+                  fc_units=[32], dropout=0.1),
+    "tiny": dict(conv_channels=[4, 8], kernel_sizes=[3, 3], pool_after=[1, 2], fc_units=[8], dropout=0.0),
+}
+
+
+class RealBogusNet(nn.Module):
+    """Normaliser -> rotation-pooled conv trunk -> classifier head. ``forward`` returns logits ``[batch]``."""
+
+    def __init__(self, contract: StampContract, arch: ArchConfig):
+        super().__init__()
+        if len(arch.kernel_sizes) != len(arch.conv_channels):
+            raise ValueError("model.kernel_sizes: needs one entry per conv_channels entry")
+        bad_pools = [p for p in arch.pool_after if not 1 <= p <= len(arch.conv_channels)]
+        if bad_pools:
+            raise ValueError(f"model.pool_after: {bad_pools} out of range 1..{len(arch.conv_channels)}")
+        self.contract = contract
+        self.arch = arch
+        self.normaliser = StampNormaliser(contract)
+        self.n_views = 8 if arch.dihedral else 4
+
+        layers: list[nn.Module] = []
+        self.freezable: list[nn.Module] = []  # first-to-last trainable layers, for fine-tuning
+        channels, side = len(contract.channels), contract.size
+        for i, (width, kernel) in enumerate(zip(arch.conv_channels, arch.kernel_sizes), start=1):
+            # odd kernels: symmetric padding; even ones (Deep-HiTS's 4x4) need torch's "same"
+            padding = kernel // 2 if kernel % 2 else "same"
+            block = nn.Sequential(nn.Conv2d(channels, width, kernel, padding=padding),
+                                  make_activation(arch.activation_function, width))
+            if i in arch.pool_after:
+                block.append(nn.MaxPool2d(2))
+                side //= 2
+            layers.append(block)
+            self.freezable.append(block)
+            channels = width
+        self.trunk = nn.Sequential(*layers, nn.Flatten())
+        features = channels * side * side
+        head: list[nn.Module] = []
+        for units in arch.fc_units:
+            block = nn.Sequential(nn.Dropout(arch.dropout), nn.Linear(features, units),
+                                  make_activation(arch.activation_function, units))
+            head.append(block)
+            self.freezable.append(block)
+            features = units
+        self.hidden = nn.Sequential(*head)
+        self.output = nn.Sequential(nn.Dropout(arch.dropout), nn.Linear(features, 1))
+
+    def views(self, x: torch.Tensor) -> torch.Tensor:
+        """The stamp under every rotation (and flip), stacked along the batch axis."""
+        rotations = [x, torch.rot90(x, 1, (2, 3)), torch.rot90(x, 2, (2, 3)), torch.rot90(x, 3, (2, 3))]
+        if self.n_views == 8:
+            rotations += [torch.flip(r, (3,)) for r in rotations]
+        return torch.cat(rotations, dim=0)
+
+    def forward(self, stamps: torch.Tensor) -> torch.Tensor:
+        """Raw stamps -> logits."""
+        return self.forward_normalised(self.normaliser(stamps))
+
+    def forward_normalised(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised stamps (the output of `normaliser`) -> logits. Training uses it to
+        normalise a data set once when no augmentation changes the pixel statistics."""
+        features = self.trunk(self.views(x))
+        # [views * B, F] -> [views, B, F] -> mean over views: the same set of views for any rotation
+        features = features.reshape(self.n_views, -1, features.shape[-1]).mean(0)
+        return self.output(self.hidden(features)).squeeze(-1)
+
+    def freeze(self, layers: int | str) -> int:
+        """Freeze the first ``layers`` layers (int) or ``"all_but_head"``; returns how many were frozen."""
+        n = len(self.freezable) if layers == "all_but_head" else int(layers)
+        if not 0 <= n <= len(self.freezable):
+            raise ValueError(f"finetune.freeze: {layers!r} out of range; accepted: 0..{len(self.freezable)} "
+                             "or \"all_but_head\"")
+        for block in self.freezable[:n]:
+            for p in block.parameters():
+                p.requires_grad_(False)
+        return n
+
+
+class ScoringGraph(nn.Module):
+    """What is exported: raw stamps -> probability of "real" ``[batch]``."""
+
+    def __init__(self, net: RealBogusNet):
+        super().__init__()
+        self.net = net
+
+    def forward(self, stamps: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.net(stamps))
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,144 @@
+"""Test-set metrics and the learning-history, ROC and DET plots of a run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from statistics import NormalDist
+
+import numpy as np
+
+
+def roc_curve(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """False- and true-positive rates at every distinct score threshold (``score >= t`` is real)."""
+    labels = np.asarray(labels).astype(bool)
+    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="mergesort")
+    s, y = np.asarray(scores, dtype=np.float64)[order], labels[order]
+    distinct = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]
+    tp = np.cumsum(y)[distinct]
+    fp = np.cumsum(~y)[distinct]
+    n_pos, n_neg = max(y.sum(), 1), max((~y).sum(), 1)
+    return np.r_[0.0, fp / n_neg], np.r_[0.0, tp / n_pos], np.r_[np.inf, s[distinct]]
+
+
+def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Area under the ROC curve (Mann-Whitney: ties count one half)."""
+    labels = np.asarray(labels).astype(bool)
+    scores = np.asarray(scores, dtype=np.float64)
+    n_pos, n_neg = labels.sum(), (~labels).sum()
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = np.argsort(scores, kind="mergesort")
+    ranks = np.empty(len(scores))
+    sorted_scores = scores[order]
+    # average ranks of ties
+    _, first, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
+    avg = first + (counts - 1) / 2.0 + 1.0
+    ranks[order] = np.repeat(avg, counts)
+    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def metrics(labels: np.ndarray, scores: np.ndarray, threshold: float, kinds: np.ndarray | None = None) -> dict:
+    """The model card's test metrics.
+
+    Returns accuracy, ROC AUC, FPR and FNR at ``threshold`` (a detection is called real
+    when ``score >= threshold``), the threshold that gives FPR = 1% and the FNR there,
+    the counts, and, for simulated data, the accuracy per kind of stamp.
+    """
+    labels = np.asarray(labels).astype(bool)
+    scores = np.asarray(scores, dtype=np.float64)
+    predicted = scores >= threshold
+    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+    fp = int((predicted & ~labels).sum())
+    fn = int((~predicted & labels).sum())
+    bogus_scores = np.sort(scores[~labels])
+    if n_neg:
+        # smallest threshold whose FPR is <= 1%: at most floor(1% of bogus) bogus scores are >= it
+        allowed = int(np.floor(0.01 * n_neg))
+        t1 = float(np.nextafter(bogus_scores[n_neg - allowed - 1], np.inf)) if allowed < n_neg else 0.0
+    else:
+        t1 = float("nan")
+    out = {
+        "n": int(len(labels)), "n_real": n_pos, "n_bogus": n_neg,
+        "accuracy": float((predicted == labels).mean()),
+        "roc_auc": roc_auc(labels, scores),
+        "threshold": float(threshold),
+        "fpr": fp / n_neg if n_neg else float("nan"),
+        "fnr": fn / n_pos if n_pos else float("nan"),
+        "threshold_at_fpr_1pct": t1,
+        "fnr_at_fpr_1pct": float((scores[labels] < t1).mean()) if n_pos and n_neg else float("nan"),
+    }
+    if kinds is not None:
+        out["accuracy_by_kind"] = {str(k): float((predicted[kinds == k] == labels[kinds == k]).mean())
+                                   for k in sorted(set(np.asarray(kinds).tolist()))}
+    return out
+
+
+def plot_history(history: list[dict], path: Path) -> None:
+    """Train and validation loss and accuracy against iteration."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    it = [h["iteration"] for h in history]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    ax_loss.plot(it, [h["train_loss"] for h in history], label="train")
+    ax_loss.plot(it, [h["valid_loss"] for h in history], label="validation")
+    ax_loss.set(xlabel="iteration", ylabel="cross-entropy loss", yscale="log", title="loss")
+    ax_acc.plot(it, [h["train_accuracy"] for h in history], label="train")
+    ax_acc.plot(it, [h["valid_accuracy"] for h in history], label="validation")
+    ax_acc.set(xlabel="iteration", ylabel="accuracy", title="accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def plot_roc(labels, scores, path: Path, title: str = "") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fpr, tpr, _ = roc_curve(labels, scores)
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot(fpr, tpr, label=f"AUC = {roc_auc(labels, scores):.4f}")
+    ax.plot([0, 1], [0, 1], ls=":", color="grey")
+    ax.set(xlabel="false-positive rate", ylabel="true-positive rate", title=f"ROC {title}".strip(),
+           xscale="log", xlim=(1e-4, 1), ylim=(0, 1.01))
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def plot_det(labels, scores, path: Path, threshold: float | None = None, title: str = "") -> None:
+    """Detection error trade-off: FNR against FPR on normal-deviate axes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fpr, tpr, _ = roc_curve(labels, scores)
+    fnr = 1.0 - tpr
+    eps = 1e-4
+    probit = np.vectorize(lambda p: NormalDist().inv_cdf(min(max(p, eps), 1 - eps)))
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot(probit(fpr), probit(fnr), label="model")
+    if threshold is not None:
+        y = np.asarray(labels).astype(bool)
+        s = np.asarray(scores)
+        ax.plot(probit((s[~y] >= threshold).mean()), probit((s[y] < threshold).mean()), "o",
+                label=f"threshold {threshold:g}")
+    ticks = [1e-4, 1e-3, 1e-2, 0.05, 0.2, 0.5]
+    ax.set_xticks(probit(ticks), [f"{t:g}" for t in ticks])
+    ax.set_yticks(probit(ticks), [f"{t:g}" for t in ticks])
+    ax.set(xlabel="false-positive rate", ylabel="false-negative rate", title=f"DET {title}".strip())
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

@@ -1,0 +1,489 @@
+"""A simulator of realistic (science, template, difference) triplets, real and bogus.
+
+Every stamp is drawn the way a difference-imaging pipeline produces it:
+
+1. a static scene (blank sky, a host galaxy, field stars) is observed twice, as a
+   deep *template* (a coadd: lower noise) and a single *science* exposure, each with
+   its own seeing (Gaussian PSF), sky level, photometric zero point, Poisson and read
+   noise, and saturation;
+2. the sharper of the two images is convolved to the PSF of the broader one
+   (`psf_match`), the template is scaled to the science zero point, skies are removed,
+   and the *difference* is science minus matched template. It is never drawn on its own.
+
+Real (label 1): a point source with the science PSF at the stamp centre, SNR from ~3 to
+saturation, on blank sky or on a host galaxy, brightening (positive difference) or
+fading (negative difference).
+
+Bogus (label 0), each at the stamp centre, where a pipeline would have detected it:
+
+* ``cosmic_ray`` — charge deposited in the science exposure only: single pixels, small
+  clusters or tracks, sharper than the PSF, with no counterpart in the template;
+* ``bad_pixel`` — hot pixels (science or template) and dead pixels;
+* ``bad_column`` — a column (or part of one) offset in the science or template;
+* ``dipole`` — a static star or galaxy nucleus subtracted with a misregistration
+  of 0.4-2 pixels: a positive and a negative lobe;
+* ``bright_star`` — a bright, often saturated, star subtracted with a wrong PSF-matching
+  kernel and zero point: rings and a saturated core;
+* ``edge`` — a stamp cut at the CCD edge (NaN beyond it) whose detection is the
+  amplifier glow along that edge, with no source.
+
+Stamps cut at the CCD edge are not only bogus: a fraction of every class has a NaN
+region (like truncated ZTF cutouts), so that "has NaN" alone never means bogus.
+Everything is deterministic: sample ``i`` of a data set with seed ``s`` is drawn from
+``numpy.random.default_rng([s, i])``, independent of the other samples.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import numpy as np
+
+from service.contract import RAW_IMAGES
+from training.profiles import SurveyProfile
+
+FWHM_PER_SIGMA = 2.0 * np.sqrt(2.0 * np.log(2.0))
+
+REAL_KINDS = ("point_source",)
+BOGUS_KINDS = ("cosmic_ray", "bad_pixel", "bad_column", "dipole", "bright_star", "edge")
+KINDS = REAL_KINDS + BOGUS_KINDS
+
+#: Default share of each bogus kind among bogus stamps.
+DEFAULT_BOGUS_WEIGHTS: dict[str, float] = {
+    "cosmic_ray": 0.22, "bad_pixel": 0.14, "bad_column": 0.12,
+    "dipole": 0.20, "bright_star": 0.18, "edge": 0.14,
+}
+
+#: Margin, in pixels, of the canvas around the stamp, so that the periodic FFT
+#: convolution of `psf_match` never wraps signal into the stamp.
+MARGIN = 10
+
+
+@dataclass(frozen=True)
+class SimulatorConfig:
+    """Knobs of the simulator (the ``[simulator]`` table of a training config).
+
+    Parameters
+    ----------
+    real_fraction : float
+        Share of real stamps.
+    snr_range : (float, float)
+        SNR of real point sources in the difference, drawn log-uniformly.
+    host_fraction : float
+        Share of real sources on a host galaxy.
+    negative_fraction : float
+        Share of real sources that fade (negative difference).
+    edge_fraction : float
+        Share of non-``edge`` stamps (real or bogus) that are cut at the CCD edge anyway.
+    bogus_weights : mapping
+        Relative frequency of each bogus kind.
+    """
+
+    real_fraction: float = 0.5
+    snr_range: tuple[float, float] = (3.0, 5000.0)
+    host_fraction: float = 0.4
+    negative_fraction: float = 0.25
+    edge_fraction: float = 0.06
+    bogus_weights: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_BOGUS_WEIGHTS))
+
+    def __post_init__(self) -> None:
+        unknown = set(self.bogus_weights) - set(BOGUS_KINDS)
+        if unknown:
+            raise ValueError(f"simulator.bogus_weights: unknown kind(s) {sorted(unknown)}; "
+                             f"accepted: {', '.join(BOGUS_KINDS)}")
+        if not 0.0 <= self.real_fraction <= 1.0:
+            raise ValueError(f"simulator.real_fraction: must be in [0, 1], got {self.real_fraction}")
+        if not 0 < self.snr_range[0] < self.snr_range[1]:
+            raise ValueError(f"simulator.snr_range: must be [low, high] with 0 < low < high, got {self.snr_range}")
+
+
+@dataclass
+class Triplet:
+    """One simulated detection.
+
+    Attributes
+    ----------
+    images : dict of str to ndarray
+        ``science``, ``template``, ``difference`` (ADU, float32, size x size; NaN off the CCD).
+    label : int
+        1 real, 0 bogus.
+    kind : str
+        One of `KINDS`.
+    truth : dict
+        What was drawn (PSF sigmas, fluxes, match parameters, noiseless layers on
+        the canvas...) for tests and plots.
+    """
+
+    images: dict[str, np.ndarray]
+    label: int
+    kind: str
+    truth: dict
+
+
+# --------------------------------------------------------------------------- rendering
+def _grid(canvas: int) -> tuple[np.ndarray, np.ndarray]:
+    y, x = np.mgrid[0:canvas, 0:canvas]
+    return y.astype(np.float64), x.astype(np.float64)
+
+
+def gaussian_source(canvas: int, row: float, col: float, flux: float, sigma: float,
+                    q: float = 1.0, angle: float = 0.0) -> np.ndarray:
+    """A (possibly elliptical) Gaussian of total ``flux`` centred at (row, col).
+
+    ``q`` is the axis ratio, ``angle`` the position angle of the major axis (radians).
+    Normalised on the pixel grid, so that the pixels sum to ``flux`` even when the PSF
+    is barely sampled (ZTF's ~2-pixel FWHM).
+    """
+    y, x = _grid(canvas)
+    dy, dx = y - row, x - col
+    c, s = np.cos(angle), np.sin(angle)
+    u = c * dx + s * dy
+    v = -s * dx + c * dy
+    profile = np.exp(-0.5 * ((u / sigma) ** 2 + (v / (sigma * q)) ** 2))
+    total = profile.sum()
+    return profile * (flux / total) if total > 0 else profile
+
+
+def gaussian_blur(image: np.ndarray, sigma: float) -> np.ndarray:
+    """Convolve ``image`` with a unit-sum Gaussian of width ``sigma`` pixels (FFT, periodic)."""
+    if sigma <= 0:
+        return image.copy()
+    rows, cols = image.shape
+    fy = np.fft.fftfreq(rows)[:, None]
+    fx = np.fft.rfftfreq(cols)[None, :]
+    transfer = np.exp(-2.0 * np.pi**2 * sigma**2 * (fx**2 + fy**2))
+    return np.fft.irfft2(np.fft.rfft2(image) * transfer, s=image.shape)
+
+
+def psf_match(science: np.ndarray, template: np.ndarray, sigma_science: float, sigma_template: float,
+              kernel_offset: float = 0.0) -> tuple[np.ndarray, dict]:
+    """Difference = science - template after matching the sharper one to the broader PSF.
+
+    Both inputs are sky-subtracted and on the science zero point. The kernel is the
+    Gaussian of width ``sqrt(broad^2 - sharp^2)`` (plus ``kernel_offset``, 0 for a good
+    subtraction; a badly fitted kernel otherwise) applied to the sharper image.
+
+    Returns
+    -------
+    difference : ndarray
+    match : dict
+        ``convolved`` (``template`` or ``science``) and ``kernel_sigma``.
+    """
+    kernel = max(float(np.sqrt(abs(sigma_science**2 - sigma_template**2))) + kernel_offset, 0.0)
+    if sigma_template <= sigma_science:
+        return science - gaussian_blur(template, kernel), {"convolved": "template", "kernel_sigma": kernel}
+    return gaussian_blur(science, kernel) - template, {"convolved": "science", "kernel_sigma": kernel}
+
+
+def flux_for_snr(snr: float, sigma: float, background_variance: float) -> float:
+    """Total flux (electrons) of a PSF source detected at ``snr`` over a background of
+    ``background_variance`` electrons^2 per pixel (noise-equivalent area 4 pi sigma^2)."""
+    v = 4.0 * np.pi * sigma**2 * background_variance
+    return 0.5 * (snr**2 + np.sqrt(snr**4 + 4.0 * snr**2 * v))
+
+
+# --------------------------------------------------------------------------- one triplet
+class _Scene:
+    """Noiseless layers of one draw, in science electrons on the canvas."""
+
+    def __init__(self, canvas: int):
+        self.canvas = canvas
+        self.static_science = np.zeros((canvas, canvas))   # static sky objects seen with the science PSF
+        self.static_template = np.zeros((canvas, canvas))  # the same objects seen with the template PSF
+        self.transient_science = np.zeros((canvas, canvas))
+        self.transient_template = np.zeros((canvas, canvas))
+        self.artifact_science = np.zeros((canvas, canvas))   # ADU, added after noise (detector effects)
+        self.artifact_template = np.zeros((canvas, canvas))  # ADU, template zero point
+        self.dead_science = np.zeros((canvas, canvas), dtype=bool)
+
+
+def _log_uniform(rng: np.random.Generator, low: float, high: float) -> float:
+    return float(np.exp(rng.uniform(np.log(low), np.log(high))))
+
+
+def simulate_triplet(profile: SurveyProfile, rng: np.random.Generator, kind: str,
+                     config: SimulatorConfig | None = None) -> Triplet:
+    """Draw one triplet of ``kind`` (one of `KINDS`) for ``profile``."""
+    if kind not in KINDS:
+        raise ValueError(f"kind: unknown {kind!r}; accepted: {', '.join(KINDS)}")
+    config = config or SimulatorConfig()
+    size = profile.stamp_size
+    canvas = size + 2 * MARGIN
+    centre = (canvas - 1) / 2.0
+    scene = _Scene(canvas)
+
+    # --- observing conditions: template and science differ in PSF, sky, depth, zero point
+    sigma_s = profile.fwhm_pixels(rng.uniform(*profile.seeing)) / FWHM_PER_SIGMA
+    sigma_t = profile.fwhm_pixels(rng.uniform(*profile.seeing)) / FWHM_PER_SIGMA
+    sky_s = rng.uniform(*profile.sky)
+    sky_t = rng.uniform(*profile.sky)
+    depth = rng.uniform(*profile.template_depth)
+    zero_point_ratio = _log_uniform(rng, 0.5, 2.0)  # template ADU per science ADU
+    background_var = sky_s + profile.read_noise**2
+    pixel_noise_adu = np.sqrt(background_var) / profile.gain
+    full_well = profile.saturation * profile.gain
+
+    # Static field: a host galaxy (for some reals, and some bogus) and field stars away from the centre.
+    on_host = kind == "point_source" and rng.random() < config.host_fraction or \
+        kind in ("bad_pixel", "cosmic_ray", "dipole") and rng.random() < 0.2
+    if on_host:
+        _add_galaxy(scene, rng, centre, sigma_s, sigma_t, background_var, profile)
+    for _ in range(rng.poisson(0.7)):
+        r, c = rng.uniform(0, canvas - 1, size=2)
+        if np.hypot(r - centre, c - centre) < 5 * max(sigma_s, sigma_t, 1.0):
+            continue  # keep field stars off the detection
+        flux = flux_for_snr(_log_uniform(rng, 5, 3000), sigma_s, background_var)
+        scene.static_science += gaussian_source(canvas, r, c, flux, sigma_s)
+        scene.static_template += gaussian_source(canvas, r, c, flux, sigma_t)
+
+    truth: dict = {"sigma_science": sigma_s, "sigma_template": sigma_t, "sky_science": sky_s,
+                   "sky_template": sky_t, "template_depth": depth, "zero_point_ratio": zero_point_ratio,
+                   "pixel_noise_adu": pixel_noise_adu, "centre": centre, "on_host": on_host}
+    kernel_offset, template_shift, scale_error = 0.0, (0.0, 0.0), 1.0
+
+    if kind == "point_source":
+        snr = _log_uniform(rng, *config.snr_range)
+        flux = flux_for_snr(snr, sigma_s, background_var)
+        dr, dc = rng.uniform(-0.5, 0.5, size=2)
+        negative = rng.random() < config.negative_fraction
+        # Variable sources: part of the flux is also in the template; a fading one is brighter there.
+        quiescent = flux * (rng.uniform(0.0, 2.0) if rng.random() < 0.3 else 0.0)
+        f_sci, f_tmp = (quiescent + flux, quiescent) if not negative else (quiescent, quiescent + flux)
+        scene.transient_science += gaussian_source(canvas, centre + dr, centre + dc, f_sci, sigma_s)
+        scene.transient_template += gaussian_source(canvas, centre + dr, centre + dc, f_tmp, sigma_t)
+        template_shift = tuple(rng.normal(0.0, 0.03, size=2))  # a good astrometric registration
+        scale_error = 1.0 + rng.normal(0.0, 0.005)
+        truth.update(snr=snr, flux=flux, negative=negative, offset=(dr, dc))
+    elif kind == "cosmic_ray":
+        _add_cosmic_ray(scene, rng, centre, pixel_noise_adu)
+    elif kind == "bad_pixel":
+        _add_bad_pixel(scene, rng, centre, pixel_noise_adu, zero_point_ratio, truth)
+    elif kind == "bad_column":
+        _add_bad_column(scene, rng, centre, pixel_noise_adu, zero_point_ratio, truth)
+    elif kind == "dipole":
+        flux = flux_for_snr(_log_uniform(rng, 15, 3000), sigma_s, background_var)
+        dr, dc = rng.uniform(-0.5, 0.5, size=2)
+        _add_static_star(scene, canvas, centre + dr, centre + dc, flux, sigma_s, sigma_t)
+        shift = rng.uniform(0.4, 2.0)
+        angle = rng.uniform(0, 2 * np.pi)
+        template_shift = (shift * np.sin(angle), shift * np.cos(angle))
+        truth.update(flux=flux, misregistration=shift)
+    elif kind == "bright_star":
+        flux = flux_for_snr(_log_uniform(rng, 300, 20000), sigma_s, background_var)
+        dr, dc = rng.uniform(-1.0, 1.0, size=2)
+        _add_static_star(scene, canvas, centre + dr, centre + dc, flux, sigma_s, sigma_t)
+        # A badly fitted matching kernel (too wide by 0.3-0.8 sigma, or too narrow when the
+        # true kernel allows it): a ring around a core in the difference, never a clean PSF.
+        true_kernel = np.sqrt(abs(sigma_s**2 - sigma_t**2))
+        error = rng.uniform(0.3, 0.8) * min(sigma_s, sigma_t)
+        kernel_offset = -error if (true_kernel > 1.5 * error and rng.random() < 0.5) else error
+        scale_error = 1.0 + rng.uniform(-0.08, 0.08)
+        template_shift = tuple(rng.normal(0.0, 0.15, size=2))
+        truth.update(flux=flux)
+    elif kind == "edge":
+        pass  # the glow is added once the edge is placed, below
+
+    # --- place a CCD edge (NaN beyond it): always for `edge`, sometimes for the others
+    nan_mask = np.zeros((size, size), dtype=bool)
+    if kind == "edge" or rng.random() < config.edge_fraction:
+        side = int(rng.integers(4))
+        depth_px = int(rng.integers(2, size // 2 - 2))  # never reaches the centre pixel
+        nan_mask[:, :depth_px] = True
+        nan_mask = np.rot90(nan_mask, side).copy()
+        truth.update(edge_side=side, edge_depth=depth_px)
+        if kind == "edge":
+            _add_edge_glow(scene, rng, nan_mask, pixel_noise_adu)
+
+    # --- observe: science exposure
+    science_e = sky_s + scene.static_science + scene.transient_science
+    science_e = rng.poisson(science_e).astype(np.float64) + rng.normal(0.0, profile.read_noise, science_e.shape)
+    science = science_e / profile.gain + scene.artifact_science
+    science[scene.dead_science] = rng.uniform(0.0, 0.05) * sky_s / profile.gain
+    saturated = science >= profile.saturation
+    science = np.minimum(science, profile.saturation)
+
+    # --- template: a coadd of `depth` exposures, own PSF, own zero point, misregistered by `template_shift`
+    static_t = scene.static_template + scene.transient_template
+    if template_shift != (0.0, 0.0):
+        static_t = _shift(static_t, template_shift)
+    template_e = sky_t + static_t
+    template_e = template_e + rng.normal(0.0, 1.0, template_e.shape) * np.sqrt(
+        np.maximum(template_e + profile.read_noise**2, 0.0) / depth)
+    template = np.minimum(template_e / profile.gain * zero_point_ratio + scene.artifact_template,
+                          profile.saturation)
+
+    # --- difference: skies off, template to the science zero point, PSF-matched, subtracted
+    science_sub = science - sky_s / profile.gain
+    template_sub = (template / zero_point_ratio - sky_t / profile.gain) * scale_error
+    difference, match = psf_match(science_sub, template_sub, sigma_s, sigma_t, kernel_offset)
+    truth.update(match=match, kernel_offset=kernel_offset, scale_error=scale_error,
+                 template_shift=template_shift, saturated=bool(saturated[MARGIN:-MARGIN, MARGIN:-MARGIN].any()),
+                 artifact_science=scene.artifact_science, artifact_template=scene.artifact_template,
+                 model_template=scene.static_template + scene.transient_template,
+                 model_science=scene.static_science + scene.transient_science,
+                 science_canvas=science, template_canvas=template)
+
+    crop = (slice(MARGIN, MARGIN + size),) * 2
+    images = {"science": science[crop], "template": template[crop], "difference": difference[crop]}
+    for name in images:
+        stamp = images[name].astype(np.float32)
+        stamp[nan_mask] = np.nan
+        images[name] = stamp
+    truth["nan_mask"] = nan_mask
+    return Triplet(images=images, label=int(kind in REAL_KINDS), kind=kind, truth=truth)
+
+
+def _shift(image: np.ndarray, shift: tuple[float, float]) -> np.ndarray:
+    """Sub-pixel translation (Fourier shift theorem; the canvas margin absorbs the wrap)."""
+    rows, cols = image.shape
+    fy = np.fft.fftfreq(rows)[:, None]
+    fx = np.fft.rfftfreq(cols)[None, :]
+    phase = np.exp(-2j * np.pi * (fy * shift[0] + fx * shift[1]))
+    return np.fft.irfft2(np.fft.rfft2(image) * phase, s=image.shape)
+
+
+def _add_static_star(scene: _Scene, canvas: int, row: float, col: float, flux: float,
+                     sigma_s: float, sigma_t: float) -> None:
+    scene.static_science += gaussian_source(canvas, row, col, flux, sigma_s)
+    scene.static_template += gaussian_source(canvas, row, col, flux, sigma_t)
+
+
+def _add_galaxy(scene: _Scene, rng, centre, sigma_s, sigma_t, background_var, profile) -> None:
+    """A bulge + disc galaxy (elliptical Gaussians, so PSF convolution is exact) near the centre."""
+    canvas = scene.canvas
+    size_px = profile.fwhm_pixels(rng.uniform(1.0, 4.0))  # half-light scale, arcsec -> pixels
+    offset = rng.uniform(0, 1.5) * size_px
+    angle = rng.uniform(0, 2 * np.pi)
+    row, col = centre + offset * np.sin(angle), centre + offset * np.cos(angle)
+    q, pa = rng.uniform(0.3, 1.0), rng.uniform(0, np.pi)
+    flux = flux_for_snr(_log_uniform(rng, 30, 3000), size_px, background_var)
+    bulge = rng.uniform(0.1, 0.5)
+    for frac, scale in ((bulge, 0.4 * size_px), (1 - bulge, size_px)):
+        for layer, sigma in ((scene.static_science, sigma_s), (scene.static_template, sigma_t)):
+            # Convolving an elliptical Gaussian with a round one: add variances on both axes.
+            major = np.sqrt(scale**2 + sigma**2)
+            minor = np.sqrt((scale * q) ** 2 + sigma**2)
+            layer += gaussian_source(canvas, row, col, flux * frac, major, minor / major, pa)
+
+
+def _add_cosmic_ray(scene: _Scene, rng, centre, noise_adu) -> None:
+    """Charge in the science exposure only, not convolved with any PSF."""
+    canvas = scene.canvas
+    amplitude = _log_uniform(rng, 8, 3000) * noise_adu
+    shape = rng.choice(["pixel", "cluster", "track"], p=[0.35, 0.3, 0.35])
+    r0, c0 = int(round(centre + rng.integers(-1, 2))), int(round(centre + rng.integers(-1, 2)))
+    layer = np.zeros((canvas, canvas))
+    if shape == "pixel":
+        layer[r0, c0] = amplitude
+    elif shape == "cluster":
+        layer[r0, c0] = amplitude
+        for _ in range(int(rng.integers(1, 4))):
+            dr, dc = rng.integers(-1, 2, size=2)
+            layer[r0 + dr, c0 + dc] += amplitude * rng.uniform(0.2, 0.8)
+    else:
+        length = rng.uniform(3, 10)
+        angle = rng.uniform(0, np.pi)
+        for t in np.linspace(-length / 2, length / 2, int(4 * length)):
+            r, c = r0 + t * np.sin(angle), c0 + t * np.cos(angle)
+            ri, ci = int(np.floor(r)), int(np.floor(c))
+            fr, fc = r - ri, c - ci
+            # bilinear deposit: a 1-pixel-wide track
+            for rr, cc, w in ((ri, ci, (1 - fr) * (1 - fc)), (ri + 1, ci, fr * (1 - fc)),
+                              (ri, ci + 1, (1 - fr) * fc), (ri + 1, ci + 1, fr * fc)):
+                layer[rr, cc] += w * amplitude / 4.0 * rng.uniform(0.6, 1.4)
+    scene.artifact_science += layer
+
+
+def _add_bad_pixel(scene: _Scene, rng, centre, noise_adu, zero_point_ratio, truth) -> None:
+    canvas = scene.canvas
+    r0, c0 = int(centre + rng.integers(-1, 2)), int(centre + rng.integers(-1, 2))
+    flavour = rng.choice(["hot_science", "hot_template", "dead"], p=[0.5, 0.25, 0.25])
+    amplitude = _log_uniform(rng, 8, 3000) * noise_adu
+    pixels = [(r0, c0)]
+    if rng.random() < 0.3:  # a pair of neighbours, as hot pixels often come
+        dr, dc = [(0, 1), (1, 0)][int(rng.integers(2))]
+        pixels.append((r0 + dr, c0 + dc))
+    for r, c in pixels:
+        if flavour == "hot_science":
+            scene.artifact_science[r, c] += amplitude
+        elif flavour == "hot_template":
+            scene.artifact_template[r, c] += amplitude * zero_point_ratio / np.sqrt(4.0)
+        else:
+            scene.dead_science[r, c] = True
+    truth["bad_pixel"] = str(flavour)
+
+
+def _add_bad_column(scene: _Scene, rng, centre, noise_adu, zero_point_ratio, truth) -> None:
+    canvas = scene.canvas
+    col = int(centre + rng.integers(-1, 2))
+    length = int(rng.integers(canvas // 2, canvas + 1))
+    start = int(rng.integers(0, canvas - length + 1))
+    amplitude = _log_uniform(rng, 4, 500) * noise_adu * rng.choice([-1.0, 1.0])
+    width = 1 if rng.random() < 0.8 else 2
+    if rng.random() < 0.75:
+        scene.artifact_science[start:start + length, col:col + width] += amplitude
+        truth["bad_column"] = "science"
+    else:
+        scene.artifact_template[start:start + length, col:col + width] += amplitude * zero_point_ratio
+        truth["bad_column"] = "template"
+
+
+def _add_edge_glow(scene: _Scene, rng, nan_mask: np.ndarray, noise_adu) -> None:
+    """Amplifier glow / bleed along the CCD edge, in the science exposure only."""
+    size = nan_mask.shape[0]
+    inside = ~nan_mask
+    # distance (pixels) of each inside pixel from the NaN region, along the cut direction
+    rows_nan = nan_mask.all(axis=1)
+    cols_nan = nan_mask.all(axis=0)
+    r, c = np.mgrid[0:size, 0:size]
+    if cols_nan.any():
+        edge_cols = np.flatnonzero(cols_nan)
+        boundary = edge_cols.max() + 1 if edge_cols.min() == 0 else edge_cols.min() - 1
+        distance = np.abs(c - boundary)
+    else:
+        edge_rows = np.flatnonzero(rows_nan)
+        boundary = edge_rows.max() + 1 if edge_rows.min() == 0 else edge_rows.min() - 1
+        distance = np.abs(r - boundary)
+    amplitude = _log_uniform(rng, 5, 500) * noise_adu
+    scale = rng.uniform(0.8, 4.0)
+    glow = np.where(inside, amplitude * np.exp(-distance / scale), 0.0)
+    scene.artifact_science[MARGIN:MARGIN + size, MARGIN:MARGIN + size] += glow
+
+
+# --------------------------------------------------------------------------- data sets
+def draw_kinds(n: int, seed: int, config: SimulatorConfig) -> np.ndarray:
+    """The kind of each of ``n`` samples (deterministic by ``seed``)."""
+    rng = np.random.default_rng([seed, 2**31 - 1])
+    weights = np.array([config.bogus_weights.get(k, 0.0) for k in BOGUS_KINDS], dtype=float)
+    if weights.sum() <= 0:
+        raise ValueError("simulator.bogus_weights: at least one weight must be > 0")
+    probabilities = np.concatenate([[config.real_fraction], (1 - config.real_fraction) * weights / weights.sum()])
+    return rng.choice(np.array(KINDS), size=n, p=probabilities)
+
+
+def simulate(profile: SurveyProfile, n: int, seed: int, config: SimulatorConfig | None = None,
+             progress: bool = False) -> dict[str, np.ndarray]:
+    """Simulate ``n`` triplets.
+
+    Returns
+    -------
+    dict
+        ``stamps`` float32 ``[n, 3, size, size]`` with images in `RAW_IMAGES` order
+        (``channels`` says so), ``labels`` int64 ``[n]``, ``kinds`` str ``[n]``.
+    """
+    config = config or SimulatorConfig()
+    kinds = draw_kinds(n, seed, config)
+    size = profile.stamp_size
+    stamps = np.empty((n, len(RAW_IMAGES), size, size), dtype=np.float32)
+    labels = np.empty(n, dtype=np.int64)
+    iterator = range(n)
+    if progress:
+        from tqdm import tqdm
+        iterator = tqdm(iterator, desc=f"simulating {profile.name}", unit="stamp", leave=False)
+    for i in iterator:
+        triplet = simulate_triplet(profile, np.random.default_rng([seed, i]), str(kinds[i]), config)
+        for j, name in enumerate(RAW_IMAGES):
+            stamps[i, j] = triplet.images[name]
+        labels[i] = triplet.label
+    return {"stamps": stamps, "labels": labels, "kinds": kinds.astype(str), "channels": np.array(RAW_IMAGES)}
