@@ -15,6 +15,7 @@ message never fails the batch.
 from __future__ import annotations
 
 import atexit
+import logging
 import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
@@ -23,9 +24,11 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from service.alerts import Alert, DecodeError, decode_message
+from service.alerts import Alert, DecodeError, LazyRecord, decode_message
 from service.contract import StampContract, StampError, assemble
 from service.schemas import SchemaStore
+
+log = logging.getLogger(__name__)
 
 #: Below this many messages per worker a process pool costs more than it saves.
 MIN_MESSAGES_PER_WORKER = 64
@@ -95,9 +98,11 @@ def prepare(
     schemas : SchemaStore, optional
         Passed to `decode_message`.
     workers : int, optional
-        Decode in this many worker processes. ``None``, 0 or 1 decode in this process
-        (the default, and the fastest for the batch sizes of a 2-core machine; see the
-        README's performance section). Small batches are always decoded here.
+        Decode in this many worker processes (``forkserver``: a script that uses them
+        needs the ``if __name__ == "__main__":`` guard). ``None``, 0 or 1 decode in this
+        process: the default, and the fastest on a 2-core machine (see the README's
+        performance section). Batches under ``workers * MIN_MESSAGES_PER_WORKER``
+        messages are always decoded here, and so is a batch whose pool broke.
 
     Returns
     -------
@@ -152,7 +157,14 @@ def _decode_one(message, survey: str, schemas) -> list[Alert] | DecodeError:
 def _decode_all(messages, survey, schemas, workers) -> list:
     workers = int(workers or 0)
     if workers > 1 and len(messages) >= workers * MIN_MESSAGES_PER_WORKER:
-        return _decode_in_pool(messages, survey, schemas, workers)
+        try:
+            return _decode_in_pool(messages, survey, schemas, workers)
+        except Exception as exc:  # a dead worker (killed, out of memory...) must not lose the batch
+            log.warning("decoding worker pool failed (%s: %s); decoding this batch in-process",
+                        type(exc).__name__, exc)
+            pool = _POOLS.pop(workers, None)
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
     return [_decode_one(message, survey, schemas) for message in messages]
 
 
@@ -177,7 +189,14 @@ def _decode_chunk(messages: list[bytes], survey: str, config: tuple | None) -> l
         store = _WORKER_STORES.get(config)
         if store is None:
             store = _WORKER_STORES[config] = SchemaStore(config[0], config[1], config[2])
-    return [_decode_one(message, survey, store) for message in messages]
+    results = [_decode_one(message, survey, store) for message in messages]
+    for result in results:
+        if not isinstance(result, DecodeError):
+            for alert in result:
+                # The parent has the message: re-attach the lazy record there rather than
+                # sending every message back through the pipe.
+                alert.record = None
+    return results
 
 
 def _pool(workers: int) -> ProcessPoolExecutor:
@@ -197,6 +216,10 @@ def _decode_in_pool(messages, survey, schemas, workers) -> list:
     results: list = []
     for future in futures:
         results.extend(future.result())
+    for message, result in zip(messages, results):
+        if not isinstance(result, DecodeError):
+            for index, alert in enumerate(result):
+                alert.record = LazyRecord(message, index, schemas)
     return results
 
 
