@@ -79,9 +79,27 @@ def container(deployment: dict) -> dict:
     return only
 
 
+#: The Kubernetes version the manifests are validated for (the chart's kubeVersion allows >= 1.25).
+KUBE_VERSION = "1.30.0"
+#: Custom resources the chart may render (their operators' schemas are not Kubernetes'), by kind.
+CUSTOM_RESOURCES = {"ScaledObject": "keda.sh/v1alpha1", "TriggerAuthentication": "keda.sh/v1alpha1",
+                    "ServiceMonitor": "monitoring.coreos.com/v1", "PrometheusRule": "monitoring.coreos.com/v1"}
+
+
 def assert_kubernetes_objects(docs: list[dict]) -> None:
-    """Every document is a Kubernetes object: apiVersion, kind, a DNS-1123 name, labelled as the chart's."""
+    """Every document is a Kubernetes object valid against Kubernetes' own schema (strict: no unknown
+    field), or one of the known custom resources; DNS-1123 names; labelled as the chart's."""
+    import kubernetes_validate
+
     for doc in docs:
+        manifest = {k: v for k, v in doc.items() if k != "__template__"}
+        if doc["kind"] in CUSTOM_RESOURCES:
+            assert doc["apiVersion"] == CUSTOM_RESOURCES[doc["kind"]], doc["__template__"]
+        else:
+            try:
+                kubernetes_validate.validate(manifest, KUBE_VERSION, strict=True)
+            except kubernetes_validate.ValidationError as exc:
+                pytest.fail(f"{doc['__template__']}: {doc['kind']} invalid at {list(exc.path)}: {exc.message}")
         assert isinstance(doc.get("apiVersion"), str) and isinstance(doc.get("kind"), str), doc["__template__"]
         name = doc["metadata"]["name"]
         assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", name) and len(name) <= 63, name
@@ -179,6 +197,7 @@ def test_bad_security_values_fail_with_a_message(values, message):
 
 def test_secrets_are_referenced_never_stored():
     docs = render(merged(ALL_ON, SECURED))
+    assert_kubernetes_objects(docs)
     assert "Secret" not in kinds(docs)
     consumer = container(one(docs, "Deployment", "-consumer"))
     env = {e["name"]: e for e in consumer["env"]}
