@@ -32,6 +32,8 @@ from typing import Any, Callable, Iterable, Mapping
 
 ENV_PREFIX = "RBSTREAM_"
 KAFKA_ENV_PREFIX = "RBSTREAM_KAFKA_"
+#: The environment form of ``--kafka-option`` (comma-separated KEY=VALUE), not a librdkafka key.
+KAFKA_OPTION_ENV = "RBSTREAM_KAFKA_OPTION"
 
 #: Words that mark a Kafka setting as secret: never logged.
 _SECRET_WORDS = ("password", "secret", "token", "key.pem", "jaas")
@@ -146,7 +148,8 @@ def read_config_file(path: str | os.PathLike | None) -> dict:
 def kafka_settings_from_env(environ: Mapping[str, str]) -> dict[str, str]:
     """librdkafka settings from ``RBSTREAM_KAFKA_*`` (``RBSTREAM_KAFKA_SASL_USERNAME`` -> ``sasl.username``)."""
     return {key[len(KAFKA_ENV_PREFIX):].lower().replace("_", "."): value
-            for key, value in environ.items() if key.startswith(KAFKA_ENV_PREFIX) and len(key) > len(KAFKA_ENV_PREFIX)}
+            for key, value in environ.items()
+            if key.startswith(KAFKA_ENV_PREFIX) and len(key) > len(KAFKA_ENV_PREFIX) and key != KAFKA_OPTION_ENV}
 
 
 def _kafka_pairs(items: Iterable[str], source: str) -> dict[str, str]:
@@ -201,10 +204,17 @@ def resolve(args: argparse.Namespace, options: Iterable[Option],
     file_kafka = config.get("kafka", {})
     if not isinstance(file_kafka, dict):
         raise SettingsError(f"config file {config_path}: [kafka] must be a table of librdkafka settings")
+    # Key by key, later sources win: the file's [kafka] table and kafka_option list, the
+    # environment's RBSTREAM_KAFKA_<KEY> and RBSTREAM_KAFKA_OPTION, the command line.
     kafka.update({str(k): str(v).lower() if isinstance(v, bool) else str(v) for k, v in file_kafka.items()})
-    kafka.update(kafka_settings_from_env(environ))
-    if "kafka_option" in values:
-        kafka.update(_kafka_pairs(values.pop("kafka_option"), "command line / env / file"))
+    if any(opt.name == "kafka_option" for opt in options):
+        values.pop("kafka_option", None)
+        kafka.update(_kafka_pairs(_parse_list(config.get("kafka_option", [])), f"config file {config_path}"))
+        kafka.update(kafka_settings_from_env(environ))
+        kafka.update(_kafka_pairs(_parse_list(environ.get(KAFKA_OPTION_ENV, "")), f"env {KAFKA_OPTION_ENV}"))
+        kafka.update(_kafka_pairs(getattr(args, "kafka_option", None) or [], "command line"))
+    else:
+        kafka.update(kafka_settings_from_env(environ))
     values["kafka"] = kafka
     return values
 

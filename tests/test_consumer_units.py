@@ -81,12 +81,13 @@ def test_kafka_pass_through_merges_file_env_and_command_line_per_client(tmp_path
     config = tmp_path / "stream.toml"
     config.write_text('[kafka]\n"security.protocol" = "SASL_SSL"\n"sasl.mechanism" = "PLAIN"\n'
                       '"consumer.session.timeout.ms" = 6000\n')
-    env = {"RBSTREAM_KAFKA_SASL_MECHANISM": "SCRAM-SHA-512", "RBSTREAM_KAFKA_SASL_USERNAME": "alice"}
+    env = {"RBSTREAM_KAFKA_SASL_MECHANISM": "SCRAM-SHA-512", "RBSTREAM_KAFKA_SASL_USERNAME": "alice",
+           "RBSTREAM_KAFKA_OPTION": "client.id=rbstream-7,sasl.password=overridden-by-the-command-line"}
     values = settings.resolve(parse(REQUIRED + ["--config", str(config), "--kafka-option", "sasl.password=s3cret"]),
                               CONSUME_OPTIONS, env)
     assert values["kafka"] == {"security.protocol": "SASL_SSL", "sasl.mechanism": "SCRAM-SHA-512",
                                "sasl.username": "alice", "sasl.password": "s3cret",
-                               "consumer.session.timeout.ms": "6000"}
+                               "consumer.session.timeout.ms": "6000", "client.id": "rbstream-7"}
     consumer = settings.kafka_client_config(values, "consumer")
     producer = settings.kafka_client_config(values, "producer")
     assert consumer["session.timeout.ms"] == "6000" and "session.timeout.ms" not in producer
