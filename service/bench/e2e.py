@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import subprocess
 import sys
 import threading
@@ -191,14 +192,32 @@ def _wait_for(reader: OutputReader, keys: list[tuple[int, int]], consumer: subpr
         time.sleep(0.05)
 
 
+def cpu_seconds(pid: int | None = None) -> float:
+    """CPU time (user + system, all threads) of process ``pid``, or of this process."""
+    if pid is None:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
 def measure_run(inputs: InputTopic, reader: OutputReader, consumer: subprocess.Popen, messages: list[bytes],
-                count: int, rate: float | None) -> dict:
-    """One run: replay ``count`` alerts (at ``rate``, or flat out), wait for their outputs."""
+                count: int, rate: float | None, broker_pid: int) -> dict:
+    """One run: replay ``count`` alerts (at ``rate``, or flat out), wait for their outputs.
+
+    Also notes how many cores each process used meanwhile (CPU seconds / wall seconds):
+    the consumer, the broker, and this process (replay's producer and the output reader).
+    """
     first = inputs.next_offset
+    pids = {"consumer": consumer.pid, "broker": broker_pid, "replay_and_reader": None}
+    cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    wall_before = time.monotonic()
     start, end_produce = replay_alerts(reader.bootstrap, inputs.topic, messages, count, rate)
     inputs.next_offset += count
     keys = [(0, offset) for offset in range(first, first + count)]
     _wait_for(reader, keys, consumer)
+    wall = time.monotonic() - wall_before
+    cores = {f"cores_{name}": (cpu_seconds(pid) - cpu_before[name]) / wall for name, pid in pids.items()}
     done = {k: reader.arrival(k) for k in keys if reader.arrival(k) is not None}
     if not done:
         raise RuntimeError("no alert came out of the consumer")
@@ -209,7 +228,7 @@ def measure_run(inputs: InputTopic, reader: OutputReader, consumer: subprocess.P
             "produce_seconds": end_produce - start, "seconds": last - start,
             "throughput": len(done) / (last - start),
             "p50_ms": percentile(latencies, 50), "p99_ms": percentile(latencies, 99),
-            "max_ms": max(latencies)}
+            "max_ms": max(latencies), **cores}
 
 
 def in_process(messages: list[bytes], count: int, repeats: int, models, device: str, batch: int) -> list[dict]:
@@ -291,7 +310,8 @@ def run(args) -> Result:
         "RBSTREAM_ORT_SPINNING": os.environ.get("RBSTREAM_ORT_SPINNING", "unset (ONNX Runtime default: spinning)")})
     result.columns = [("mode", "run"), ("alerts", "alerts"), ("throughput", "alerts/s"),
                       ("p50_ms", "p50 latency, ms"), ("p99_ms", "p99 latency, ms"), ("max_ms", "max latency, ms"),
-                      ("missing", "missing")]
+                      ("missing", "missing"), ("cores_consumer", "consumer, cores busy"),
+                      ("cores_broker", "broker, cores busy"), ("cores_replay_and_reader", "replay + reader, cores busy")]
     topics = {"input": f"bench-alerts-{survey}", "output": "bench-scores", "dlq": "bench-dead-letters"}
     profile_path = out / "e2e-consumer.prof" if args.profile else None
     runs: dict[str, list[dict]] = {"fixed": [], "full": []}
@@ -304,11 +324,12 @@ def run(args) -> Result:
         reader = OutputReader(broker.bootstrap_servers, topics["input"], [topics["output"], topics["dlq"]])
         inputs = InputTopic(broker.bootstrap_servers, topics["input"])
         try:
-            warm = measure_run(inputs, reader, consumer, messages, WARM_UP_ALERTS, None)
+            warm = measure_run(inputs, reader, consumer, messages, WARM_UP_ALERTS, None, broker.process.pid)
             result.settings["warm_up"] = {"alerts": WARM_UP_ALERTS, "seconds": round(warm["seconds"], 2)}
             for _ in range(repeats):
-                runs["fixed"].append(measure_run(inputs, reader, consumer, messages, count, args.rate))
-                runs["full"].append(measure_run(inputs, reader, consumer, messages, count, None))
+                runs["fixed"].append(measure_run(inputs, reader, consumer, messages, count, args.rate,
+                                                  broker.process.pid))
+                runs["full"].append(measure_run(inputs, reader, consumer, messages, count, None, broker.process.pid))
         finally:
             reader.close()
             consumer.terminate()  # SIGTERM: the consumer finishes its batch, commits and exits 0
@@ -325,7 +346,9 @@ def run(args) -> Result:
         rows = runs[mode]
         result.rows.append({
             "mode": label, "alerts": count,
-            **{k: summarise([r[k] for r in rows], 2) for k in ("throughput", "p50_ms", "p99_ms", "max_ms")},
+            **{k: summarise([r[k] for r in rows], 2) for k in ("throughput", "p50_ms", "p99_ms", "max_ms",
+                                                               "cores_consumer", "cores_broker",
+                                                               "cores_replay_and_reader")},
             "missing": sum(r["missing"] for r in rows), "runs_detail": rows})
     full, fixed = result.rows[1], result.rows[0]
     result.rows += in_process(messages, min(count, 2048), repeats, args.models, args.device, args.batch_size or 256)
