@@ -45,7 +45,7 @@ CONSUME_OPTIONS: tuple[Option, ...] = COMMON_OPTIONS + (
            metavar="TOPIC"),
     Option("group_id", "rbstream", "consumer group id", metavar="GROUP"),
     Option("survey", "auto", "survey of the input stream; auto recognises each alert by its fields",
-           choices=SURVEY_CHOICES),
+           choices=SURVEY_CHOICES, metavar="{auto,ztf,rubin}"),
     Option("model", [], "model folder (or its model.onnx) to use instead of the default; SURVEY=PATH "
            "for one survey, or PATH alone (survey read from its model card); repeatable", kind="list",
            metavar="[SURVEY=]PATH"),
@@ -57,7 +57,7 @@ CONSUME_OPTIONS: tuple[Option, ...] = COMMON_OPTIONS + (
     Option("from_beginning", False, "start from the earliest offset when the group has no committed offset "
            "(else the latest)", kind="flag"),
     Option("device", "auto", "where to run the model: auto (CUDA when usable, else CPU), cpu, cuda, tensorrt",
-           choices=DEVICE_CHOICES),
+           choices=DEVICE_CHOICES, metavar="{auto,cpu,cuda,tensorrt}"),
     Option("metrics_port", None, "serve Prometheus /metrics on this port (0 or unset: off)",
            type=non_negative_int, metavar="PORT"),
     Option("schema_registry_url", None, "Confluent schema registry: read Rubin wire-format schemas from it and "
@@ -219,6 +219,20 @@ class AlertConsumer:
                  s["group_id"], s["survey"], s["output_topic"], s["dlq_topic"], s["batch_size"],
                  s["max_wait_ms"], models)
         metrics.record_models(self.scorers)
+        self._check_topics()
+
+    def _check_topics(self) -> None:
+        """Warn early about output topics the broker does not know (unless it auto-creates them,
+        their records would wait for ``message.timeout.ms`` before failing)."""
+        try:
+            known = self._consumer.list_topics(timeout=10).topics
+        except Exception as exc:  # KafkaException: the broker is not reachable yet; the loop will retry
+            log.warning("cannot list the broker's topics yet: %s", exc)
+            return
+        for topic in (self.settings["input_topic"], self.settings["output_topic"], self.settings["dlq_topic"]):
+            if topic not in known:
+                log.warning("topic %s does not exist (yet); it must be created unless the broker auto-creates "
+                            "topics", topic)
 
     def run(self) -> int:
         """Consume until `stop` is called; returns the exit code (0 after a clean stop)."""

@@ -269,3 +269,21 @@ def test_survey_hint_for_metrics_of_undecodable_messages():
     assert pipeline.survey_hint(ztf_jpeg_files()[0].read_bytes()) == "ztf"
     assert pipeline.survey_hint(b"\x00\x00\x00\x02\xc0rest") == "rubin"
     assert pipeline.survey_hint(b"junk") == pipeline.UNKNOWN_SURVEY
+
+
+def test_consumer_lag_metric_from_librdkafka_statistics():
+    """The lag gauge follows librdkafka's statistics document (STATISTICS.md: topics.partitions.consumer_lag)."""
+    from prometheus_client import REGISTRY
+
+    from service.consumer import AlertConsumer
+
+    topic = "lag-test-topic"
+    stats = {"brokers": {"127.0.0.1:9092/1": {"nodeid": 1, "state": "UP"}},
+             "topics": {topic: {"partitions": {"0": {"consumer_lag": 42}, "1": {"consumer_lag": -1},
+                                               "-1": {"consumer_lag": 7}}}}}
+    consumer = AlertConsumer({**settings.resolve(parse(REQUIRED), CONSUME_OPTIONS, {})}, scorers={})
+    consumer._on_stats(json.dumps(stats))
+    assert REGISTRY.get_sample_value("rbstream_consumer_lag", {"topic": topic, "partition": "0"}) == 42
+    assert REGISTRY.get_sample_value("rbstream_consumer_lag", {"topic": topic, "partition": "1"}) is None
+    assert REGISTRY.get_sample_value("rbstream_consumer_lag", {"topic": topic, "partition": "-1"}) is None
+    assert consumer.broker_up
