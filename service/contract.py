@@ -120,7 +120,8 @@ class StampContract:
         )
 
 
-def fit_stamp(image: np.ndarray, size: int, centre: Sequence[float] | None = None) -> np.ndarray:
+def fit_stamp(image: np.ndarray, size: int, centre: Sequence[float] | None = None,
+              out: np.ndarray | None = None) -> np.ndarray:
     """Centre-crop or NaN-pad one cutout to ``size x size`` around the source.
 
     Parameters
@@ -134,6 +135,8 @@ def fit_stamp(image: np.ndarray, size: int, centre: Sequence[float] | None = Non
         geometric centre, ``((rows - 1) / 2, (cols - 1) / 2)``, rounded down; a
         decoder that knows the cutout was truncated at a CCD edge passes the
         true position so that the source still lands on the stamp centre.
+    out : ndarray, optional
+        float32 ``(size, size)`` array to fill in place (e.g. a row of a batch buffer).
 
     Returns
     -------
@@ -148,9 +151,12 @@ def fit_stamp(image: np.ndarray, size: int, centre: Sequence[float] | None = Non
         centre = ((rows - 1) // 2, (cols - 1) // 2)
     r0 = int(np.floor(centre[0] + 0.5)) - (size - 1) // 2
     c0 = int(np.floor(centre[1] + 0.5)) - (size - 1) // 2
-    out = np.full((size, size), np.nan, dtype=np.float32)
+    if out is None:
+        out = np.empty((size, size), dtype=np.float32)
     src_r = slice(max(r0, 0), min(r0 + size, rows))
     src_c = slice(max(c0, 0), min(c0 + size, cols))
+    if src_r.stop - src_r.start < size or src_c.stop - src_c.start < size:
+        out.fill(np.nan)  # only stamps that need padding pay for the fill
     if src_r.start < src_r.stop and src_c.start < src_c.stop:
         out[src_r.start - r0 : src_r.stop - r0, src_c.start - c0 : src_c.stop - c0] = image[src_r, src_c]
     return out
@@ -179,13 +185,14 @@ def assemble(
     StampError
         When a cutout the model needs is missing or has no finite pixel.
     """
-    missing = [name for name in contract.raw_inputs if name not in images or images[name] is None]
+    raw_inputs = contract.raw_inputs
+    missing = [name for name in raw_inputs if name not in images or images[name] is None]
     if missing:
-        raise StampError(f"missing cutout(s) {missing}; this model needs {list(contract.raw_inputs)}")
+        raise StampError(f"missing cutout(s) {missing}; this model needs {list(raw_inputs)}")
     if out is None:
         out = np.empty(contract.input_shape, dtype=np.float32)
-    for i, name in enumerate(contract.raw_inputs):
-        out[i] = fit_stamp(images[name], contract.size, centre)
+    for i, name in enumerate(raw_inputs):
+        fit_stamp(images[name], contract.size, centre, out=out[i])
         if not np.isfinite(out[i]).any():
             raise StampError(f"cutout {name!r} has no finite pixel near the source")
     return out
