@@ -19,12 +19,14 @@ wire format with the official schema of its version; replay and tests use it.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
 import re
 import struct
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -45,6 +47,8 @@ ENV_RUBIN_SCHEMA_VERSION = "RBSTREAM_RUBIN_SCHEMA_VERSION"
 
 #: Distinct writer schemas kept per store; a stream has a handful, hostile input could have many.
 MAX_CACHED_SCHEMAS = 64
+#: Seconds an id found unknown stays unknown before it is looked up again (it may be registered later).
+MISS_TTL_SECONDS = 30.0
 
 
 class UnknownSchema(LookupError):
@@ -316,7 +320,8 @@ _PACKAGE_LOCK = threading.Lock()
 _PACKAGE_SCHEMAS: dict[tuple[int, int], dict] = {}
 
 
-def rubin_versions() -> list[tuple[int, int]]:
+@functools.lru_cache(maxsize=1)
+def rubin_versions() -> tuple[tuple[int, int], ...]:
     """Every Rubin alert schema version shipped in ``lsst-alert-packet``, oldest first."""
     from lsst.alert.packet import get_schema_root
 
@@ -330,7 +335,7 @@ def rubin_versions() -> list[tuple[int, int]]:
                 f"lsst.v{major.name}_{minor.name}.alert.avsc"
             ).is_file():
                 versions.append((int(major.name), int(minor.name)))
-    return sorted(versions)
+    return tuple(sorted(versions))
 
 
 def latest_rubin_version() -> tuple[int, int]:
@@ -392,6 +397,7 @@ class SchemaStore:
         self.timeout = timeout
         self._by_text = _LRU(MAX_CACHED_SCHEMAS)
         self._by_id = _LRU(MAX_CACHED_SCHEMAS)
+        self._misses = _LRU(MAX_CACHED_SCHEMAS)
         self._client = None
 
     @classmethod
@@ -432,12 +438,21 @@ class SchemaStore:
             When neither the registry nor ``lsst-alert-packet`` knows the id.
         """
         cached = self._by_id.get(schema_id)
-        if cached is None:
+        if cached is not None:
+            return cached
+        miss = self._misses.get(schema_id)
+        if miss is not None and time.monotonic() - miss[0] < MISS_TTL_SECONDS:
+            # A stream of messages with a bad id must not mean one registry request each.
+            raise UnknownSchema(miss[1])
+        try:
             if self.registry_url:
                 cached = parse_writer_schema(self._fetch_from_registry(schema_id))
             else:
                 cached = parse_writer_schema(self._package_definition(schema_id))
-            self._by_id.put(schema_id, cached)
+        except UnknownSchema as exc:
+            self._misses.put(schema_id, (time.monotonic(), str(exc)))
+            raise
+        self._by_id.put(schema_id, cached)
         return cached
 
     def _package_definition(self, schema_id: int) -> dict:

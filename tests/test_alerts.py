@@ -218,8 +218,10 @@ class _Registry(BaseHTTPRequestHandler):
     """A minimal Confluent-compatible schema registry: GET /schemas/ids/{id}."""
 
     known: dict[int, str] = {}
+    requests: list[str] = []
 
     def do_GET(self):  # noqa: N802 - http.server's naming
+        self.requests.append(self.path)
         match = re.fullmatch(r"/schemas/ids/(\d+)", self.path)
         text = self.known.get(int(match.group(1))) if match else None
         body = json.dumps({"schema": text} if text else {"error_code": 40403, "message": "Schema not found"})
@@ -235,6 +237,7 @@ class _Registry(BaseHTTPRequestHandler):
 @pytest.fixture
 def registry_url():
     _Registry.known = {17: json.dumps(schemas.official_rubin_schema("9.0"))}
+    _Registry.requests = []
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Registry)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -250,9 +253,14 @@ def test_schema_registry_resolves_ids(registry_url):
     (alert,) = decode_message(wire, schemas=store)
     assert alert.candidate_id == decode_message(data)[0].candidate_id
     # The id now in the package's convention (900) is unknown to this registry: no fallback.
-    with pytest.raises(DecodeError) as caught:
-        decode_message(schemas.to_wire_format(data, version="9.0"), schemas=store)
-    assert caught.value.kind == "schema" and "900" in caught.value.reason
+    unknown = schemas.to_wire_format(data, version="9.0")
+    for _ in range(3):
+        with pytest.raises(DecodeError) as caught:
+            decode_message(unknown, schemas=store)
+        assert caught.value.kind == "schema" and "900" in caught.value.reason
+    decode_message(wire, schemas=store)
+    # Each id was asked once: known ones are cached, unknown ones remembered for a while.
+    assert _Registry.requests == ["/schemas/ids/17", "/schemas/ids/900"]
 
 
 def test_unreachable_registry_is_a_schema_error():
