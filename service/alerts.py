@@ -205,6 +205,8 @@ class LazyRecord(Mapping):
     Scoring needs a few fields, which `decode_message` reads with a reduced reader
     schema; the whole record (histories of hundreds of fields) is only decoded when
     someone looks at it, e.g. to re-publish the alert. It behaves as a read-only dict.
+    A message whose history is corrupt (but whose ids and cutouts are fine) is scored,
+    and raises `DecodeError` here, on first access.
     """
 
     __slots__ = ("_message", "_index", "_schemas", "_record")
