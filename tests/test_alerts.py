@@ -488,3 +488,15 @@ def test_stamp_that_mimics_a_cutout_tail_still_decodes_right():
     (alert,) = decode_message(data)  # ...and decode_message was not
     for key in CUTOUT_FIELDS:
         assert alert.images[key].tobytes() == truth.images[key].tobytes(), key
+
+
+def test_scoring_reader_schema_exists_for_every_known_writer():
+    # Without it decoding stays right but reads every history in full: keep it derivable.
+    store = schemas.SchemaStore()
+    for version in schemas.rubin_versions():
+        assert store.schema_for_id(schemas.rubin_schema_id(*version)).reader is not None, version
+    for path in ztf_fits_files() + ztf_jpeg_files() + rubin_files():
+        writer = store.container_schema(schemas.read_container_header(path.read_bytes())[0]["avro.schema"])
+        assert writer.reader is not None, path.name
+        if writer.survey == "ztf":
+            assert writer.head is not None and writer.tail is not None, path.name
