@@ -96,7 +96,7 @@ def simulated(config, contract: StampContract, progress: bool = False) -> dict[s
     for offset, split in enumerate(SPLITS):
         # each split has its own seed, so the test set never overlaps the training set
         d = simulate(profile, sizes[split], seed=config.seed * 10 + offset, config=config.simulator,
-                     progress=progress)
+                     progress=progress, workers=config.threads)
         out[split] = Dataset(to_contract(d["stamps"], d["channels"], contract), d["labels"], d["kinds"])
     return out
 

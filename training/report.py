@@ -133,10 +133,12 @@ def plot_det(labels, scores, path: Path, threshold: float | None = None, title: 
         s = np.asarray(scores)
         ax.plot(probit((s[~y] >= threshold).mean()), probit((s[y] < threshold).mean()), "o",
                 label=f"threshold {threshold:g}")
-    ticks = [1e-4, 1e-3, 1e-2, 0.05, 0.2, 0.5]
+    ticks = [1e-3, 1e-2, 0.05, 0.2, 0.5]
     ax.set_xticks(probit(ticks), [f"{t:g}" for t in ticks])
     ax.set_yticks(probit(ticks), [f"{t:g}" for t in ticks])
-    ax.set(xlabel="false-positive rate", ylabel="false-negative rate", title=f"DET {title}".strip())
+    limits = (float(probit(5e-4)), float(probit(0.6)))
+    ax.set(xlabel="false-positive rate", ylabel="false-negative rate", title=f"DET {title}".strip(),
+           xlim=limits, ylim=limits)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

@@ -408,7 +408,7 @@ def _add_bad_pixel(scene: _Scene, rng, centre, noise_adu, zero_point_ratio, trut
         if flavour == "hot_science":
             scene.artifact_science[r, c] += amplitude
         elif flavour == "hot_template":
-            scene.artifact_template[r, c] += amplitude * zero_point_ratio / np.sqrt(4.0)
+            scene.artifact_template[r, c] += amplitude * zero_point_ratio
         else:
             scene.dead_science[r, c] = True
     truth["bad_pixel"] = str(flavour)
@@ -462,9 +462,21 @@ def draw_kinds(n: int, seed: int, config: SimulatorConfig) -> np.ndarray:
     return rng.choice(np.array(KINDS), size=n, p=probabilities)
 
 
+def _simulate_range(profile: SurveyProfile, seed: int, kinds: np.ndarray, start: int,
+                    config: SimulatorConfig) -> np.ndarray:
+    """Stamps ``start .. start + len(kinds)`` of a data set (a worker's share)."""
+    size = profile.stamp_size
+    stamps = np.empty((len(kinds), len(RAW_IMAGES), size, size), dtype=np.float32)
+    for k, kind in enumerate(kinds):
+        triplet = simulate_triplet(profile, np.random.default_rng([seed, start + k]), str(kind), config)
+        for j, name in enumerate(RAW_IMAGES):
+            stamps[k, j] = triplet.images[name]
+    return stamps
+
+
 def simulate(profile: SurveyProfile, n: int, seed: int, config: SimulatorConfig | None = None,
-             progress: bool = False) -> dict[str, np.ndarray]:
-    """Simulate ``n`` triplets.
+             progress: bool = False, workers: int = 1) -> dict[str, np.ndarray]:
+    """Simulate ``n`` triplets, in ``workers`` processes (the result does not depend on it).
 
     Returns
     -------
@@ -474,16 +486,30 @@ def simulate(profile: SurveyProfile, n: int, seed: int, config: SimulatorConfig 
     """
     config = config or SimulatorConfig()
     kinds = draw_kinds(n, seed, config)
-    size = profile.stamp_size
-    stamps = np.empty((n, len(RAW_IMAGES), size, size), dtype=np.float32)
-    labels = np.empty(n, dtype=np.int64)
-    iterator = range(n)
+    labels = np.isin(kinds, REAL_KINDS).astype(np.int64)
+    block = 2000
+    starts = list(range(0, n, block))
+    bar = None
     if progress:
         from tqdm import tqdm
-        iterator = tqdm(iterator, desc=f"simulating {profile.name}", unit="stamp", leave=False)
-    for i in iterator:
-        triplet = simulate_triplet(profile, np.random.default_rng([seed, i]), str(kinds[i]), config)
-        for j, name in enumerate(RAW_IMAGES):
-            stamps[i, j] = triplet.images[name]
-        labels[i] = triplet.label
+        bar = tqdm(total=n, desc=f"simulating {profile.name}", unit="stamp", leave=False)
+    parts = []
+    if workers > 1 and n > block:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(workers) as pool:
+            futures = [pool.submit(_simulate_range, profile, seed, kinds[s:s + block], s, config) for s in starts]
+            for future in futures:
+                parts.append(future.result())
+                if bar is not None:
+                    bar.update(len(parts[-1]))
+    else:
+        for s in starts:
+            parts.append(_simulate_range(profile, seed, kinds[s:s + block], s, config))
+            if bar is not None:
+                bar.update(len(parts[-1]))
+    if bar is not None:
+        bar.close()
+    size = profile.stamp_size
+    stamps = np.concatenate(parts) if parts else np.empty((0, len(RAW_IMAGES), size, size), np.float32)
     return {"stamps": stamps, "labels": labels, "kinds": kinds.astype(str), "channels": np.array(RAW_IMAGES)}
