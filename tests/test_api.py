@@ -253,6 +253,32 @@ def test_concurrent_requests_share_one_inference_call():
     assert len({r.json()["results"][0]["score"] for r in responses}) == 1
 
 
+def test_inference_runs_off_the_event_loop():
+    """While a batch is being scored (here: held inside the model call), the app still answers."""
+    entered, release = threading.Event(), threading.Event()
+    scorer = real_scorers()["ztf"]
+
+    class HeldScorer(CountingScorer):
+        def score(self, stamps):
+            entered.set()
+            release.wait(30)
+            return super().score(stamps)
+
+    app = create_app({"ztf": HeldScorer(scorer)}, ApiSettings(max_wait_ms=0), auth=TokenAuth())
+
+    async def scenario():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://api") as http:
+            pending = asyncio.create_task(http.post("/classify", json=good_request()))
+            assert await asyncio.to_thread(entered.wait, 30)
+            health = await http.get("/healthz")  # would hang if inference blocked the loop
+            still_pending = not pending.done()
+            release.set()
+            return health.status_code, still_pending, (await pending).status_code
+
+    assert asyncio.run(scenario()) == (200, True, 200)
+
+
 def test_batcher_splits_large_requests_and_bounds_batches():
     calls = []
 
