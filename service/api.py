@@ -197,14 +197,15 @@ def create_app(scorers: Mapping | None = None, settings: ApiSettings | None = No
         the source exactly as for alerts read from Kafka, so a given alert gets the same score here
         and from the stream.
         """
-        body = await _read_body(request, settings.max_body_bytes)
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if content_type in RAW_CONTENT_TYPES:
+        is_raw = content_type in RAW_CONTENT_TYPES
+        if not is_raw and not (content_type in JSON_CONTENT_TYPES or content_type.endswith("+json")):
+            raise ApiError(415, f"unsupported content type {content_type!r}; send application/json, or a raw "
+                                f"alert as one of {sorted(RAW_CONTENT_TYPES)}")
+        body = await _read_body(request, settings.max_body_bytes)
+        if is_raw:
             return await classify_service.classify_alert(body, survey)
-        if content_type in JSON_CONTENT_TYPES or content_type.endswith("+json"):
-            return await classify_service.classify_json(body)
-        raise ApiError(415, f"unsupported content type {content_type!r}; send application/json, or a raw alert "
-                            f"as one of {sorted(RAW_CONTENT_TYPES)}")
+        return await classify_service.classify_json(body)
 
     @app.get("/healthz", response_model=HealthResponse, tags=["operations"], summary="Liveness: the process serves")
     async def healthz() -> HealthResponse:
