@@ -271,6 +271,8 @@ class _Classifier:
             raise ApiError(400, f"malformed JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
         except RecursionError:
             raise ApiError(400, "malformed JSON: nested too deeply") from None
+        except ValueError as exc:  # e.g. an integer of more digits than Python converts (4300)
+            raise ApiError(400, f"malformed JSON: {exc}") from None
         request = self._validate(document)
         default_survey = request.survey or self._default_survey()
         prepared = []

@@ -86,6 +86,11 @@ def test_deeply_nested_json(client):
     refused(client, 400, "nested too deeply", content=b"[" * 100_000 + b"]" * 100_000)
 
 
+def test_json_number_with_too_many_digits(client):
+    """Python refuses to convert integers of more than 4300 digits: a 400, not a crash."""
+    refused(client, 400, "malformed JSON", "digits", content=b'{"candidates": [{"id": ' + b"7" * 5000 + b"}]}")
+
+
 def test_json_that_is_not_an_object(client):
     refused(client, 422, "must be a JSON object", content=b"42")
 

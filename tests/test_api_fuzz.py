@@ -56,6 +56,19 @@ def test_random_json_documents(client, document):
     check(client.post("/classify", content=json.dumps(document).encode(), headers={"content-type": "application/json"}))
 
 
+# Almost-JSON text: the tokens of a request in random order, with the literals that trip parsers
+# (an integer past Python's 4300-digit conversion limit, 1e999, NaN, lone surrogates).
+tokens = st.sampled_from(['{', '}', '[', ']', ',', ':', '"candidates"', '"survey"', '"science"', '"template"',
+                          '"difference"', '"id"', '"centre"', '"ztf"', '"rubin"', 'null', 'true', 'NaN', 'Infinity',
+                          '-Infinity', '0', '-1.5e3', '1e999', '7' * 5000, '"\\ud800"', '"SIMPLE"', ' '])
+
+
+@FUZZ
+@given(text=st.lists(tokens, max_size=60).map("".join))
+def test_random_almost_json_text(client, text):
+    check(client.post("/classify", content=text.encode(), headers={"content-type": "application/json"}))
+
+
 @FUZZ
 @given(survey=st.sampled_from([None, "ztf", "rubin"]), batch=st.lists(candidates, min_size=1, max_size=3))
 def test_random_candidates(client, survey, batch):
