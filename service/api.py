@@ -254,6 +254,7 @@ class _Classifier:
         # Parsing and pixel work are CPU-bound: a worker thread keeps the event loop answering.
         prepared = await run_in_threadpool(self._prepare_json, body)
         scores = await self._score_rows(prepared)
+        _check_finite(scores, "candidate")
         results = []
         for (survey, _, ident), score in zip(prepared, scores):
             results.append(self._result(survey, ident, score))
@@ -348,6 +349,7 @@ class _Classifier:
         results = []
         for batch in batches:
             scores = await self.batchers[batch.survey].score(batch.stamps)
+            _check_finite(scores, "alert")
             self._observe_scores(batch.survey, scores)
             results.extend(self._result(batch.survey, alert.candidate_id, score, object_id=alert.object_id)
                            for alert, score in zip(batch.alerts, scores))
@@ -399,6 +401,14 @@ class _Classifier:
         return ScoreResult(id=ident, object_id=object_id, survey=survey, score=score,
                            label="real" if score >= card.threshold else "bogus", threshold=card.threshold,
                            model=card.name, model_version=card.version)
+
+
+def _check_finite(scores: np.ndarray, what: str) -> None:
+    """A model that cannot score some input (NaN out) is the input's problem to report, not a crash."""
+    bad = np.flatnonzero(~np.isfinite(scores))
+    if len(bad):
+        raise ApiError(422, f"{what} {int(bad[0])}: the model gave no finite score ({scores[bad[0]]}); its stamps "
+                            "are probably degenerate (constant, or a handful of pixels)", candidate=int(bad[0]))
 
 
 async def _read_body(request: Request, limit: int) -> bytes:

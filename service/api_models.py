@@ -91,7 +91,9 @@ class ScoreResult(BaseModel):
     object_id: str | None = Field(
         None, description="Raw alerts only: ZTF `objectId` or Rubin `diaObject.diaObjectId`.")
     survey: Survey = Field(..., description="Survey whose model gave the score.")
-    score: float = Field(..., ge=0.0, le=1.0, description="Probability that the detection is real.")
+    # The range is documented, not enforced: an answer is never turned into a 500 by its own check.
+    score: float = Field(..., description="Probability that the detection is real.",
+                         json_schema_extra={"minimum": 0.0, "maximum": 1.0})
     label: Literal["real", "bogus"] = Field(
         ..., description="`real` when `score` >= `threshold`, else `bogus`.")
     threshold: float = Field(..., description="The model's decision threshold (from its model card).")

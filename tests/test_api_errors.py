@@ -8,6 +8,7 @@ import base64
 import gzip
 import json
 
+import numpy as np
 import pytest
 
 from api_support import assert_still_serving, candidate_json, decoded, good_request, make_client, real_scorers
@@ -356,3 +357,22 @@ async def _call(app, receive, headers):
     await app(scope, receive, send)
     status = next(m["status"] for m in sent if m["type"] == "http.response.start")
     return status, b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+
+
+def test_model_giving_no_finite_score():
+    """A model that answers NaN for some stamps (a user-supplied one, say) gives a 422 naming the candidate."""
+
+    class NaNForFlatStamps:
+        def __init__(self, scorer):
+            self.card, self.provider, self.contract, self.scorer = scorer.card, scorer.provider, scorer.contract, scorer
+
+        def score(self, stamps):
+            scores = self.scorer.score(stamps)
+            flat = np.nanstd(stamps.reshape(len(stamps), -1), axis=1) == 0
+            return np.where(flat, np.float32("nan"), scores)
+
+    with make_client({"ztf": NaNForFlatStamps(real_scorers()["ztf"])}) as c:
+        flat = [[5.0] * 63 for _ in range(63)]
+        body = good_request()
+        body["candidates"].append({"id": "flat", "science": flat, "template": flat, "difference": flat})
+        refused(c, 422, "candidate 1", "no finite score", json_body=body, candidate=1)
