@@ -94,7 +94,9 @@ class ApiError(Exception):
 
     def response(self) -> JSONResponse:
         body = ErrorResponse(detail=self.detail, candidate=self.candidate, stamp=self.stamp, errors=self.errors)
-        return JSONResponse(body.model_dump(exclude_none=True), status_code=self.status)
+        # ASCII-escaped: a message quoting a client's field name that holds a lone surrogate still encodes.
+        return Response(json.dumps(body.model_dump(exclude_none=True), ensure_ascii=True), status_code=self.status,
+                        media_type="application/json")
 
 
 _ERRORS = {

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, WithJsonSchema
+from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, WithJsonSchema, field_validator
 
 #: Surveys a request may name; each has its own model.
 Survey = Literal["ztf", "rubin"]
@@ -60,6 +60,17 @@ class Candidate(BaseModel):
             "geometric centre (cutouts truncated at a CCD edge). The cutouts are centre-cropped or "
             "padded to the model's stamp size around it."),
         examples=[[31.0, 31.0]])
+
+    @field_validator("id")
+    @classmethod
+    def _id_is_unicode(cls, value):
+        # JSON may escape a lone UTF-16 surrogate ("\ud800"), which no UTF-8 answer can echo back.
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError("must be valid Unicode text (it holds a lone surrogate)") from None
+        return value
 
 
 class ClassifyRequest(BaseModel):

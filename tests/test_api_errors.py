@@ -251,6 +251,19 @@ def test_id_of_the_wrong_type(client, stamp):
     refused(client, 422, "candidate 0", "'id'", json_body=body)
 
 
+def test_id_with_a_lone_surrogate(client):
+    """JSON can escape half a UTF-16 pair ("\\ud800"); such an id cannot be echoed in UTF-8: refused."""
+    body = good_request()
+    body["candidates"][0]["id"] = "SURROGATE"
+    text = json.dumps(body).replace('"SURROGATE"', '"\\ud800x"')
+    refused(client, 422, "candidate 0", "'id'", "lone surrogate", content=text.encode(), candidate=0)
+
+
+def test_unknown_field_named_with_a_lone_surrogate(client):
+    text = json.dumps(good_request()).replace('{"survey"', '{"\\udc80": 1, "survey"', 1)
+    refused(client, 422, "unicode string", content=text.encode())
+
+
 # ---- limits ----------------------------------------------------------------------------------------
 
 def test_too_many_candidates(client):
