@@ -166,6 +166,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="replay Rubin alerts as Avro containers instead of the Confluent wire format")
     parser.add_argument("--exit-after-replay", action="store_true",
                         help="stop once every replayed alert is accounted for (else serve until Ctrl-C)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show the service's INFO logs between the score lines (default: warnings only)")
 
 
 def _start_api(scorers, host: str, port: int, readiness_checks):
@@ -216,6 +218,10 @@ def main(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+    if not args.verbose:
+        # One line per alert reads best without the INFO logs of every part in between.
+        service_log = logging.getLogger("service")
+        service_log.setLevel(max(service_log.getEffectiveLevel(), logging.WARNING))
 
     samples = [Path(p) for p in args.samples]
     try:
