@@ -287,3 +287,15 @@ def test_consumer_lag_metric_from_librdkafka_statistics():
     assert REGISTRY.get_sample_value("rbstream_consumer_lag", {"topic": topic, "partition": "1"}) is None
     assert REGISTRY.get_sample_value("rbstream_consumer_lag", {"topic": topic, "partition": "-1"}) is None
     assert consumer.broker_up
+
+
+def test_tail_shows_a_republished_alert_as_its_ids_and_score(scorers):
+    from service.tail import message_json
+
+    messages = _messages(ztf_fits_files()[:1] + rubin_files()[:1])
+    outcome = BatchProcessor(scorers, records.RecordEncoder("scores"), republish_alert=True).process(messages)
+    ztf, rubin = (message_json(out.value, {}) for out in outcome.scores)
+    (ztf,), (rubin,) = ztf, rubin
+    assert set(ztf) == {"objectId", "candid", "rbstream"} and ztf["candid"] == outcome.scores[0].record["candidate_id"]
+    assert "diaSourceId" in rubin and rubin["rbstream"]["score"] == outcome.scores[1].record["score"]
+    assert json.dumps([ztf, rubin])  # JSON-ready: no cutout bytes, datetimes as text
