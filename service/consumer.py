@@ -29,6 +29,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from service import metrics
 from service.pipeline import BatchProcessor, Outcome, Outgoing, SourceMessage, dead_letter
+from service.records import RegistryError
 from service.settings import (COMMON_OPTIONS, Option, SettingsError, add_options, kafka_client_config,
                               non_negative_int, positive_int, redact, resolve)
 
@@ -315,12 +316,16 @@ class AlertConsumer:
         """
         try:
             return self.processor.process(sources)
+        except RegistryError as exc:
+            raise PublishError(str(exc)) from exc
         except Exception:
             log.exception("batch of %d failed as a whole; retrying message by message", len(sources))
         outcome = Outcome()
         for source in sources:
             try:
                 single = self.processor.process([source])
+            except RegistryError as exc:
+                raise PublishError(str(exc)) from exc
             except Exception as exc:
                 single = Outcome(dead_letters=[dead_letter(source, "decode", f"internal error: {exc!r}")])
             outcome.scores += single.scores

@@ -212,6 +212,8 @@ class BatchProcessor:
         for group in by_source.values():
             try:
                 group[0].value = self.annotated_alert(group[0].source.value, [o.record for o in group])
+            except records.RegistryError:
+                raise  # an outage: the consumer stops without committing (see service.consumer)
             except Exception as exc:
                 log.warning("cannot re-publish alert at %s/%d/%d: %s", group[0].source.topic,
                             group[0].source.partition, group[0].source.offset, exc)

@@ -56,6 +56,10 @@ class RecordError(ValueError):
     """Bytes that are not a record this module can read."""
 
 
+class RegistryError(RuntimeError):
+    """The schema registry cannot be reached or refuses a schema: an outage, not a bad alert."""
+
+
 @lru_cache(maxsize=1)
 def score_schema() -> dict:
     """The score record schema (``score_record.avsc``) as a dict."""
@@ -116,11 +120,16 @@ class SchemaRegistry:
         text = json.dumps(schema, sort_keys=True)
         key = (subject, text)
         if key not in self._ids:
-            response = self._client.post(f"{self.url}/subjects/{subject}/versions", json={"schema": text},
-                                         headers={"Content-Type": "application/vnd.schemaregistry.v1+json"})
+            import httpx
+
+            try:
+                response = self._client.post(f"{self.url}/subjects/{subject}/versions", json={"schema": text},
+                                             headers={"Content-Type": "application/vnd.schemaregistry.v1+json"})
+            except httpx.HTTPError as exc:
+                raise RegistryError(f"schema registry {self.url} unreachable: {exc}") from None
             if response.status_code >= 400:
-                raise RecordError(f"schema registry {self.url}: registering {subject} failed: "
-                                  f"{response.status_code} {response.text[:200]}")
+                raise RegistryError(f"schema registry {self.url}: registering {subject} failed: "
+                                    f"{response.status_code} {response.text[:200]}")
             self._ids[key] = int(response.json()["id"])
             self._by_id[self._ids[key]] = dict(schema)
         return self._ids[key]

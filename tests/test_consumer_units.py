@@ -299,3 +299,15 @@ def test_tail_shows_a_republished_alert_as_its_ids_and_score(scorers):
     assert set(ztf) == {"objectId", "candid", "rbstream"} and ztf["candid"] == outcome.scores[0].record["candidate_id"]
     assert "diaSourceId" in rubin and rubin["rbstream"]["score"] == outcome.scores[1].record["score"]
     assert json.dumps([ztf, rubin])  # JSON-ready: no cutout bytes, datetimes as text
+
+
+def test_an_unreachable_registry_stops_the_batch_instead_of_dead_lettering_it(scorers):
+    """A registry outage is not the alerts' fault: nothing is published or committed (exit 1, re-read later)."""
+    from service.broker import free_port
+    from service.consumer import AlertConsumer, PublishError
+
+    url = f"http://127.0.0.1:{free_port()}"
+    values = settings.resolve(parse(REQUIRED + ["--schema-registry-url", url]), CONSUME_OPTIONS, {})
+    consumer = AlertConsumer(values, scorers)
+    with pytest.raises(PublishError, match="unreachable"):
+        consumer.process(_messages(ztf_fits_files()[:2]))
