@@ -17,10 +17,10 @@ from service import replay
 from streaming import (committed, consumer_settings, create_topic, default_models, read_topic,  # noqa: F401
                        running_consumer, scorers, wait_for)
 
-pytestmark = pytest.mark.kafka
+pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
 BATCH_SIZE = 8
-REPEAT = 12   # 384 messages at 32/s: 12 s of stream, enough for two group joins
+REPEAT = 20   # 640 messages at 32/s: 20 s of stream, ample time for two group joins and a rebalance
 
 
 def test_partitions_move_to_a_new_consumer_without_loss(broker, scorers):
