@@ -252,3 +252,30 @@ def test_alert_files_source_uses_the_service_decoder(tmp_path):
                   data={"source": "alerts", "alerts": str(files[0].parent), "labels": str(labels_csv)})
     card = train(config, tmp_path / "run")  # the JPEG prototypes are skipped with a warning
     assert card["data"]["source"] == "alerts" and sum(card["data"]["size"].values()) == len(files)
+
+
+def test_defaults_trains_and_publishes_each_survey(tmp_path, monkeypatch):
+    """`rbstream train --defaults` (make train): one run folder and one published model per survey.
+    The built-in configs are swapped for tiny ones so that this takes seconds."""
+    import argparse
+
+    import training.cli
+    import training.config
+
+    def tiny_builtin(survey):
+        raw = {**TINY, "survey": survey, "name": f"tiny-{survey}", "input": {"size": 16}}
+        return write_toml(tmp_path / f"{survey}.toml", raw)
+
+    monkeypatch.setattr(training.config, "builtin_config", tiny_builtin)
+    parser = argparse.ArgumentParser()
+    training.cli.add_arguments(parser)
+    args = parser.parse_args(["--defaults", "--surveys", "ztf", "rubin", "--models-dir", str(tmp_path / "models"),
+                              "--out", str(tmp_path / "runs")])
+    assert training.cli.main(args) == 0
+    for survey in ("ztf", "rubin"):
+        assert (tmp_path / "runs" / f"default-{survey}" / "checkpoints").is_dir()
+        folder = tmp_path / "models" / survey
+        assert {p.name for p in folder.iterdir()} == {"model.onnx", "model_card.json", "history.png", "roc.png",
+                                                       "det.png"}
+        scorer = Scorer(folder, device="cpu")
+        assert scorer.card.survey == survey and scorer.card.name == f"tiny-{survey}"

@@ -16,6 +16,7 @@ import logging
 import os
 import shutil
 import subprocess
+import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -73,7 +74,8 @@ def export_onnx(net: RealBogusNet, path: Path, check_stamps: np.ndarray, opset: 
     example = torch.from_numpy(np.ascontiguousarray(check_stamps[:2], dtype=np.float32))
     tmp = path.with_suffix(".tmp.onnx")
     # The exporter prints its progress on stdout; keep the training log readable.
-    with contextlib.redirect_stdout(io.StringIO()):
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.export's own deprecation chatter
         torch.onnx.export(graph, (example,), str(tmp), input_names=[ONNX_INPUT], output_names=[ONNX_OUTPUT],
                           opset_version=opset, dynamo=True, external_data=False, verbose=False,
                           dynamic_shapes={"stamps": {0: torch.export.Dim("batch", min=1)}})

@@ -207,6 +207,7 @@ def train(config: TrainConfig, run_dir: str | Path, resume: str | Path | None = 
     if normalised:
         train_x = _normalise_all(net, train_set.stamps)
         valid_x = _normalise_all(net, valid_set.stamps)
+        train_set.stamps = valid_set.stamps = None  # the raw copies are not needed any more (memory)
     else:
         train_x, valid_x = torch.from_numpy(train_set.stamps), torch.from_numpy(valid_set.stamps)
     train_y = torch.from_numpy(train_set.labels.astype(np.float32))
