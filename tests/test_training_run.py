@@ -279,3 +279,25 @@ def test_defaults_trains_and_publishes_each_survey(tmp_path, monkeypatch):
                                                        "det.png"}
         scorer = Scorer(folder, device="cpu")
         assert scorer.card.survey == survey and scorer.card.name == f"tiny-{survey}"
+
+
+def test_deephits_input_txt_trains_on_chunks(tmp_path):
+    """A Deep-HiTS parameter file, as it is (':' and '=' lines), drives a run on a chunk folder."""
+    for split, n, seed in (("chunks_train", 64, 1), ("chunks_validate", 32, 2), ("chunks_test", 32, 3)):
+        stamps, labels, channels = _simulated_arrays(n, seed)
+        write_chunks(tmp_path / "chunks" / split, stamps, labels, channels, n_cand_chunk=32)
+    (tmp_path / "input.txt").write_text(
+        "[vars]\narch_py: arch7.py\npath_to_chunks: chunks\nn_cand_chunk: 32\nbase_lr: 0.04\ngamma: 0.5\n"
+        "stepsize: 100000\nmomentum: 0.0\nn_epochs: 1\nbatch_size: 16\nN_train = 64\nN_valid = 32\nN_test = 32\n"
+        "validate_every_batches = 2\nactivation_function: PReLU\ntiny_train: False\nresume: None\nsavestep: 2\n"
+        "improvement_threshold: 0.99\nini_patience: 100000\ndata_interface: directory\n"
+        "optimizer = sgd\nthreads = 1\nprogress = false\ninput.size = 16\n")
+    out = tmp_path / "run"
+    result = subprocess.run(RBSTREAM + ["train", "--config", str(tmp_path / "input.txt"), "--out", str(out)],
+                            cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    card = json.loads((out / "model_card.json").read_text())
+    assert card["architecture"]["conv_channels"] == [32, 32, 64, 64, 64]
+    assert card["architecture"]["activation_function"] == "prelu"
+    assert card["data"]["source"] == "chunks" and card["data"]["size"] == {"train": 64, "valid": 32, "test": 32}
+    assert card["config"]["base_lr"] == 0.04 and card["config"]["optimizer"] == "sgd"
