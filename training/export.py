@@ -117,6 +117,33 @@ def verify(graph: torch.nn.Module, onnx_path: Path, check_stamps: np.ndarray,
     return {"parity_max_abs_diff": parity, "rotation_max_abs_diff": rotation, "verification_batch": len(batch)}
 
 
+def measure_inference(path: Path, stamps: np.ndarray, batch: int = 256, threads: int = 2,
+                      repeats: int = 9) -> dict:
+    """ONNX Runtime CPU cost of the exported model: ms per stamp at ``batch`` on ``threads``
+    threads (median, min and max of ``repeats`` timed runs after a warm-up), with the
+    machine's load average, since a shared machine slows every figure down."""
+    import time
+
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    x = np.ascontiguousarray(np.resize(np.asarray(stamps, dtype=np.float32), (batch, *stamps.shape[1:])))
+    for _ in range(2):
+        session.run([ONNX_OUTPUT], {ONNX_INPUT: x})
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        session.run([ONNX_OUTPUT], {ONNX_INPUT: x})
+        times.append((time.perf_counter() - start) * 1e3 / batch)
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+    return {"ms_per_stamp": round(float(np.median(times)), 4), "ms_per_stamp_min": round(min(times), 4),
+            "ms_per_stamp_max": round(max(times), 4), "batch": batch, "threads": threads,
+            "runtime": f"onnxruntime {ort.__version__} CPUExecutionProvider", "cpus": os.cpu_count(),
+            "load_average_1m": round(load[0], 2)}
+
+
 def git_commit(cwd: Path | None = None) -> str:
     """The current commit (with ``-dirty`` when the tree has changes), or ``unknown``."""
     cwd = cwd or Path(__file__).resolve().parent
@@ -131,7 +158,7 @@ def git_commit(cwd: Path | None = None) -> str:
 
 
 def model_card(config, contract, data_info: dict, test_metrics: dict, verification: dict,
-               training: dict) -> dict:
+               training: dict, inference: dict | None = None) -> dict:
     """The model card: what the model is, what it takes, how it was trained, how good it is."""
     return {
         "name": config.name,
@@ -148,6 +175,7 @@ def model_card(config, contract, data_info: dict, test_metrics: dict, verificati
         "training": training,
         "test_metrics": test_metrics,
         "verification": verification,
+        "inference": inference,
         "config": config.to_dict(),
     }
 

@@ -67,10 +67,28 @@ def metrics(labels: np.ndarray, scores: np.ndarray, threshold: float, kinds: np.
         "threshold_at_fpr_1pct": t1,
         "fnr_at_fpr_1pct": float((scores[labels] < t1).mean()) if n_pos and n_neg else float("nan"),
     }
+    out.update(calibration(labels, scores))
     if kinds is not None:
         out["accuracy_by_kind"] = {str(k): float((predicted[kinds == k] == labels[kinds == k]).mean())
                                    for k in sorted(set(np.asarray(kinds).tolist()))}
     return out
+
+
+def calibration(labels: np.ndarray, scores: np.ndarray, bins: int = 10) -> dict:
+    """How far scores are from frequencies: the Brier score (mean squared error of the
+    probability) and the expected calibration error (ECE: the count-weighted mean of
+    |fraction real - mean score| over ``bins`` equal-width score bins). 0 is perfect for both."""
+    labels = np.asarray(labels).astype(np.float64)
+    scores = np.asarray(scores, dtype=np.float64)
+    if len(labels) == 0:
+        return {"brier": float("nan"), "ece": float("nan"), "ece_bins": bins}
+    which = np.minimum((scores * bins).astype(int), bins - 1)
+    ece = 0.0
+    for b in range(bins):
+        inside = which == b
+        if inside.any():
+            ece += inside.mean() * abs(labels[inside].mean() - scores[inside].mean())
+    return {"brier": float(np.mean((scores - labels) ** 2)), "ece": float(ece), "ece_bins": bins}
 
 
 def plot_history(history: list[dict], path: Path) -> None:

@@ -25,7 +25,21 @@ Bogus (label 0), each at the stamp centre, where a pipeline would have detected 
 * ``bright_star`` — a bright, often saturated, star subtracted with a wrong PSF-matching
   kernel and zero point: rings and a saturated core;
 * ``edge`` — a stamp cut at the CCD edge (NaN beyond it) whose detection is the
-  amplifier glow along that edge, with no source.
+  amplifier glow along that edge, with no source;
+* ``noise`` — the commonest bogus of real streams: a detection on a noise peak, with no
+  source at all. The science noise is drawn *conditioned* on the difference's
+  PSF-filtered signal-to-noise at the centre being a threshold-level peak (3 to 5,
+  distributed like a Gaussian tail, mostly near 3; a fifth of them negative). Conditioning
+  white noise on its matched-filter value adds the conditional mean, a PSF-shaped bump,
+  to an otherwise independent noise field (`_condition_centre`): a noise peak at SNR 4
+  and a real source seen at SNR 4 look alike, which is the truth, so a model can only be
+  *calibrated* there (the share of each sets its score), not certain. What separates them
+  on average is the amplitude (real sources reach far above 5), and, for negative peaks,
+  the template: a real fading source must be in the template, a noise dip is not;
+* ``blob`` — a cosmetic / correlated-noise feature of the science exposure that is not
+  PSF-shaped: broader than the PSF (ghosts, scattered light, background residuals) or
+  elongated (faint trails, correlated-noise ridges), at a filtered SNR of 3 to 10, with no
+  template counterpart.
 
 Stamps cut at the CCD edge are not only bogus: a fraction of every class has a NaN
 region (like truncated ZTF cutouts), so that "has NaN" alone never means bogus.
@@ -46,14 +60,19 @@ from training.profiles import SurveyProfile
 FWHM_PER_SIGMA = 2.0 * np.sqrt(2.0 * np.log(2.0))
 
 REAL_KINDS = ("point_source",)
-BOGUS_KINDS = ("cosmic_ray", "bad_pixel", "bad_column", "dipole", "bright_star", "edge")
+BOGUS_KINDS = ("cosmic_ray", "bad_pixel", "bad_column", "dipole", "bright_star", "edge", "noise", "blob")
 KINDS = REAL_KINDS + BOGUS_KINDS
 
 #: Default share of each bogus kind among bogus stamps.
 DEFAULT_BOGUS_WEIGHTS: dict[str, float] = {
-    "cosmic_ray": 0.22, "bad_pixel": 0.14, "bad_column": 0.12,
-    "dipole": 0.20, "bright_star": 0.18, "edge": 0.14,
+    "cosmic_ray": 0.19, "bad_pixel": 0.12, "bad_column": 0.10,
+    "dipole": 0.17, "bright_star": 0.15, "edge": 0.11, "noise": 0.08, "blob": 0.08,
 }
+
+#: PSF-filtered difference SNR of a ``noise`` peak: a Gaussian tail truncated to this range.
+NOISE_SNR_RANGE = (3.0, 5.0)
+#: PSF-filtered difference SNR of a ``blob``, drawn log-uniformly.
+BLOB_SNR_RANGE = (3.0, 10.0)
 
 #: Margin, in pixels, of the canvas around the stamp, so that the periodic FFT
 #: convolution of `psf_match` never wraps signal into the stamp.
@@ -226,7 +245,7 @@ def simulate_triplet(profile: SurveyProfile, rng: np.random.Generator, kind: str
 
     # Static field: a host galaxy (for some reals, and some bogus) and field stars away from the centre.
     on_host = kind == "point_source" and rng.random() < config.host_fraction or \
-        kind in ("bad_pixel", "cosmic_ray", "dipole") and rng.random() < 0.2
+        kind in ("bad_pixel", "cosmic_ray", "dipole", "noise", "blob") and rng.random() < 0.2
     if on_host:
         _add_galaxy(scene, rng, centre, sigma_s, sigma_t, background_var, profile)
     for _ in range(rng.poisson(0.7)):
@@ -283,6 +302,8 @@ def simulate_triplet(profile: SurveyProfile, rng: np.random.Generator, kind: str
         truth.update(flux=flux)
     elif kind == "edge":
         pass  # the glow is added once the edge is placed, below
+    # `noise` and `blob` are placed once the difference is known, below: their amplitude is
+    # set by the difference's PSF-filtered SNR at the centre.
 
     # --- place a CCD edge (NaN beyond it): always for `edge`, sometimes for the others
     nan_mask = np.zeros((size, size), dtype=bool)
@@ -317,6 +338,22 @@ def simulate_triplet(profile: SurveyProfile, rng: np.random.Generator, kind: str
     science_sub = science - sky_s / profile.gain
     template_sub = (template / zero_point_ratio - sky_t / profile.gain) * scale_error
     difference, match = psf_match(science_sub, template_sub, sigma_s, sigma_t, kernel_offset)
+    if kind in ("noise", "blob"):
+        bump = _noise_peak(rng, canvas, centre, sigma_s, truth) if kind == "noise" else \
+            _blob(rng, canvas, centre, sigma_s, truth)
+        target = truth["target_snr"]
+        # Everything is linear: find the amplitude that puts the centre's filtered SNR at `target`.
+        unit_difference, _ = psf_match(bump, np.zeros_like(bump), sigma_s, sigma_t, kernel_offset)
+        sigma_d = max(sigma_s, sigma_t)
+        before = filtered_snr(difference, sigma_d)
+        noise_f = before["noise"]
+        response = float(gaussian_blur(unit_difference, sigma_d)[int(centre), int(centre)])
+        amplitude = (target * noise_f - before["filtered"][int(centre), int(centre)]) / response
+        science = science + amplitude * bump
+        science_sub = science - sky_s / profile.gain
+        difference, match = psf_match(science_sub, template_sub, sigma_s, sigma_t, kernel_offset)
+        truth.update(amplitude_adu=float(amplitude), snr_before=float(before["snr"][int(centre), int(centre)]),
+                     filtered_snr=float(filtered_snr(difference, sigma_d, noise_f)["snr"][int(centre), int(centre)]))
     truth.update(match=match, kernel_offset=kernel_offset, scale_error=scale_error,
                  template_shift=template_shift, saturated=bool(saturated[MARGIN:-MARGIN, MARGIN:-MARGIN].any()),
                  artifact_science=scene.artifact_science, artifact_template=scene.artifact_template,
@@ -332,6 +369,58 @@ def simulate_triplet(profile: SurveyProfile, rng: np.random.Generator, kind: str
         images[name] = stamp
     truth["nan_mask"] = nan_mask
     return Triplet(images=images, label=int(kind in REAL_KINDS), kind=kind, truth=truth)
+
+
+def filtered_snr(difference: np.ndarray, sigma: float, noise: float | None = None) -> dict:
+    """The difference filtered with a Gaussian PSF of width ``sigma`` (a detection pipeline's
+    matched filter), and that map in units of its own noise.
+
+    ``noise`` defaults to 1.4826 x the median absolute deviation of the filtered map over
+    the canvas (robust to the few sources on it).
+
+    Returns
+    -------
+    dict
+        ``filtered`` (the map), ``noise`` (its noise) and ``snr`` (their ratio).
+    """
+    filtered = gaussian_blur(difference, sigma)
+    if noise is None:
+        noise = 1.4826 * float(np.median(np.abs(filtered - np.median(filtered))))
+    return {"filtered": filtered, "noise": float(noise), "snr": filtered / noise}
+
+
+def _noise_peak(rng, canvas, centre, sigma_s, truth) -> np.ndarray:
+    """Shape of the conditional mean of science noise given a matched-filter peak at the centre.
+
+    Conditioning white noise on its PSF-filtered value adds a multiple of the filter, the
+    science PSF, to an independent noise field: that is the *noise* itself, not a source
+    (``model_science`` holds nothing here). The target SNR follows the Gaussian tail that
+    noise peaks above a detection threshold follow, truncated to `NOISE_SNR_RANGE`.
+    """
+    low, high = NOISE_SNR_RANGE
+    while True:  # exp(-s^2 / 2) tail: rejection from an exponential of rate `low` (proposal >= target)
+        s = low + rng.exponential(1.0 / low)
+        if s <= high and rng.random() < np.exp(-0.5 * (s - low) ** 2):
+            break
+    negative = rng.random() < 0.2
+    dr, dc = rng.uniform(-0.5, 0.5, size=2)
+    truth.update(target_snr=-s if negative else s, injected_flux=0.0, negative=negative, offset=(dr, dc))
+    return gaussian_source(canvas, centre + dr, centre + dc, 1.0, sigma_s)
+
+
+def _blob(rng, canvas, centre, sigma_s, truth) -> np.ndarray:
+    """A unit-flux feature of the science exposure that is not PSF-shaped (broad or elongated)."""
+    shape = str(rng.choice(["broad", "elongated"]))
+    if shape == "broad":
+        major = rng.uniform(2.0, 4.0) * sigma_s
+        q = rng.uniform(0.6, 1.0)
+    else:
+        major = rng.uniform(2.5, 6.0) * sigma_s
+        q = rng.uniform(0.7, 1.0) * sigma_s / major  # about a PSF wide, several long
+    dr, dc = rng.uniform(-1.0, 1.0, size=2)
+    s = _log_uniform(rng, *BLOB_SNR_RANGE)
+    truth.update(target_snr=s, injected_flux=0.0, blob=shape, blob_major=float(major), blob_minor=float(major * q))
+    return gaussian_source(canvas, centre + dr, centre + dc, 1.0, major, q, rng.uniform(0, np.pi))
 
 
 def _shift(image: np.ndarray, shift: tuple[float, float]) -> np.ndarray:

@@ -37,7 +37,7 @@ from service.model import CARD_FILE, MODEL_FILE
 from training import report
 from training.config import ConfigError, TrainConfig
 from training.data import Dataset, load_datasets
-from training.export import export_onnx, model_card, write_card
+from training.export import export_onnx, measure_inference, model_card, write_card
 from training.model import RealBogusNet, count_parameters
 
 log = logging.getLogger(__name__)
@@ -341,11 +341,14 @@ def train(config: TrainConfig, run_dir: str | Path, resume: str | Path | None = 
         "device": device, "torch": torch.__version__,
         "final_valid": history[-1] if history else None,
     }
-    card = model_card(config, contract, data_info, test_metrics, verification, training_info)
+    inference = measure_inference(run_dir / MODEL_FILE, test_set.stamps, threads=config.threads)
+    card = model_card(config, contract, data_info, test_metrics, verification, training_info, inference)
     write_card(card, run_dir)
-    log.info("test: accuracy %.4f, ROC AUC %.4f, FPR %.4f, FNR %.4f at %.2f; card %s",
-             test_metrics["accuracy"], test_metrics["roc_auc"], test_metrics["fpr"], test_metrics["fnr"],
-             threshold, run_dir / CARD_FILE)
+    log.info("test: accuracy %.4f, ROC AUC %.4f, FPR %.4f, FNR %.4f at %.2f, Brier %.4f, ECE %.4f; "
+             "inference %.3f ms/stamp (batch %d, %d threads); card %s", test_metrics["accuracy"],
+             test_metrics["roc_auc"], test_metrics["fpr"], test_metrics["fnr"], threshold, test_metrics["brier"],
+             test_metrics["ece"], inference["ms_per_stamp"], inference["batch"], inference["threads"],
+             run_dir / CARD_FILE)
     return card
 
 
