@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from training.profiles import PROFILES, RUBIN, ZTF, get_profile
-from training.simulate import (BOGUS_KINDS, KINDS, MARGIN, SimulatorConfig, gaussian_blur, psf_match,
-                               simulate, simulate_triplet)
+from training.simulate import (BLOB_SNR_RANGE, BOGUS_KINDS, KINDS, MARGIN, NOISE_SNR_RANGE, SimulatorConfig,
+                               filtered_snr, gaussian_blur, psf_match, simulate, simulate_triplet)
 
 N_DRAWS = 25
 
@@ -174,3 +174,99 @@ def test_bad_pixels_columns_and_saturation():
         assert t.truth["bad_pixel"] in ("hot_science", "hot_template", "dead")
     for t in draws("bright_star", n=10) + draws("point_source", n=10):
         assert np.nanmax(t.images["science"]) <= ZTF.saturation
+
+
+def difference_canvas(t, profile):
+    """The difference on the whole canvas, recomputed from the science and template images."""
+    truth, gain = t.truth, profile.gain
+    science = truth["science_canvas"] - truth["sky_science"] / gain
+    template = (truth["template_canvas"] / truth["zero_point_ratio"] - truth["sky_template"] / gain) \
+        * truth["scale_error"]
+    return psf_match(science, template, truth["sigma_science"], truth["sigma_template"], truth["kernel_offset"])[0]
+
+
+def centre_snr(t, profile):
+    """PSF-filtered SNR of the difference at the stamp centre, noise from the filtered map's MAD."""
+    truth = t.truth
+    c = int(truth["centre"])
+    return float(filtered_snr(difference_canvas(t, profile), max(truth["sigma_science"],
+                                                                 truth["sigma_template"]))["snr"][c, c])
+
+
+def faint(t):
+    """A twentieth of the science's background noise per pixel, in electrons."""
+    return 0.05 * np.sqrt(t.truth["sky_science"])
+
+
+def centre_box(layer, t, half=2):
+    c = int(t.truth["centre"])
+    return layer[c - half:c + half + 1, c - half:c + half + 1]
+
+
+@pytest.mark.parametrize("profile", [ZTF, RUBIN], ids=lambda p: p.name)
+def test_noise_fluctuations_are_threshold_level_peaks_with_no_source(profile):
+    low, high = NOISE_SNR_RANGE
+    snrs = []
+    for t in draws("noise", profile=profile, n=30):
+        assert t.label == 0 and t.truth["injected_flux"] == 0.0
+        if not t.truth["on_host"]:
+            # nothing in the sky at the detection, in either image (field stars' far wings are
+            # far below the noise): no source was injected
+            assert np.abs(centre_box(t.truth["model_science"], t)).max() < faint(t)
+            assert np.abs(centre_box(t.truth["model_template"], t)).max() < faint(t)
+        assert np.abs(centre_box(t.truth["artifact_template"], t)).max() == 0.0
+        snr = centre_snr(t, profile)
+        # the MAD noise of the final map differs a hair from that of the map before the peak was drawn
+        assert low - 0.1 <= abs(snr) <= high + 0.1, snr
+        assert np.sign(snr) == (-1 if t.truth["negative"] else 1)
+        snrs.append(abs(snr))
+    # threshold-level: a Gaussian tail, most peaks just above the low end
+    assert np.median(snrs) < 0.5 * (low + high)
+
+
+def test_rubin_noise_peaks_include_deep_smooth_templates():
+    """Deep coadd templates: the template's noise is a small part of the difference's."""
+    depths = [t.truth["template_depth"] for t in draws("noise", profile=RUBIN, n=40)]
+    assert max(depths) > 30 and RUBIN.template_depth[1] >= 50
+
+
+@pytest.mark.parametrize("profile", [ZTF, RUBIN], ids=lambda p: p.name)
+def test_blobs_are_not_psf_shaped_and_absent_from_the_template(profile):
+    low, high = BLOB_SNR_RANGE
+    for t in draws("blob", profile=profile, n=20):
+        truth = t.truth
+        assert t.label == 0 and truth["injected_flux"] == 0.0
+        sigma = truth["sigma_science"]
+        major, minor = truth["blob_major"], truth["blob_minor"]
+        if truth["blob"] == "broad":
+            assert minor >= 1.2 * sigma and major >= 2.0 * sigma
+        else:
+            assert major / minor >= 2.0
+        if not truth["on_host"]:
+            assert np.abs(centre_box(truth["model_template"], t)).max() < faint(t)
+        assert low - 0.1 <= centre_snr(t, profile) <= high + 0.1
+
+
+def test_faint_real_sources_are_psf_shaped_and_brighter_than_noise_peaks_on_average():
+    config = SimulatorConfig(snr_range=(3.0, 8.0), host_fraction=0.0, negative_fraction=0.0)
+    reals = [simulate_triplet(ZTF, np.random.default_rng([21, i]), "point_source", config) for i in range(40)]
+    for t in reals:
+        # the noiseless transient in the science image is the science PSF, whatever the SNR
+        assert minor_axis_sigma(crop(t.truth["transient_science"], ZTF.stamp_size)) == \
+            pytest.approx(t.truth["sigma_science"], rel=0.15)
+    real_snr = np.mean([centre_snr(t, ZTF) for t in reals])
+    noise_snr = np.mean([abs(centre_snr(t, ZTF)) for t in draws("noise", n=40)])
+    assert real_snr > noise_snr + 1.0, (real_snr, noise_snr)
+
+
+def test_fading_reals_have_a_template_star_and_noise_dips_do_not():
+    """A negative PSF-shaped difference is real only when the template holds the star that faded."""
+    config = SimulatorConfig(negative_fraction=1.0, host_fraction=0.0)
+    for i in range(15):
+        t = simulate_triplet(ZTF, np.random.default_rng([31, i]), "point_source", config)
+        assert t.label == 1 and t.truth["negative"]
+        assert centre_box(t.truth["model_template"], t).max() > faint(t)
+    dips = [t for t in draws("noise", n=60) if t.truth["negative"] and not t.truth["on_host"]]
+    assert dips, "some noise peaks are negative"
+    for t in dips:
+        assert centre_box(t.truth["model_template"], t).max() < faint(t)

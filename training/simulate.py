@@ -345,20 +345,27 @@ def simulate_triplet(profile: SurveyProfile, rng: np.random.Generator, kind: str
         # Everything is linear: find the amplitude that puts the centre's filtered SNR at `target`.
         unit_difference, _ = psf_match(bump, np.zeros_like(bump), sigma_s, sigma_t, kernel_offset)
         sigma_d = max(sigma_s, sigma_t)
+        c = int(centre)
         before = filtered_snr(difference, sigma_d)
+        unit_filtered = gaussian_blur(unit_difference, sigma_d)
         noise_f = before["noise"]
-        response = float(gaussian_blur(unit_difference, sigma_d)[int(centre), int(centre)])
-        amplitude = (target * noise_f - before["filtered"][int(centre), int(centre)]) / response
+        # The robust noise of the map moves a little once the feature is in it: a few fixed-point
+        # steps make the *final* stamp's filtered SNR the target.
+        for _ in range(3):
+            amplitude = (target * noise_f - before["filtered"][c, c]) / unit_filtered[c, c]
+            after = before["filtered"] + amplitude * unit_filtered
+            noise_f = 1.4826 * float(np.median(np.abs(after - np.median(after))))
         science = science + amplitude * bump
         science_sub = science - sky_s / profile.gain
         difference, match = psf_match(science_sub, template_sub, sigma_s, sigma_t, kernel_offset)
-        truth.update(amplitude_adu=float(amplitude), snr_before=float(before["snr"][int(centre), int(centre)]),
-                     filtered_snr=float(filtered_snr(difference, sigma_d, noise_f)["snr"][int(centre), int(centre)]))
+        truth.update(amplitude_adu=float(amplitude), snr_before=float(before["snr"][c, c]),
+                     filtered_snr=float(filtered_snr(difference, sigma_d)["snr"][c, c]))
     truth.update(match=match, kernel_offset=kernel_offset, scale_error=scale_error,
                  template_shift=template_shift, saturated=bool(saturated[MARGIN:-MARGIN, MARGIN:-MARGIN].any()),
                  artifact_science=scene.artifact_science, artifact_template=scene.artifact_template,
                  model_template=scene.static_template + scene.transient_template,
                  model_science=scene.static_science + scene.transient_science,
+                 transient_science=scene.transient_science,
                  science_canvas=science, template_canvas=template)
 
     crop = (slice(MARGIN, MARGIN + size),) * 2
