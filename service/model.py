@@ -88,7 +88,8 @@ class Scorer:
     device : str
         ``auto`` (CUDA when present and usable, else CPU), ``cpu``, ``cuda`` or ``tensorrt``.
     intra_op_threads : int
-        ONNX Runtime threads per inference (0: its default, one per core).
+        ONNX Runtime threads per inference (0: env ``RBSTREAM_ORT_THREADS`` if set, else
+        ONNX Runtime's default, one per core).
     precision : str
         ``auto`` or ``fp16``: fp16 on TensorRT when its scores stay within 1e-3 of fp32 on
         ``check_stamps`` (checked at load; fp32 otherwise); ``fp32``: never fp16.
@@ -98,7 +99,8 @@ class Scorer:
     check_stamps : ndarray, optional
         Stamps for the fp16 check; default `service.acceleration.check_stamps`.
 
-    Environment: ``RBSTREAM_ORT_SPINNING=0`` stops ONNX Runtime's threads from busy-waiting
+    Environment: ``RBSTREAM_ORT_THREADS=N`` sets the intra-op threads of every scorer (the
+    consumer and the API create theirs with the default); ``RBSTREAM_ORT_SPINNING=0`` stops ONNX Runtime's threads from busy-waiting
     between parallel sections (same scores; less CPU taken from decoding on a shared box).
     """
 
@@ -118,6 +120,8 @@ class Scorer:
         self.card = ModelCard.read(folder / CARD_FILE)
         self.path = onnx_path
         self._options = ort.SessionOptions()
+        # 0: the environment's RBSTREAM_ORT_THREADS if set, else ONNX Runtime's default (one per core).
+        intra_op_threads = intra_op_threads or int(os.environ.get("RBSTREAM_ORT_THREADS", "0") or 0)
         if intra_op_threads:
             self._options.intra_op_num_threads = intra_op_threads
         if os.environ.get("RBSTREAM_ORT_SPINNING", "").strip() == "0":

@@ -307,7 +307,8 @@ def run(args) -> Result:
         "producer": "service.replay.replay (rbstream replay's code) in the benchmark process, one partition",
         "latency": "the input message's CreateTime (set at produce(), ms) -> score record (or dead letter) "
                    "readable on the output topic",
-        "RBSTREAM_ORT_SPINNING": os.environ.get("RBSTREAM_ORT_SPINNING", "unset (ONNX Runtime default: spinning)")})
+        "RBSTREAM_ORT_SPINNING": os.environ.get("RBSTREAM_ORT_SPINNING", "unset (ONNX Runtime default: spinning)"),
+        "RBSTREAM_ORT_THREADS": os.environ.get("RBSTREAM_ORT_THREADS", "unset (ONNX Runtime default: one per core)")})
     result.columns = [("mode", "run"), ("alerts", "alerts"), ("throughput", "alerts/s"),
                       ("p50_ms", "p50 latency, ms"), ("p99_ms", "p99 latency, ms"), ("max_ms", "max latency, ms"),
                       ("missing", "missing"), ("cores_consumer", "consumer, cores busy"),
