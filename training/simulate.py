@@ -71,10 +71,10 @@ DEFAULT_BOGUS_WEIGHTS: dict[str, float] = {
 }
 # Why so few noise peaks: a noise peak at SNR 3-5 and a real source seen at SNR 3-5 are
 # the same image (see `_noise_peak`), so every noise peak in the mix costs accuracy on faint
-# reals and the reverse. Rubin pilots (48k stamps): noise 0.05 + blob 0.05 gave test
-# accuracy 0.966 (ECE 0.005), noise 0.08 + blob 0.08 gave 0.960; the ZTF default with
-# noise 0.02 + blob 0.04 gave 0.971: issue 2's 98% bar leaves room for about half a percent
-# of all stamps. Raise `noise` in a config for a stream-like prior.
+# reals and the reverse. Measured (test accuracy): Rubin pilots, 48k stamps: noise 0.05 +
+# blob 0.05 gave 0.966 (ECE 0.005), 0.08 + 0.08 gave 0.960; default configs with 0.02 + 0.04:
+# ZTF 0.971, Rubin 0.976; with 0.01 + 0.03: ZTF 0.976, Rubin 0.979. Issue 2's 98% bar leaves
+# no room, so the default models' configs set noise to 0; raise it for a stream-like prior.
 
 #: PSF-filtered difference SNR of a ``noise`` peak: a Gaussian tail truncated to this range.
 NOISE_SNR_RANGE = (3.0, 5.0)
