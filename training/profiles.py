@@ -69,10 +69,9 @@ ZTF = SurveyProfile(name="ztf", pixel_scale=1.01, seeing=(1.5, 3.0), sky=(100.0,
                     stamp_size=31)
 
 #: Rubin LSST: 0.2"/px, ~0.7" seeing (0.5-1.1"), 30x30 to 54x54 cutouts -> 29x29 so that
-#: the smallest real cutout (30x30) needs no NaN padding. Templates are deep coadds (up to
-#: ~60 visits): the difference's noise is nearly all the science exposure's.
+#: the smallest real cutout (30x30) needs no NaN padding.
 RUBIN = SurveyProfile(name="rubin", pixel_scale=0.2, seeing=(0.5, 1.1), sky=(200.0, 2500.0),
-                      read_noise=6.0, gain=1.6, saturation=60000.0, template_depth=(5.0, 60.0),
+                      read_noise=6.0, gain=1.6, saturation=60000.0, template_depth=(5.0, 20.0),
                       stamp_size=29)
 
 PROFILES: dict[str, SurveyProfile] = {p.name: p for p in (HITS, ZTF, RUBIN)}
