@@ -43,6 +43,11 @@ NORMALISATION = "masked-standardise-asinh/v1"
 #: Value masked (non-finite or padded) pixels take after normalisation.
 MASK_FILL = 0.0
 
+#: Pixels at or beyond this magnitude are blank markers, not flux: ZTF cutouts mark pixels
+#: with no data as -FLT_MAX (-3.4028235e38), which is finite and would otherwise dominate the
+#: stamp's statistics. `fit_stamp` turns them into NaN so the graph masks them like NaN.
+BLANK_LIMIT = 1e30
+
 #: Name of the ONNX graph's input and output.
 ONNX_INPUT = "stamps"
 ONNX_OUTPUT = "score"
@@ -141,7 +146,8 @@ def fit_stamp(image: np.ndarray, size: int, centre: Sequence[float] | None = Non
     Returns
     -------
     ndarray
-        float32 array of shape (size, size); pixels outside ``image`` are NaN.
+        float32 array of shape (size, size); pixels outside ``image`` and blank
+        markers (``|value| >= BLANK_LIMIT``) are NaN.
     """
     image = np.asarray(image)
     if image.ndim != 2 or image.shape[0] == 0 or image.shape[1] == 0:
@@ -159,6 +165,8 @@ def fit_stamp(image: np.ndarray, size: int, centre: Sequence[float] | None = Non
         out.fill(np.nan)  # only stamps that need padding pay for the fill
     if src_r.start < src_r.stop and src_c.start < src_c.stop:
         out[src_r.start - r0 : src_r.stop - r0, src_c.start - c0 : src_c.stop - c0] = image[src_r, src_c]
+    # Comparison with NaN is False, so NaN stays NaN; inf becomes NaN too (the graph masks both).
+    out[np.abs(out) >= BLANK_LIMIT] = np.nan
     return out
 
 

@@ -68,3 +68,24 @@ def test_assemble_orders_channels_and_rejects_missing_or_empty_cutouts():
         assemble({**images, "template": np.full((63, 63), np.nan)}, contract)
     with pytest.raises(StampError, match="2-D"):
         assemble({**images, "template": np.ones(5)}, contract)
+
+
+def test_fit_stamp_turns_blank_markers_into_nan():
+    # ZTF marks pixels without data as -FLT_MAX: finite, but not flux.
+    image = np.ones((31, 31), dtype=np.float32)
+    image[3, 4] = np.finfo(np.float32).min
+    image[5, 6] = np.inf
+    out = fit_stamp(image, 31)
+    assert np.isnan(out[3, 4]) and np.isnan(out[5, 6])
+    assert np.isfinite(np.delete(out.ravel(), [3 * 31 + 4, 5 * 31 + 6])).all()
+
+
+def test_real_ztf_blank_template_pixels_are_masked(sample_data):
+    from service.alerts import decode_message
+
+    alert = decode_message((sample_data / "ztf" / "472263571115090000.avro").read_bytes())[0]
+    template = alert.images["template"]
+    assert (template <= -1e30).any(), "this sample's template carries -FLT_MAX blank markers"
+    stamps = assemble(alert.images, StampContract(size=63), alert.centre)
+    assert not (np.abs(stamps[np.isfinite(stamps)]) >= 1e30).any()
+    assert np.isnan(stamps[0]).sum() == ((template <= -1e30) | np.isnan(template)).sum()
