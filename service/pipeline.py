@@ -1,7 +1,10 @@
 """The consumer's work on one batch, independent of Kafka: decode, score, build what to publish.
 
 `BatchProcessor.process` takes the messages of one batch (`SourceMessage`: value, topic,
-partition, offset, timestamp, key, headers) and returns an `Outcome`:
+partition, offset, timestamp, key, headers) and returns an `Outcome`. It is two steps, so
+that the consumer can decode the next batch while this one is scored: `BatchProcessor.prepare`
+(decode and assemble the stamps: Python, holds the GIL) and `BatchProcessor.finish` (score and
+encode: ONNX Runtime, which releases it). The outcome holds:
 
 * one `Outgoing` score message per scored alert, for the output topic, keyed by object id
   (a score record — see ``service/schemas/score_record.avsc`` — or, with
@@ -84,6 +87,26 @@ class Outgoing:
     @property
     def is_score(self) -> bool:
         return self.kind == "score"
+
+
+@dataclass
+class Prepared:
+    """A decoded batch on its way to `BatchProcessor.finish`.
+
+    Attributes
+    ----------
+    messages : sequence of SourceMessage
+    batches : dict of str to service.batch.SurveyBatch, or None
+        Model input per survey; None when the batch could not be decoded as a whole (the
+        consumer then processes its messages one by one).
+    failures : list of service.batch.Failure
+    decode_seconds : float
+    """
+
+    messages: Sequence[SourceMessage]
+    batches: dict[str, Any] | None
+    failures: list = field(default_factory=list)
+    decode_seconds: float = 0.0
 
 
 @dataclass
@@ -258,15 +281,23 @@ class BatchProcessor:
     # -- the whole batch ------------------------------------------------------------------------
 
     def process(self, messages: Sequence[SourceMessage], now: datetime | None = None) -> Outcome:
-        """Decode, score and encode one batch; never raises for bad input."""
-        outcome = Outcome()
-        if not messages:
-            return outcome
+        """Decode, score and encode one batch (`prepare` then `finish`); never raises for bad input."""
+        return self.finish(self.prepare(messages), now)
+
+    def prepare(self, messages: Sequence[SourceMessage]) -> Prepared:
+        """Decode one batch into model input (the step that holds the GIL)."""
         start = time.perf_counter()
-        batches, failures = self.decode(messages)
-        outcome.decode_seconds = time.perf_counter() - start
+        batches, failures = self.decode(messages) if messages else ({}, [])
+        return Prepared(messages, batches, failures, time.perf_counter() - start)
+
+    def finish(self, prepared: Prepared, now: datetime | None = None) -> Outcome:
+        """Score and encode a prepared batch: one score or one dead letter per message."""
+        messages, batches = prepared.messages, prepared.batches
+        if batches is None:
+            raise ValueError("finish() needs a decoded batch; this one failed to decode as a whole")
+        outcome = Outcome(decode_seconds=prepared.decode_seconds)
         rejected: dict[int, Outgoing] = {}
-        for failure in failures:
+        for failure in prepared.failures:
             if failure.index not in rejected:
                 source = messages[failure.index]
                 survey = self.survey if self.survey != "auto" else survey_hint(source.value)

@@ -123,8 +123,15 @@ def _paced(messages: Sequence[AlertMessage], repeat: int, rate: float | None) ->
             yield message
 
 
+def replay_producer(settings: Mapping):
+    """The idempotent ``confluent_kafka.Producer`` `replay` produces with."""
+    from confluent_kafka import Producer
+
+    return Producer(kafka_client_config(settings, "producer", **{"enable.idempotence": True, "linger.ms": 5}))
+
+
 def replay(settings: Mapping, topic: str, messages: Sequence[AlertMessage], rate: float | None = None,
-           repeat: int = 1, progress: bool = True) -> ReplayResult:
+           repeat: int = 1, progress: bool = True, producer=None) -> ReplayResult:
     """Produce ``messages`` (``repeat`` times, at ``rate`` per second) to ``topic`` and wait for delivery.
 
     Parameters
@@ -132,12 +139,15 @@ def replay(settings: Mapping, topic: str, messages: Sequence[AlertMessage], rate
     settings : mapping
         ``bootstrap_servers`` and ``kafka`` (pass-through librdkafka settings), as
         `service.settings.resolve` returns them.
+    producer : confluent_kafka.Producer, optional
+        A producer to reuse (`replay_producer`); default a new one. A new producer holds its
+        first messages until it has connected and set up idempotence (~0.6 s on tansu), which
+        a caller timing each message (``rbstream bench e2e``) must not count.
     """
-    from confluent_kafka import Producer
     from tqdm import tqdm
 
     result = ReplayResult()
-    producer = Producer(kafka_client_config(settings, "producer", **{"enable.idempotence": True, "linger.ms": 5}))
+    producer = producer or replay_producer(settings)
 
     def delivered(error, message):
         if error is None:

@@ -170,3 +170,40 @@ def test_with_a_schema_registry_rubin_schemas_come_from_it_and_scores_go_out_in_
             assert record["score"] == pytest.approx(expected["score"], abs=1e-6)
     finally:
         registry.close()
+
+
+def test_the_next_batch_is_decoded_while_this_one_is_scored(broker, scorers):
+    """Stage overlap: scoring of batch 1 holds until batch 2 was decoded; nothing is lost, all committed."""
+    import threading
+
+    settings = consumer_settings(broker.bootstrap_servers, batch_size=4)
+    create_topic(broker.bootstrap_servers, settings["input_topic"], partitions=1)
+    messages = replay.load_messages(ztf_fits_files()[:12])
+    assert replay.replay(settings, settings["input_topic"], messages, progress=False).sent == 12
+    second_decoded = threading.Event()
+    events: list[str] = []
+
+    def run_with_probes(consumer):
+        prepare, finish = consumer.processor.prepare, consumer.processor.finish
+
+        def probed_prepare(sources):
+            events.append(f"prepare {len(sources)}")
+            prepared = prepare(sources)
+            if sum(e.startswith("prepare") for e in events) >= 2:
+                second_decoded.set()
+            return prepared
+
+        def probed_finish(prepared, now=None):
+            if not events.count("finish"):
+                events.append("overlapped" if second_decoded.wait(30) else "not overlapped")
+            events.append("finish")
+            return finish(prepared, now)
+
+        consumer.processor.prepare, consumer.processor.finish = probed_prepare, probed_finish
+
+    with running_consumer(settings, scorers) as consumer:
+        run_with_probes(consumer)
+        wait_for(lambda: committed(broker.bootstrap_servers, settings["group_id"], settings["input_topic"]).get(0, -1)
+                 >= 12, timeout=90, what="every offset committed")
+    assert "overlapped" in events, events
+    assert len(read_topic(broker.bootstrap_servers, settings["output_topic"], count=12)) == 12

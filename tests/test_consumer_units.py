@@ -121,6 +121,20 @@ def test_survey_stream_security_settings_are_accepted_by_librdkafka(security, tm
     Producer(conf_p).flush(0)
 
 
+def test_fetching_follows_the_batch_window_and_an_operator_can_override_it():
+    """The broker may hold a fetch no longer than the batch window; the prefetch pause is short."""
+    from confluent_kafka import Consumer
+
+    conf = consumer_config(settings.resolve(parse(REQUIRED + ["--max-wait-ms", "40"]), CONSUME_OPTIONS, {}))
+    assert conf["fetch.wait.max.ms"] == 40 and conf["fetch.queue.backoff.ms"] < 1000
+    slow = consumer_config(settings.resolve(parse(REQUIRED + ["--max-wait-ms", "5000"]), CONSUME_OPTIONS, {}))
+    assert slow["fetch.wait.max.ms"] == 500  # never longer than librdkafka's own default
+    tuned = consumer_config(settings.resolve(parse(REQUIRED + ["--kafka-option", "consumer.fetch.wait.max.ms=7"]),
+                                             CONSUME_OPTIONS, {}))
+    assert tuned["fetch.wait.max.ms"] == "7"
+    Consumer(conf).close()  # librdkafka knows both properties
+
+
 def _self_signed(folder: Path) -> tuple[Path, Path]:
     """A throwaway self-signed certificate and key (the openssl command line)."""
     import subprocess
