@@ -152,9 +152,41 @@ class SchemaRegistry:
 
 def container_bytes(schema: Mapping, records: Sequence[Mapping]) -> bytes:
     """An Avro object container holding ``records`` with ``schema`` embedded."""
+    return _container(json.dumps(schema, sort_keys=True), records)
+
+
+def _container(schema_json: str, records: Sequence[Mapping]) -> bytes:
+    # The header (magic, schema, codec, sync marker) is the same for every message of a
+    # schema: written once by fastavro, then each message is that header and one data block
+    # (record count, byte size, the records, the sync marker), per the Avro specification.
+    parsed, header = _parsed(schema_json), _container_header(schema_json)
+    body = io.BytesIO()
+    for record in records:
+        fastavro.schemaless_writer(body, parsed, record)
+    data = body.getvalue()
+    return b"".join((header, _zigzag_long(len(records)), _zigzag_long(len(data)), data, header[-SYNC_SIZE:]))
+
+
+#: Bytes of the sync marker that ends an object container's header and each of its blocks.
+SYNC_SIZE = 16
+
+
+@lru_cache(maxsize=64)
+def _container_header(schema_json: str) -> bytes:
     buffer = io.BytesIO()
-    fastavro.writer(buffer, _parsed(json.dumps(schema, sort_keys=True)), list(records), codec="null")
+    fastavro.writer(buffer, _parsed(schema_json), [], codec="null")
     return buffer.getvalue()
+
+
+def _zigzag_long(value: int) -> bytes:
+    """Avro's ``long`` encoding: zig-zag, then little-endian base-128 varint."""
+    value = (value << 1) ^ (value >> 63)
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
 
 
 def wire_bytes(schema: Mapping, schema_id: int, record: Mapping) -> bytes:
@@ -186,8 +218,11 @@ class RecordEncoder:
     def __init__(self, topic: str, registry: SchemaRegistry | None = None):
         self.topic = topic
         self.registry = registry
+        self._score_schema_json = json.dumps(score_schema(), sort_keys=True)
 
     def encode(self, record: Mapping, schema: Mapping | None = None) -> bytes:
+        if schema is None and self.registry is None:
+            return _container(self._score_schema_json, [record])  # the hot path: no schema to serialise
         schema = score_schema() if schema is None else schema
         if self.registry is None:
             return container_bytes(schema, [record])

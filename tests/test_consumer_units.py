@@ -175,6 +175,19 @@ def test_score_record_is_a_self_describing_avro_container():
     assert records.decode_records(value) == [_record()]
 
 
+def test_container_framing_reads_back_with_fastavro_and_matches_its_long_encoding():
+    """Header written once per schema, one block per message: any Avro reader reads every message."""
+    many = [_record(candidate_id=i, object_id="ZTF" + "x" * (i * 40)) for i in range(5)]  # blocks > 127 bytes
+    for batch in ([_record()], many):
+        value = records.container_bytes(records.score_schema(), batch)
+        assert list(fastavro.reader(io.BytesIO(value))) == batch
+    assert records.container_bytes(records.score_schema(), [_record()])[:4] == records.CONTAINER_MAGIC
+    for number in (0, 1, 63, 64, 127, 128, 300, 2**31, 2**62):
+        expected = io.BytesIO()
+        fastavro.schemaless_writer(expected, "long", number)
+        assert records._zigzag_long(number) == expected.getvalue(), number
+
+
 def test_label_follows_the_threshold():
     assert _record(score=0.4999)["label"] == "bogus"
     assert _record(score=0.5)["label"] == "real"
