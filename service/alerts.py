@@ -49,6 +49,7 @@ from service.schemas import (
     UnknownSchema,
     WriterSchema,
     default_store,
+    encode_long,
     read_container_header,
     read_long,
     split_wire_format,
@@ -378,22 +379,6 @@ _GZIP_DEFLATE = b"\x1f\x8b\x08"
 _GZIP_MAGIC_TRIES = 3
 
 
-def _encode_long(value: int) -> bytes:
-    """Avro (zig-zag varint) encoding of a non-negative long."""
-    if value < 64:
-        return _SMALL_LONGS[value]
-    value <<= 1
-    out = bytearray()
-    while value > 0x7F:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-_SMALL_LONGS = tuple(bytes([2 * n]) for n in range(64))
-
-
 def _cutouts_from_end(buffer: bytes, low: int, end: int, layout) -> dict | None:
     """The cutout fields that end a ZTF record at ``end``, found backwards; None if not found.
 
@@ -422,7 +407,7 @@ def _one_cutout_before(buffer: bytes, low: int, end: int, record_tag, null_tag):
     tries = 0
     while magic >= low and tries < _GZIP_MAGIC_TRIES:
         tries += 1
-        length = _encode_long(end - magic)
+        length = encode_long(end - magic)
         name_end = magic - len(length)
         if name_end > low and buffer[name_end:magic] == length:
             # The fileName is printable ASCII; the printable run before the stamp's length is
@@ -431,7 +416,7 @@ def _one_cutout_before(buffer: bytes, low: int, end: int, record_tag, null_tag):
             for name_length in (run, run - 1, run - 2):
                 if name_length < 0:
                     break
-                encoded = _encode_long(name_length)
+                encoded = encode_long(name_length)
                 name_start = name_end - name_length
                 start = name_start - len(encoded)
                 if start < low or buffer[start:name_start] != encoded:

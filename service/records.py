@@ -24,6 +24,8 @@ from typing import Any, Mapping, Sequence
 
 import fastavro
 
+from service.schemas import encode_long
+
 SCHEMA_DIR = Path(__file__).resolve().parent / "schemas"
 SCORE_SCHEMA_PATH = SCHEMA_DIR / "score_record.avsc"
 
@@ -164,7 +166,7 @@ def _container(schema_json: str, records: Sequence[Mapping]) -> bytes:
     for record in records:
         fastavro.schemaless_writer(body, parsed, record)
     data = body.getvalue()
-    return b"".join((header, _zigzag_long(len(records)), _zigzag_long(len(data)), data, header[-SYNC_SIZE:]))
+    return b"".join((header, encode_long(len(records)), encode_long(len(data)), data, header[-SYNC_SIZE:]))
 
 
 #: Bytes of the sync marker that ends an object container's header and each of its blocks.
@@ -176,17 +178,6 @@ def _container_header(schema_json: str) -> bytes:
     buffer = io.BytesIO()
     fastavro.writer(buffer, _parsed(schema_json), [], codec="null")
     return buffer.getvalue()
-
-
-def _zigzag_long(value: int) -> bytes:
-    """Avro's ``long`` encoding: zig-zag, then little-endian base-128 varint."""
-    value = (value << 1) ^ (value >> 63)
-    out = bytearray()
-    while value > 0x7F:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
 
 
 def wire_bytes(schema: Mapping, schema_id: int, record: Mapping) -> bytes:

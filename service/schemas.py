@@ -564,6 +564,22 @@ def read_long(buf, pos: int) -> tuple[int, int]:
     return (value >> 1) ^ -(value & 1), pos
 
 
+def encode_long(value: int) -> bytes:
+    """Avro ``long`` encoding (zig-zag varint) of a non-negative count or length."""
+    if value < 64:
+        return _SMALL_LONGS[value]
+    value <<= 1
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+_SMALL_LONGS = tuple(bytes([2 * n]) for n in range(64))
+
+
 def split_wire_format(message: bytes) -> tuple[int, memoryview]:
     """Split a Confluent wire-format message into (schema id, Avro body)."""
     if len(message) < WIRE_HEADER.size or message[0] != WIRE_MAGIC:

@@ -476,7 +476,7 @@ def test_stamp_that_mimics_a_cutout_tail_still_decodes_right():
     truth = decode_message(write_container(schema, [record]))[0]
 
     def cutout_field(name: bytes, stamp: bytes) -> bytes:
-        return b"\x00" + alerts._encode_long(len(name)) + name + alerts._encode_long(len(stamp)) + stamp
+        return b"\x00" + schemas.encode_long(len(name)) + name + schemas.encode_long(len(stamp)) + stamp
 
     good = record["cutoutTemplate"]["stampData"]
     mimic = (cutout_field(b"fake-sci.fits.gz", good) + cutout_field(b"fake-ref.fits.gz", good)

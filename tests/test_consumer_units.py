@@ -176,6 +176,8 @@ def test_score_record_is_a_self_describing_avro_container():
 
 
 def test_container_framing_reads_back_with_fastavro_and_matches_its_long_encoding():
+    from service.schemas import encode_long
+
     """Header written once per schema, one block per message: any Avro reader reads every message."""
     many = [_record(candidate_id=i, object_id="ZTF" + "x" * (i * 40)) for i in range(5)]  # blocks > 127 bytes
     for batch in ([_record()], many):
@@ -185,7 +187,7 @@ def test_container_framing_reads_back_with_fastavro_and_matches_its_long_encodin
     for number in (0, 1, 63, 64, 127, 128, 300, 2**31, 2**62):
         expected = io.BytesIO()
         fastavro.schemaless_writer(expected, "long", number)
-        assert records._zigzag_long(number) == expected.getvalue(), number
+        assert encode_long(number) == expected.getvalue(), number
 
 
 def test_label_follows_the_threshold():
