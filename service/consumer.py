@@ -612,4 +612,3 @@ def main(args: argparse.Namespace) -> int:
     except PublishError as exc:
         log.error("%s; exiting without committing the batch (it will be re-read)", exc)
         return 1
-
