@@ -1,6 +1,6 @@
 """``rbstream consume``: score the alerts of a Kafka topic and publish the scores, at least once.
 
-The loop, one batch at a time, in two overlapping stages:
+The loop runs in two overlapping stages, a batch at a time in each:
 
 1. fetch up to ``batch_size`` messages, waiting at most ``max_wait_ms`` (whichever first), and
    decode them into model input (`service.pipeline.BatchProcessor.prepare`, on this thread);

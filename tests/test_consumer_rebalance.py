@@ -1,7 +1,7 @@
 """A second consumer joins the group mid-stream: partitions move, nothing is lost.
 
-The first consumer commits every batch before it fetches again, and ``on_revoke`` commits
-anything left, so handing a partition over re-reads at most one batch (on a broker that
+The first consumer's ``on_revoke`` waits for the batch being scored and published and
+commits it, so handing a partition over re-reads at most one batch (on a broker that
 accepts the commit during the rebalance, none).
 """
 
