@@ -147,7 +147,8 @@ def replay(settings: Mapping, topic: str, messages: Sequence[AlertMessage], rate
     from tqdm import tqdm
 
     result = ReplayResult()
-    producer = producer or replay_producer(settings)
+    if producer is None:  # not `producer or ...`: a Producer defines __len__ (its queue length)
+        producer = replay_producer(settings)
 
     def delivered(error, message):
         if error is None:
