@@ -1,10 +1,10 @@
 """Render real alerts as image grids for labelling by eye.
 
-One PNG holds a few alerts, one row per alert: science | template | difference | a
-zoom on the centre of the difference. The survey's own scores (``rb``, ``drb``,
-``reliability``) are never drawn, so that the labeller is blind to them; rows carry
-only a running index and the alert's id. An index CSV (``index,survey,id,object_id,file``)
-ties each row to its alert.
+One PNG holds a few alerts, one row per alert: science | template | difference
+(zscale) | difference (symmetric) | the centres of difference, science and template,
+zoomed. The survey's own scores (``rb``, ``drb``, ``reliability``) are never drawn, so
+that the labeller is blind to them; rows carry only a running index and the alert's id.
+An index CSV (``index,survey,id,object_id,file,page``) ties each row to its alert.
 
 Usage::
 
@@ -150,7 +150,7 @@ def render_page(entries: list[tuple[int, dict, object]], path: Path) -> None:
     grey.set_bad(NAN_COLOUR)
     diverging = plt.get_cmap("RdBu_r").copy()
     diverging.set_bad(NAN_COLOUR)
-    fig, axes = plt.subplots(len(entries), 5, figsize=(5 * 2.0, len(entries) * 2.1), squeeze=False)
+    fig, axes = plt.subplots(len(entries), 7, figsize=(7 * 2.0, len(entries) * 2.1), squeeze=False)
     for axrow, (index, row, alert) in zip(axes, entries):
         label = f"#{index}  {row['survey']} {row['id']}"
         if isinstance(alert, str):
@@ -170,11 +170,17 @@ def render_page(entries: list[tuple[int, dict, object]], path: Path) -> None:
         finite = window[np.isfinite(window)]
         half = float(np.abs(finite).max()) if finite.size else 1.0
         _show(axrow[4], window, (-half or -1.0, half or 1.0), diverging)
+        # Faint sources vanish in a full-cutout stretch; the centre at its own zscale shows them.
+        for ax, name in zip(axrow[5:], ("science", "template")):
+            centre_window = zoom(images[name], centre)
+            _show(ax, centre_window, zscale_limits(centre_window), grey)
         axrow[0].set_title(label, fontsize=8, loc="left")
         axrow[1].set_title("template", fontsize=6)
         axrow[2].set_title(f"diff zscale {shape[0]}x{shape[1]}", fontsize=6)
         axrow[3].set_title("diff ±p99.5", fontsize=6)
         axrow[4].set_title(f"diff centre {ZOOM_SIZE}px", fontsize=6)
+        axrow[5].set_title("science centre", fontsize=6)
+        axrow[6].set_title("template centre", fontsize=6)
     fig.tight_layout(pad=0.3, h_pad=0.6, w_pad=0.2)
     fig.savefig(path, dpi=72)
     plt.close(fig)
