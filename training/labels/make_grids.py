@@ -35,7 +35,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from astropy.visualization import ZScaleInterval  # noqa: E402
 
-from service.alerts import decode_message  # noqa: E402
+from service.alerts import DecodeError, decode_message  # noqa: E402
 
 #: Side of the zoomed view of the difference image, pixels.
 ZOOM_SIZE = 21
@@ -43,6 +43,7 @@ ZOOM_SIZE = 21
 #: Colour of NaN / masked pixels: none of the grey levels, so gaps never pass for sky.
 NAN_COLOUR = "magenta"
 
+#: Score at which the surveys' own scores call an alert real (used only to select).
 CUT = 0.5
 
 
@@ -207,10 +208,14 @@ def main(argv: list[str] | None = None) -> None:
             entries = []
             for offset, row in enumerate(rows[page_start:page_start + args.per_page]):
                 index = args.start_index + page_start + offset
+                # An alert that cannot be drawn keeps its row, with the reason, so the
+                # index and the grids never silently drop one.
                 try:
                     alerts = decode_message((args.real / row["file"]).read_bytes())
-                    alert = next(a for a in alerts if str(a.candidate_id) == row["id"])
-                except Exception as error:  # noqa: BLE001 — shown on the grid, never hidden
+                    alert = next((a for a in alerts if str(a.candidate_id) == row["id"]), None)
+                    if alert is None:
+                        alert = f"no alert with id {row['id']} in {row['file']}"
+                except (OSError, DecodeError) as error:
                     alert = f"did not decode: {error}"
                 entries.append((index, row, alert))
                 writer.writerow([index, row["survey"], row["id"], row["object_id"], row["file"], page])
