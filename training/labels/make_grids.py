@@ -37,7 +37,7 @@ from astropy.visualization import ZScaleInterval  # noqa: E402
 
 from service.alerts import DecodeError, decode_message  # noqa: E402
 
-#: Side of the zoomed view of the difference image, pixels.
+#: Side of the zoomed centre views (difference, science, template), pixels.
 ZOOM_SIZE = 21
 
 #: Colour of NaN / masked pixels: none of the grey levels, so gaps never pass for sky.
