@@ -78,6 +78,10 @@ _GZIP_MAGIC = b"\x1f\x8b"
 _IMAGE_MAGICS = {b"\xff\xd8\xff": "a JPEG image", b"\x89PNG\r\n\x1a\n": "a PNG image", b"GIF8": "a GIF image"}
 
 
+#: ZTF ``candidate.isdiffpos`` values of a detection on the negative (template - science) difference.
+NEGATIVE_DETECTION = ("f", "0")
+
+
 class DecodeError(ValueError):
     """An alert message that cannot be scored.
 
@@ -479,6 +483,10 @@ def _ztf_alert(record: dict) -> Alert:
     jd = candidate.get("jd")
     label = f"ztf candid {candid}"
     images = _read_cutouts(record, label)
+    if str(candidate.get("isdiffpos", "t")).lower() in NEGATIVE_DETECTION:
+        # ZTF cuts a negative detection out of the template-minus-science image; the stamp
+        # contract's difference is science minus template, whatever the sign of the source.
+        images["difference"] = np.negative(images["difference"])
     return Alert(
         survey="ztf",
         candidate_id=int(candid),

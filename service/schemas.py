@@ -156,7 +156,7 @@ def head_schemas(definition: Mapping) -> tuple | None:
         keep = SCORING_FIELDS["ztf"]["candidate"]
         if candidate["name"] == "candidate" and isinstance(candidate["type"], dict):
             # candidate closes the head, so its own leading fields are all that need reading:
-            # jd, candid, xpos and ypos are among the first fifteen of its ~100.
+            # jd, candid, isdiffpos, xpos and ypos are among the first fifteen of its ~100.
             inner = candidate["type"]["fields"]
             upto = max(i for i, f in enumerate(inner) if f["name"] in keep)
             writer["fields"] = writer["fields"][:-1] + [
@@ -211,7 +211,7 @@ def cutout_tail_layout(definition: Mapping) -> tuple | None:
 
 #: Per survey: nested records kept by the scoring reader schema, and the fields kept in each.
 SCORING_FIELDS: Mapping[str, Mapping[str, frozenset]] = {
-    "ztf": {"candidate": frozenset({"candid", "jd", "xpos", "ypos"})},
+    "ztf": {"candidate": frozenset({"candid", "jd", "isdiffpos", "xpos", "ypos"})},
     "rubin": {
         "diaSource": frozenset({"diaSourceId", "diaObjectId", "midpointMjdTai", "midPointTai"}),
         "diaObject": frozenset({"diaObjectId"}),

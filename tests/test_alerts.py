@@ -18,7 +18,7 @@ from astropy.io import fits as afits
 
 from conftest import rubin_files, ztf_fits_files, ztf_jpeg_files
 from service import schemas
-from service.alerts import CUTOUT_FIELDS, DecodeError, decode_message, read_full_records
+from service.alerts import CUTOUT_FIELDS, NEGATIVE_DETECTION, DecodeError, decode_message, read_full_records
 from service.contract import fit_stamp
 
 MJD_OFFSET = 2400000.5
@@ -55,8 +55,12 @@ def cutout_data(record: dict, field_name: str) -> bytes:
 
 
 def assert_images_match_astropy(alert, record):
+    candidate = record.get("candidate") or {}
+    negative = str(candidate.get("isdiffpos", "t")).lower() in NEGATIVE_DETECTION
     for name, field_name in CUTOUT_FIELDS.items():
         expected = astropy_pixels(cutout_data(record, field_name))
+        if name == "difference" and negative:
+            expected = np.negative(expected)  # ZTF cuts negative detections out of template - science
         assert alert.images[name].dtype == np.float32
         assert alert.images[name].tobytes() == expected.tobytes(), name
 
@@ -417,7 +421,7 @@ def test_source_lands_at_the_stamp_centre_after_fit_stamp(name):
     smooth = sum(np.roll(np.roll(stamp, dr, 0), dc, 1) for dr in (-1, 0, 1) for dc in (-1, 0, 1))
     centre = (size - 1) // 2
     window = smooth[centre - 4 : centre + 5, centre - 4 : centre + 5]
-    peak = np.unravel_index(np.argmax(window), window.shape)
+    peak = np.unravel_index(np.argmax(np.abs(window)), window.shape)  # a negative detection is a dip
     assert abs(peak[0] - 4) <= 1 and abs(peak[1] - 4) <= 1, peak
     # and the padding went to the side the CCD ended on
     padded_rows = np.isnan(fit_stamp(alert.images["difference"], size, alert.centre)).all(axis=1)
@@ -500,3 +504,17 @@ def test_scoring_reader_schema_exists_for_every_known_writer():
         assert writer.reader is not None, path.name
         if writer.survey == "ztf":
             assert writer.head is not None and writer.tail is not None, path.name
+
+
+def test_negative_ztf_detections_get_a_science_minus_template_difference():
+    """ZTF cuts isdiffpos='f' detections out of template - science; decoded, every
+    difference is science - template, so a fading source is a dip, as the contract says."""
+    checked = 0
+    for path in ztf_fits_files():
+        (alert,) = decode_message(path.read_bytes())
+        if str(alert.record["candidate"]["isdiffpos"]).lower() not in NEGATIVE_DETECTION:
+            continue
+        images = {k: fit_stamp(v, 7, alert.centre) for k, v in alert.images.items()}
+        assert np.nansum(images["difference"]) < 0, path.name
+        checked += 1
+    assert checked > 0

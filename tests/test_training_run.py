@@ -249,7 +249,8 @@ def test_alert_files_source_uses_the_service_decoder(tmp_path):
     first = decode_message(files[0].read_bytes(), "ztf")[0]
     np.testing.assert_array_equal(data.stamps[0], assemble(first.images, contract, first.centre))
     config = tiny(n_epochs=1, N_valid=3, N_test=4, batch_size=4,
-                  data={"source": "alerts", "alerts": str(files[0].parent), "labels": str(labels_csv)})
+                  data={"source": "alerts", "alerts": str(files[0].parent), "labels": str(labels_csv),
+                        "split": "random"})
     card = train(config, tmp_path / "run")  # the JPEG prototypes are skipped with a warning
     assert card["data"]["source"] == "alerts" and sum(card["data"]["size"].values()) == len(files)
 

@@ -23,6 +23,7 @@ from typing import Any, Callable
 from service.contract import CHANNELS, StampContract
 from training.model import ACTIVATIONS, ARCHITECTURES, ArchConfig, canonical_activation
 from training.profiles import PROFILES, get_profile
+from training.real import WEAK_LABELS
 from training.simulate import BOGUS_KINDS, SimulatorConfig
 
 
@@ -133,6 +134,24 @@ TABLES: dict[str, dict[str, Key]] = {
                                 "image order inside braai triplets / chunks without a `channels` entry",
                                 ("science", "template", "difference")),
         "survey_format": Key("choice", "auto", "alert format for source = alerts", ("auto", "ztf", "rubin")),
+        "label_from": Key("str_list", [], "source = alerts: survey scores that label the alerts `labels` does not "
+                          "(first present first)", check=lambda v: all(x in WEAK_LABELS for x in v),
+                          accepted="a list of " + ", ".join(WEAK_LABELS)),
+        "weak_label_bands": Key("float_list", [0.2, 0.8], "source = alerts: a survey score >= high is real, < low "
+                                "bogus, in between left out", check=lambda v: len(v) == 2 and 0 <= v[0] <= v[1] <= 1,
+                                accepted="[low, high], 0 <= low <= high <= 1"),
+        "split": Key("choice", "object", "source = alerts: hold out whole objects (object) or alerts at random "
+                     "(random, by N_valid/N_test)", ("object", "random")),
+        "holdout": Key("float_list", [0.15, 0.15], "source = alerts, split = object: share of objects held out for "
+                       "validation and test", check=lambda v: len(v) == 2 and all(x > 0 for x in v) and sum(v) < 1,
+                       accepted="[valid, test], each > 0, sum < 1"),
+        "rehearsal": Key("int", 0, "source = alerts: simulated stamps ([simulator]) mixed into the training split, "
+                         "so that fine-tuning does not forget what simulations teach", check=lambda v: v >= 0,
+                         accepted="an integer >= 0"),
+        "balance": Key("bool", False, "source = alerts: repeat the rarer class of real training alerts until both "
+                       "are as frequent"),
+        "real_repeat": Key("int", 1, "source = alerts: how many times each real training alert is shown per epoch",
+                           check=_positive, accepted="an integer > 0"),
     },
     "simulator": {
         "real_fraction": Key("float", 0.5, "share of real stamps", check=lambda v: 0 < v < 1,
@@ -165,6 +184,8 @@ TABLES: dict[str, dict[str, Key]] = {
         "opset": Key("int", 18, "ONNX opset", check=lambda v: v >= 17, accepted="an integer >= 17"),
         "max_mb": Key("float", 5.0, "refuse to export a model larger than this (MB)", check=_positive,
                       accepted="a number > 0"),
+        "calibration": Key("choice", "none", "fit a temperature on the validation split and put it in the graph "
+                           "(temperature), or export raw sigmoid scores (none)", ("none", "temperature")),
     },
 }
 
@@ -382,8 +403,10 @@ def _cross_checks(config: TrainConfig) -> None:
     source = config.table("data")["source"]
     if source == "chunks" and not config.path_to_chunks:
         raise ConfigError("path_to_chunks: required when data.source = \"chunks\"; accepted: a folder of .npz chunks")
-    if source == "alerts" and not (config.table("data")["alerts"] and config.table("data")["labels"]):
-        raise ConfigError("data.alerts and data.labels: both required when data.source = \"alerts\"")
+    data = config.table("data")
+    if source == "alerts" and not (data["alerts"] and (data["labels"] or data["label_from"])):
+        raise ConfigError("data.alerts and data.labels (or data.label_from): both required when "
+                          "data.source = \"alerts\"")
     if source == "braai" and not (config.table("data")["triplets"] and config.table("data")["labels"]):
         raise ConfigError("data.triplets and data.labels: both required when data.source = \"braai\"")
     config.simulator  # raises ConfigError on a bad [simulator]
@@ -412,7 +435,25 @@ def read_deephits_input(path: Path) -> dict:
 
 
 def load_config(path: str | Path, overrides: dict | None = None) -> TrainConfig:
-    """Read and validate a ``.toml`` file or a Deep-HiTS ``input.txt``."""
+    """Read and validate a ``.toml`` file or a Deep-HiTS ``input.txt``.
+
+    A TOML file may name a ``base`` config (relative to itself): the file's keys and
+    tables are laid over the base's, key by key. ``overrides`` are laid over the result
+    the same way.
+    """
+    raw = _merge(read_raw(path), overrides or {})
+    return from_dict(raw, source=str(path))
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def read_raw(path: str | Path) -> dict:
+    """A config file as a raw mapping: its ``base`` chain merged, relative paths resolved."""
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"config: no such file {path}")
@@ -423,7 +464,6 @@ def load_config(path: str | Path, overrides: dict | None = None) -> TrainConfig:
             raise ConfigError(f"{path}: invalid TOML: {exc}") from None
     else:
         raw = read_deephits_input(path)
-    raw.update(overrides or {})
     # relative data paths are relative to the config file
     for key in ("path_to_chunks", "resume"):
         if isinstance(raw.get(key), str) and raw[key] not in ("None", "none", "") and not Path(raw[key]).is_absolute():
@@ -431,12 +471,18 @@ def load_config(path: str | Path, overrides: dict | None = None) -> TrainConfig:
     data = raw.get("data")
     if isinstance(data, dict):
         for key in ("alerts", "labels", "triplets"):
-            if isinstance(data.get(key), str) and not Path(data[key]).is_absolute():
+            if isinstance(data.get(key), str) and data[key] not in ("None", "none", "") \
+                    and not Path(data[key]).is_absolute():
                 data[key] = str((path.parent / data[key]).resolve())
     finetune = raw.get("finetune")
     if isinstance(finetune, dict) and isinstance(finetune.get("from"), str) and not Path(finetune["from"]).is_absolute():
         finetune["from"] = str((path.parent / finetune["from"]).resolve())
-    return from_dict(raw, source=str(path))
+    base = raw.pop("base", None)
+    if base is not None:
+        if not isinstance(base, str):
+            raise ConfigError(f"{path}: base: bad value {base!r}; accepted: the path of a config file")
+        raw = _merge(read_raw(path.parent / base), raw)
+    return raw
 
 
 def builtin_config(name: str) -> Path:

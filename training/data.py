@@ -29,8 +29,8 @@ Sources (``[data] source``):
 from __future__ import annotations
 
 import csv
-import glob
 import logging
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -38,6 +38,7 @@ from typing import Sequence
 import numpy as np
 
 from service.contract import RAW_IMAGES, StampContract, fit_stamp
+from training import real
 
 log = logging.getLogger(__name__)
 
@@ -86,19 +87,20 @@ def to_contract(stamps: np.ndarray, channels: Sequence[str], contract: StampCont
 
 # --------------------------------------------------------------------------- simulator
 def simulated(config, contract: StampContract, progress: bool = False) -> dict[str, Dataset]:
+    sizes = {"train": config.N_train, "valid": config.N_valid, "test": config.N_test}
+    # each split has its own seed, so the test set never overlaps the training set
+    return {split: _simulate(config, contract, sizes[split], config.seed * 10 + offset, progress)
+            for offset, split in enumerate(SPLITS)}
+
+
+def _simulate(config, contract: StampContract, n: int, seed: int, progress: bool = False) -> Dataset:
     from dataclasses import replace
 
     from training.simulate import simulate
 
     profile = replace(config.profile, stamp_size=contract.size)
-    sizes = {"train": config.N_train, "valid": config.N_valid, "test": config.N_test}
-    out = {}
-    for offset, split in enumerate(SPLITS):
-        # each split has its own seed, so the test set never overlaps the training set
-        d = simulate(profile, sizes[split], seed=config.seed * 10 + offset, config=config.simulator,
-                     progress=progress, workers=config.threads)
-        out[split] = Dataset(to_contract(d["stamps"], d["channels"], contract), d["labels"], d["kinds"])
-    return out
+    d = simulate(profile, n, seed=seed, config=config.simulator, progress=progress, workers=config.threads)
+    return Dataset(to_contract(d["stamps"], d["channels"], contract), d["labels"], d["kinds"])
 
 
 # --------------------------------------------------------------------------- chunks
@@ -146,7 +148,8 @@ def _check_labels(labels: np.ndarray, where: str) -> np.ndarray:
 
 
 def _concat(parts: list[Dataset]) -> Dataset:
-    return Dataset(np.concatenate([p.stamps for p in parts]), np.concatenate([p.labels for p in parts]))
+    kinds = None if any(p.kinds is None for p in parts) else np.concatenate([p.kinds.astype(str) for p in parts])
+    return Dataset(np.concatenate([p.stamps for p in parts]), np.concatenate([p.labels for p in parts]), kinds)
 
 
 def chunks(config, contract: StampContract) -> dict[str, Dataset]:
@@ -187,13 +190,9 @@ def split_at_random(pool: Dataset, config) -> dict[str, Dataset]:
 
 
 # --------------------------------------------------------------------------- labels CSV
-_TRUE = {"1", "real", "true", "yes", "r"}
-_FALSE = {"0", "bogus", "false", "no", "b"}
-
-
-def read_labels_csv(path: str | Path, id_columns: Sequence[str] = ("candid", "diaSourceId", "candidate_id", "id")
+def read_labels_csv(path: str | Path, id_columns: Sequence[str] = real.ID_COLUMNS
                     ) -> tuple[list[int] | None, np.ndarray]:
-    """A labels CSV: a ``label`` column (1/0, real/bogus, true/false) and maybe an id column."""
+    """A labels CSV with one row per sample: a ``label`` column (1/0, real/bogus, true/false), maybe an id column."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"labels: no such file {path}")
@@ -205,13 +204,10 @@ def read_labels_csv(path: str | Path, id_columns: Sequence[str] = ("candid", "di
         id_column = next((c for c in id_columns if c in fields), None)
         ids, labels = [], []
         for line, row in enumerate(reader, start=2):
-            value = str(row["label"]).strip().lower()
-            if value in _TRUE:
-                labels.append(1)
-            elif value in _FALSE:
-                labels.append(0)
-            else:
-                raise DataError(f"{path}:{line}: label {row['label']!r}; accepted: 1/0, real/bogus, true/false")
+            label = real.parse_label(row["label"], f"{path}:{line}")
+            if label is None:
+                raise DataError(f"{path}:{line}: label {row['label']!r}; accepted here: 1/0, real/bogus, true/false")
+            labels.append(label)
             if id_column:
                 try:
                     ids.append(int(row[id_column]))
@@ -221,52 +217,61 @@ def read_labels_csv(path: str | Path, id_columns: Sequence[str] = ("candid", "di
 
 
 # --------------------------------------------------------------------------- alerts
-def alert_files(spec: str) -> list[Path]:
-    path = Path(spec)
-    files = sorted(path.glob("*.avro")) if path.is_dir() else sorted(Path(p) for p in glob.glob(spec))
-    if not files:
-        raise DataError(f"data.alerts: no alert file matches {spec}")
-    return files
+def alerts(config, contract: StampContract, progress: bool = False) -> dict[str, Dataset]:
+    """Labelled real alerts (`training.real`), split by object, plus simulated rehearsal stamps in training."""
+    d = config.table("data")
+    try:
+        found, failures = real.read_alerts(real.alert_files(d["alerts"]), d["survey_format"])
+        tables = [real.read_label_table(d["labels"])] if d["labels"] else []
+    except real.LabelError as exc:
+        raise DataError(str(exc)) from None
+    for name, reason in failures:
+        log.warning("skipped %s: %s", name, reason)
+    real.assign_labels(found, tables, d["label_from"], tuple(d["weak_label_bands"]))
+    labelled = [a for a in found if a.label is not None]
+    log.info("alerts: %d decoded, %d labelled (%s)", len(found), len(labelled),
+             dict(Counter(a.label_source for a in labelled)))
+    if d["split"] == "random":
+        return split_at_random(_real_dataset(labelled, contract), config)
+    splits = {name: _real_dataset(group, contract) for name, group in real.by_split(labelled, tuple(d["holdout"])).items()}
+    train = splits["train"]
+    index = np.arange(len(train))
+    if d["balance"] and len(set(train.labels.tolist())) == 2:
+        # brokers keep mostly real alerts: the few real artifacts are shown as often as the reals
+        counts = np.bincount(train.labels, minlength=2)
+        index = np.concatenate([np.tile(np.flatnonzero(train.labels == c), int(np.ceil(counts.max() / counts[c])))
+                                for c in (0, 1)])
+    train = train.subset(np.tile(index, d["real_repeat"]))
+    if d["rehearsal"]:
+        rehearsal = _simulate(config, contract, d["rehearsal"], seed=config.seed * 10 + 3, progress=progress)
+        rehearsal.kinds = np.array([f"simulated {k}" for k in rehearsal.kinds])
+        train = _concat([train, rehearsal])
+    splits["train"] = train
+    return splits
 
 
-def alerts(config, contract: StampContract) -> dict[str, Dataset]:
-    """Alert files + labels CSV, decoded by the service's own decoder."""
-    pool = read_alerts(alert_files(config.table("data")["alerts"]), config.table("data")["labels"], contract,
-                       config.table("data")["survey_format"])
-    return split_at_random(pool, config)
+def _real_dataset(alerts: Sequence[real.RealAlert], contract: StampContract) -> Dataset:
+    stamps, kept, failures = real.stamps(alerts, contract)
+    for name, reason in failures:
+        log.warning("skipped %s: %s", name, reason)
+    kinds = np.array([f"{a.label_source}: {a.family}" if a.family else str(a.label_source) for a in kept])
+    return Dataset(stamps, np.array([a.label for a in kept], dtype=np.int64), kinds)
 
 
 def read_alerts(files: Sequence[Path], labels_csv: str | Path, contract: StampContract, survey: str = "auto"
                 ) -> Dataset:
-    from service.alerts import DecodeError, decode_message
-    from service.contract import StampError, assemble
-
-    ids, labels = read_labels_csv(labels_csv)
-    if ids is None:
-        raise DataError(f"{labels_csv}: needs an id column (candid or diaSourceId) to match alerts")
-    label_of = dict(zip(ids, labels))
-    stamps, out_labels, skipped = [], [], []
-    for path in files:
-        try:
-            decoded = decode_message(Path(path).read_bytes(), survey)
-        except DecodeError as exc:
-            skipped.append(f"{Path(path).name}: {exc}")
-            continue
-        for alert in decoded:
-            if alert.candidate_id not in label_of:
-                skipped.append(f"{Path(path).name}: id {alert.candidate_id} not in {Path(labels_csv).name}")
-                continue
-            try:
-                stamps.append(assemble(alert.images, contract, alert.centre))
-            except StampError as exc:
-                skipped.append(f"{Path(path).name}: {exc}")
-                continue
-            out_labels.append(label_of[alert.candidate_id])
-    for reason in skipped:
-        log.warning("skipped %s", reason)
-    if not stamps:
-        raise DataError(f"no labelled alert could be used out of {len(files)} file(s): {skipped[:3]}")
-    return Dataset(np.stack(stamps).astype(np.float32), np.array(out_labels, dtype=np.int64))
+    """Alert files labelled by a CSV (ids or file names), as one data set; unlabelled alerts are skipped."""
+    try:
+        found, failures = real.read_alerts(files, survey)
+        real.assign_labels(found, [real.read_label_table(labels_csv)])
+    except real.LabelError as exc:
+        raise DataError(str(exc)) from None
+    for name, reason in failures:
+        log.warning("skipped %s: %s", name, reason)
+    labelled = [a for a in found if a.label is not None]
+    if not labelled:
+        raise DataError(f"no labelled alert could be used out of {len(files)} file(s): {failures[:3]}")
+    return _real_dataset(labelled, contract)
 
 
 # --------------------------------------------------------------------------- braai
@@ -298,9 +303,13 @@ def load_datasets(config, contract: StampContract, progress: bool = False) -> tu
         where = {"simulator": config.simulator.__dict__ | {"bogus_weights": dict(config.simulator.bogus_weights)},
                  "profile": config.profile.to_dict(), "seed": config.seed}
     else:
-        splits = LOADERS[source](config, contract)
+        splits = alerts(config, contract, progress) if source == "alerts" else LOADERS[source](config, contract)
         where = {"path_to_chunks": config.path_to_chunks, "data_interface": config.data_interface} \
             if source == "chunks" else {k: config.table("data")[k] for k in ("alerts", "labels", "triplets")}
+        if source == "alerts":
+            where.update({k: config.table("data")[k] for k in (
+                "label_from", "weak_label_bands", "split", "holdout", "rehearsal", "balance", "real_repeat")})
+            where["kinds"] = {split: dict(Counter(d.kinds.tolist())) for split, d in splits.items()}
     for split, d in splits.items():
         if len(d) == 0:
             raise DataError(f"the {split} split is empty")

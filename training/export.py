@@ -60,7 +60,7 @@ def onnx_scores(path: Path, stamps: np.ndarray) -> np.ndarray:
 
 
 def export_onnx(net: RealBogusNet, path: Path, check_stamps: np.ndarray, opset: int = 18,
-                max_mb: float = 5.0, tolerance: float = PARITY_TOLERANCE) -> dict:
+                max_mb: float = 5.0, tolerance: float = PARITY_TOLERANCE, temperature: float = 1.0) -> dict:
     """Export ``net`` to ``path`` and verify it; returns the verification summary.
 
     Raises
@@ -70,7 +70,7 @@ def export_onnx(net: RealBogusNet, path: Path, check_stamps: np.ndarray, opset: 
         verification batch, or the file is larger than ``max_mb``. The file is removed.
     """
     path = Path(path)
-    graph = ScoringGraph(net).eval().cpu()
+    graph = ScoringGraph(net, temperature).eval().cpu()
     example = torch.from_numpy(np.ascontiguousarray(check_stamps[:2], dtype=np.float32))
     tmp = path.with_suffix(".tmp.onnx")
     # The exporter prints its progress on stdout; keep the training log readable.
@@ -158,7 +158,7 @@ def git_commit(cwd: Path | None = None) -> str:
 
 
 def model_card(config, contract, data_info: dict, test_metrics: dict, verification: dict,
-               training: dict, inference: dict | None = None) -> dict:
+               training: dict, inference: dict | None = None, calibration: dict | None = None) -> dict:
     """The model card: what the model is, what it takes, how it was trained, how good it is."""
     return {
         "name": config.name,
@@ -176,6 +176,7 @@ def model_card(config, contract, data_info: dict, test_metrics: dict, verificati
         "test_metrics": test_metrics,
         "verification": verification,
         "inference": inference,
+        "calibration": calibration,
         "config": config.to_dict(),
     }
 

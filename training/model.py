@@ -262,14 +262,20 @@ class RealBogusNet(nn.Module):
 
 
 class ScoringGraph(nn.Module):
-    """What is exported: raw stamps -> probability of "real" ``[batch]``."""
+    """What is exported: raw stamps -> probability of "real" ``[batch]``.
 
-    def __init__(self, net: RealBogusNet):
+    ``temperature`` is the calibration (Guo et al. 2017): logits are divided by it before
+    the sigmoid, so the published score is the calibrated probability and the ranking,
+    hence the ROC curve, is unchanged.
+    """
+
+    def __init__(self, net: RealBogusNet, temperature: float = 1.0):
         super().__init__()
         self.net = net
+        self.register_buffer("inverse_temperature", torch.tensor(1.0 / temperature, dtype=torch.float32))
 
     def forward(self, stamps: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.net(stamps))
+        return torch.sigmoid(self.net(stamps) * self.inverse_temperature)
 
 
 def count_parameters(model: nn.Module) -> int:

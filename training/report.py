@@ -10,31 +10,21 @@ import numpy as np
 
 def roc_curve(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """False- and true-positive rates at every distinct score threshold (``score >= t`` is real)."""
-    labels = np.asarray(labels).astype(bool)
-    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="mergesort")
-    s, y = np.asarray(scores, dtype=np.float64)[order], labels[order]
-    distinct = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]
-    tp = np.cumsum(y)[distinct]
-    fp = np.cumsum(~y)[distinct]
-    n_pos, n_neg = max(y.sum(), 1), max((~y).sum(), 1)
-    return np.r_[0.0, fp / n_neg], np.r_[0.0, tp / n_pos], np.r_[np.inf, s[distinct]]
+    from sklearn.metrics import roc_curve as sklearn_roc_curve
+
+    fpr, tpr, thresholds = sklearn_roc_curve(np.asarray(labels).astype(bool), np.asarray(scores, dtype=np.float64),
+                                             drop_intermediate=False)
+    return fpr, tpr, thresholds
 
 
 def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """Area under the ROC curve (Mann-Whitney: ties count one half)."""
+    """Area under the ROC curve; NaN when only one class is present."""
+    from sklearn.metrics import roc_auc_score
+
     labels = np.asarray(labels).astype(bool)
-    scores = np.asarray(scores, dtype=np.float64)
-    n_pos, n_neg = labels.sum(), (~labels).sum()
-    if n_pos == 0 or n_neg == 0:
+    if labels.all() or not labels.any():
         return float("nan")
-    order = np.argsort(scores, kind="mergesort")
-    ranks = np.empty(len(scores))
-    sorted_scores = scores[order]
-    # average ranks of ties
-    _, first, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
-    avg = first + (counts - 1) / 2.0 + 1.0
-    ranks[order] = np.repeat(avg, counts)
-    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+    return float(roc_auc_score(labels, np.asarray(scores, dtype=np.float64)))
 
 
 def metrics(labels: np.ndarray, scores: np.ndarray, threshold: float, kinds: np.ndarray | None = None) -> dict:
@@ -88,7 +78,9 @@ def calibration(labels: np.ndarray, scores: np.ndarray, bins: int = 10) -> dict:
         inside = which == b
         if inside.any():
             ece += inside.mean() * abs(labels[inside].mean() - scores[inside].mean())
-    return {"brier": float(np.mean((scores - labels) ** 2)), "ece": float(ece), "ece_bins": bins}
+    from sklearn.metrics import brier_score_loss
+
+    return {"brier": float(brier_score_loss(labels, scores, pos_label=1)), "ece": float(ece), "ece_bins": bins}
 
 
 def plot_history(history: list[dict], path: Path) -> None:

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from service.model import CARD_FILE, MODEL_FILE
 from training import report
+from training.calibrate import CalibrationError, calibrate, sigmoid
 from training.config import ConfigError, TrainConfig
 from training.data import Dataset, load_datasets
 from training.export import export_onnx, measure_inference, model_card, write_card
@@ -319,8 +320,19 @@ def train(config: TrainConfig, run_dir: str | Path, resume: str | Path | None = 
         net.load_state_dict(best["model"])
     net.eval().cpu()
     threshold = float(config.table("export")["threshold"])
+    calibration = None
+    if config.table("export")["calibration"] == "temperature":
+        population = (f"the validation split of data.source = {data_info['source']}: {len(valid_set)} samples, "
+                      f"{valid_set.labels.mean():.1%} real")
+        try:
+            calibration = calibrate(predict(net, valid_x, normalised), valid_set.labels, population)
+        except CalibrationError as exc:
+            raise ConfigError(f"export.calibration = \"temperature\": {exc}") from None
+        log.info("calibration: temperature %.3f fitted on %s; validation ECE %.4f -> %.4f",
+                 calibration["temperature"], population, calibration["ece_before"], calibration["ece_after"])
+    temperature = calibration["temperature"] if calibration else 1.0
     test_logits = predict(net, test_set.stamps)
-    test_scores = 1.0 / (1.0 + np.exp(-test_logits.astype(np.float64)))
+    test_scores = sigmoid(test_logits, temperature)
     test_metrics = report.metrics(test_set.labels, test_scores, threshold, test_set.kinds)
     for key in ("accuracy", "roc_auc", "fpr", "fnr"):
         writer.add_scalar(f"test/{key}", test_metrics[key], iteration)
@@ -329,7 +341,7 @@ def train(config: TrainConfig, run_dir: str | Path, resume: str | Path | None = 
     (run_dir / "history.json").write_text(json.dumps(history, indent=1) + "\n")
 
     verification = export_onnx(net, run_dir / MODEL_FILE, test_set.stamps, opset=config.table("export")["opset"],
-                               max_mb=config.table("export")["max_mb"])
+                               max_mb=config.table("export")["max_mb"], temperature=temperature)
     report.plot_history(history, run_dir / "history.png")
     report.plot_roc(test_set.labels, test_scores, run_dir / "roc.png", title=config.name)
     report.plot_det(test_set.labels, test_scores, run_dir / "det.png", threshold=threshold, title=config.name)
@@ -342,7 +354,8 @@ def train(config: TrainConfig, run_dir: str | Path, resume: str | Path | None = 
         "final_valid": history[-1] if history else None,
     }
     inference = measure_inference(run_dir / MODEL_FILE, test_set.stamps, threads=config.threads)
-    card = model_card(config, contract, data_info, test_metrics, verification, training_info, inference)
+    card = model_card(config, contract, data_info, test_metrics, verification, training_info, inference,
+                      calibration)
     write_card(card, run_dir)
     log.info("test: accuracy %.4f, ROC AUC %.4f, FPR %.4f, FNR %.4f at %.2f, Brier %.4f, ECE %.4f; "
              "inference %.3f ms/stamp (batch %d, %d threads); card %s", test_metrics["accuracy"],

@@ -1,0 +1,106 @@
+"""The second stage of a default model: judge the adapted model beside the simulation-only one.
+
+Stage 1 trains on simulations (``<survey>.toml``); stage 2 fine-tunes that model on real
+alerts (``<survey>-adapt.toml``, `training.data.alerts`) and calibrates it. `side_by_side`
+then scores, with the exported ONNX files, on the same held-out data:
+
+* the real test split (the objects training never saw), labelled as evaluation labels
+  them: human labels first, then the survey score at 0.5 — with the survey's own score
+  beside both models;
+* the synthetic test set of stage 1, so that what simulations teach is seen not to be lost.
+
+The result goes into the adapted model's card (``real_test``, ``synthetic_test``) and a
+ROC plot (``real_roc.png``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from service.model import MODEL_FILE
+from training import real
+from training.evaluate import compare, score_alerts
+from training.report import metrics
+
+#: A survey score at or above this is a real label, when judging (not training) a model.
+EVALUATION_THRESHOLD = 0.5
+REAL_ROC = "real_roc.png"
+
+
+def real_test_split(config) -> list[real.RealAlert]:
+    """The real test split of an ``alerts`` config, with evaluation labels."""
+    d = config.table("data")
+    found, _ = real.read_alerts(real.alert_files(d["alerts"]), d["survey_format"])
+    tables = [real.read_label_table(d["labels"])] if d["labels"] else []
+    real.assign_labels(found, tables, d["label_from"], (EVALUATION_THRESHOLD, EVALUATION_THRESHOLD))
+    return real.by_split(found, tuple(d["holdout"]))["test"]
+
+
+def side_by_side(config, stages: dict[str, Path], out: Path) -> dict:
+    """Both stages' models on the real test split and the synthetic test set.
+
+    Parameters
+    ----------
+    config : TrainConfig
+        The stage-2 config (its ``[data]`` names the real alerts; its simulator is stage 1's).
+    stages : dict of str to path
+        Run folders by stage name (``simulation_only``, ``adapted``).
+    out : path
+        Where the ROC plot goes.
+    """
+    from training.data import _simulate
+
+    threshold = float(config.table("export")["threshold"])
+    test = real_test_split(config)
+    synthetic = _simulate(config, config.contract, config.N_test, seed=config.seed * 10 + 2)
+    real_test: dict = {"labels": f"human labels, then {list(config.table('data')['label_from']) or 'none'} "
+                                 f">= {EVALUATION_THRESHOLD}", "alerts": len(test)}
+    synthetic_test: dict = {"n": len(synthetic)}
+    curves = {}
+    for name, run in stages.items():
+        scores, kept, _, _ = score_alerts(test, Path(run) / MODEL_FILE)
+        real_test[name] = compare(kept, scores, threshold)
+        curves[name] = (kept, scores)
+        synthetic_scores = _onnx_scores(Path(run) / MODEL_FILE, synthetic.stamps)
+        synthetic_test[name] = metrics(synthetic.labels, synthetic_scores, threshold, synthetic.kinds)
+    plot_stages(curves, out / REAL_ROC, config.survey)
+    return {"real_test": real_test, "synthetic_test": synthetic_test}
+
+
+def _onnx_scores(path: Path, stamps: np.ndarray) -> np.ndarray:
+    from service.model import Scorer
+
+    return Scorer(path, device="cpu").score(stamps).astype(np.float64)
+
+
+def plot_stages(curves: dict, path: Path, survey: str) -> None:
+    """ROC of each stage's model and of the survey's scores on the real test split."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import RocCurveDisplay
+
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    survey_drawn = False
+    for name, (alerts, scores) in curves.items():
+        labels = np.array([-1 if a.label is None else a.label for a in alerts])
+        keep = labels >= 0
+        if len(set(labels[keep])) < 2:
+            continue
+        RocCurveDisplay.from_predictions(labels[keep], scores[keep], ax=ax, name=f"rbstream, {name}")
+        if not survey_drawn:
+            for score in sorted({n for a in alerts for n in a.survey_scores}):
+                has = keep & np.array([score in a.survey_scores for a in alerts])
+                if len(set(labels[has])) == 2:
+                    theirs = np.array([a.survey_scores.get(score, np.nan) for a in alerts])
+                    RocCurveDisplay.from_predictions(labels[has], theirs[has], ax=ax, name=f"{score} (survey)",
+                                                     curve_kwargs={"linestyle": "--"})
+            survey_drawn = True
+    ax.set_title(f"real test split, {survey}")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
