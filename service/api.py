@@ -645,9 +645,7 @@ def settings_from_args(args) -> ApiSettings:
 
 
 def main(args) -> int:
-    import uvicorn
-
-    from service.http_server import server_config
+    from service.http_server import ApiServer, server_config
     from service.model import ModelError
 
     settings = settings_from_args(args)
@@ -663,6 +661,6 @@ def main(args) -> int:
     # Keep-alive longer than the clients', logged closes, bounded shutdown: service.http_server.
     config = server_config(app, args.host, args.port,
                            log_level=logging.getLevelName(log.getEffectiveLevel()).lower())
-    server = uvicorn.Server(config)
+    server = ApiServer(config)
     server.run()
     return 0 if server.started else 3  # as uvicorn.run: 3 when it could not start (port taken)

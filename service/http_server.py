@@ -24,16 +24,25 @@ the server initiates, with its reason, and counts it in
     response (`GRACEFUL_SHUTDOWN_S` at most).
 
 Closes by the client are not logged (they are the normal end of a connection).
+
+`ApiServer` stops on SIGTERM, SIGINT or SIGHUP: it stops accepting, closes idle
+connections, gives the requests in flight `GRACEFUL_SHUTDOWN_S`, and returns normally
+(``rbstream serve`` exits 0, like the other commands; plain uvicorn re-raises the signal).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from typing import Any
+import threading
+from typing import Any, Iterator
 
 import h11
+import uvicorn
 from prometheus_client import Counter
 from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from service.lifecycle import on_stop_signals, restore_signals
 
 log = logging.getLogger(__name__)
 
@@ -122,14 +131,27 @@ _DETAILS = {
 }
 
 
-def server_config(app, host: str, port: int, **options: Any):
+class ApiServer(uvicorn.Server):
+    """`uvicorn.Server` that treats SIGTERM, SIGINT and SIGHUP as a request to stop, and then returns."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield  # signals reach the main thread only: the embedding program stops this server
+            return
+        previous = on_stop_signals(lambda signum: self.handle_exit(signum, None))
+        try:
+            yield
+        finally:
+            restore_signals(previous)
+
+
+def server_config(app, host: str, port: int, **options: Any) -> uvicorn.Config:
     """The `uvicorn.Config` of the API: `LoggedClosesH11Protocol`, `KEEP_ALIVE_S`, `GRACEFUL_SHUTDOWN_S`.
 
     ``options`` are further `uvicorn.Config` arguments (``log_level``, ``lifespan`` ...),
     which may also override these defaults.
     """
-    import uvicorn
-
     settings = {"http": LoggedClosesH11Protocol, "timeout_keep_alive": KEEP_ALIVE_S,
                 "timeout_graceful_shutdown": GRACEFUL_SHUTDOWN_S, **options}
     return uvicorn.Config(app, host=host, port=port, **settings)

@@ -107,7 +107,7 @@ def _partitions(consumer, topic: str, deadline: float, stop: Callable[[], bool] 
     """Partitions of ``topic``, waiting for it to exist until ``deadline`` (monotonic); [] once ``stop()``."""
     from confluent_kafka import KafkaException
 
-    problem = "does not exist"
+    problem, waiting = "does not exist", False
     while not stop():
         try:  # short requests, so that a stop signal is seen within a second or so
             info, problem = consumer.list_topics(topic, timeout=1).topics.get(topic), "does not exist"
@@ -115,6 +115,10 @@ def _partitions(consumer, topic: str, deadline: float, stop: Callable[[], bool] 
             info, problem = None, f"is not known: the broker did not answer ({exc})"
         if info is not None and info.error is None and info.partitions:
             return sorted(info.partitions)
+        if not waiting:
+            log.info("topic %s %s yet; waiting for it (%.0f s at most)", topic, problem,
+                     max(0.0, deadline - time.monotonic()))
+            waiting = True
         if time.monotonic() > deadline:
             raise TimeoutError(f"topic {topic} {problem}")
         time.sleep(0.5)
