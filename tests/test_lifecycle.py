@@ -20,7 +20,7 @@ from conftest import ztf_fits_files
 from processes import Command, children, command_line, kill_leftovers, listening, running, wait_until
 from service.broker import LocalBroker, free_port
 from service.lifecycle import PARENT_DEATH_SIGNAL_SUPPORTED
-from streaming import create_topic, unique
+from streaming import create_topic, read_topic, unique
 
 pytestmark = pytest.mark.kafka
 
@@ -60,6 +60,7 @@ def test_broker_command_leaves_no_broker_running(signum):
 
 
 def _high_watermark(bootstrap_servers: str, topic: str) -> int:
+    """tansu's high watermark counts record batches, not messages: enough to see that some arrived."""
     from confluent_kafka import Consumer, TopicPartition
 
     consumer = Consumer({"bootstrap.servers": bootstrap_servers, "group.id": unique("watermark")})
@@ -77,7 +78,7 @@ def test_replay_stops_sending_on_sigterm_and_delivers_what_it_sent(broker):
     command = Command("--log-level", "WARNING", "replay", "--bootstrap-servers", broker.bootstrap_servers,
                       "--topic", topic, "--rate", "20", "--repeat", "100", "--quiet", *files)
     try:
-        assert wait_until(lambda: _high_watermark(broker.bootstrap_servers, topic) >= 5, timeout=60), command.output()
+        assert wait_until(lambda: _high_watermark(broker.bootstrap_servers, topic) >= 3, timeout=60), command.output()
         command.process.send_signal(signal.SIGTERM)
         assert command.wait(timeout=REPLAY_STOP_S) == 0, command.output()
     finally:
@@ -85,8 +86,9 @@ def test_replay_stops_sending_on_sigterm_and_delivers_what_it_sent(broker):
     report = re.search(r"(\d+) alert messages sent to \S+; stopped by SIGTERM before the end", command.output())
     assert report, command.output()
     sent = int(report.group(1))
-    assert 5 <= sent < total
-    assert _high_watermark(broker.bootstrap_servers, topic) == sent, "what replay reports is what the topic holds"
+    assert 3 <= sent < total
+    held = read_topic(broker.bootstrap_servers, topic, idle=1.0)
+    assert len(held) == sent, "what replay reports is what the topic holds"
 
 
 def test_tail_stops_on_sigterm_while_waiting_for_its_topic(broker):
