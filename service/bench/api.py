@@ -91,10 +91,12 @@ class Server:
     def __enter__(self) -> "Server":
         import httpx
 
+        from service.lifecycle import die_with_parent
+
         env = {k: v for k, v in os.environ.items() if k not in ("RBSTREAM_API_TOKEN", "RBSTREAM_API_TOKEN_FILE")}
         self._log = open(self.log_path, "wb")
         self.process = subprocess.Popen(self.command, stdout=self._log, stderr=subprocess.STDOUT, env=env,
-                                        cwd=data.REPO)
+                                        cwd=data.REPO, preexec_fn=die_with_parent())  # a killed bench leaves no server
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
