@@ -645,8 +645,7 @@ def settings_from_args(args) -> ApiSettings:
 
 
 def main(args) -> int:
-    import uvicorn
-
+    from service.http_server import ApiServer, server_config
     from service.model import ModelError
 
     settings = settings_from_args(args)
@@ -659,5 +658,9 @@ def main(args) -> int:
         return 2
     log.info("API on http://%s:%d (docs at /docs); token %s", args.host, args.port,
              "required" if auth.enabled else "not required")
-    uvicorn.run(app, host=args.host, port=args.port, log_level=logging.getLevelName(log.getEffectiveLevel()).lower())
-    return 0
+    # Keep-alive longer than the clients', logged closes, bounded shutdown: service.http_server.
+    config = server_config(app, args.host, args.port,
+                           log_level=logging.getLevelName(log.getEffectiveLevel()).lower())
+    server = ApiServer(config)
+    server.run()
+    return 0 if server.started else 3  # as uvicorn.run: 3 when it could not start (port taken)

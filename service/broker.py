@@ -7,18 +7,24 @@ deployments (docker/, helm/) use Apache Kafka instead.
 
 Known quirk: a new consumer group's first join takes about half of
 ``session.timeout.ms``; clients used against it set ``session.timeout.ms=6000``.
+
+The broker never outlives the process that started it: it is stopped on a clean exit,
+and on Linux the kernel stops it too when its parent is killed (`service.lifecycle`).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import signal
 import socket
 import subprocess
+import sys
+import threading
 import time
 from importlib import resources
 from pathlib import Path
+
+from service.lifecycle import die_with_parent, on_stop_signals, restore_signals
 
 
 def tansu_binary() -> Path:
@@ -60,6 +66,13 @@ class LocalBroker:
         Port to listen on; a free one when omitted.
     log_path : path, optional
         Where tansu's own output goes (discarded by default).
+    inherit_output : bool
+        Let tansu write to this process's stdout and stderr instead (``rbstream broker``).
+
+    Notes
+    -----
+    Start it from a thread that outlives it (the main thread, typically): on Linux the
+    broker gets SIGTERM when the thread that started it ends (`service.lifecycle.die_with_parent`).
 
     Examples
     --------
@@ -69,9 +82,11 @@ class LocalBroker:
 
     host = "127.0.0.1"
 
-    def __init__(self, port: int | None = None, log_path: str | os.PathLike | None = None):
+    def __init__(self, port: int | None = None, log_path: str | os.PathLike | None = None,
+                 inherit_output: bool = False):
         self.port = port or free_port(self.host)
         self.log_path = log_path
+        self.inherit_output = inherit_output
         self.process: subprocess.Popen | None = None
 
     @property
@@ -88,18 +103,33 @@ class LocalBroker:
         ]
 
     def start(self, timeout: float = 20.0) -> "LocalBroker":
-        out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
-        self.process = subprocess.Popen(self.command(), stdout=out, stderr=subprocess.STDOUT,
-                                        start_new_session=True)
-        _wait_listening(self.host, self.port, timeout, self.process)
+        if self.inherit_output:
+            out, err = None, None
+        else:
+            out, err = (open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL), subprocess.STDOUT
+        # A session of its own: a Ctrl-C at the terminal reaches only the parent, which stops the
+        # broker after its clients; the parent-death signal covers a parent that cannot clean up.
+        self.process = subprocess.Popen(self.command(), stdout=out, stderr=err, start_new_session=True,
+                                        preexec_fn=die_with_parent())
+        if out not in (None, subprocess.DEVNULL):
+            out.close()  # the child holds its own copy
+        try:
+            _wait_listening(self.host, self.port, timeout, self.process)
+        except BaseException:
+            self.stop()
+            raise
         return self
 
+    #: Seconds tansu gets to exit after SIGTERM before it is killed.
+    STOP_TIMEOUT_S = 5.0
+
     def stop(self) -> None:
+        """Stop the broker and wait until it has exited (its port is free then)."""
         if self.process is None or self.process.poll() is not None:
             return
         self.process.terminate()
         try:
-            self.process.wait(timeout=5)
+            self.process.wait(timeout=self.STOP_TIMEOUT_S)
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
@@ -117,13 +147,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    """``rbstream broker``: run tansu in the foreground until Ctrl-C."""
-    broker = LocalBroker(port=args.port)
-    print(f"tansu broker (in-memory) on {broker.bootstrap_servers}; Ctrl-C stops it", flush=True)
-    process = subprocess.Popen(broker.command())
+    """``rbstream broker``: run tansu in the foreground until SIGTERM, SIGINT (Ctrl-C) or SIGHUP.
+
+    The broker is stopped before this returns (within `LocalBroker.STOP_TIMEOUT_S`), and
+    with this process if it is killed (Linux).
+    """
+    stop = threading.Event()
+    previous = on_stop_signals(lambda signum: stop.set())
+    broker = LocalBroker(port=args.port, inherit_output=True)
     try:
-        return process.wait()
-    except KeyboardInterrupt:
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=5)
+        try:
+            broker.start()
+        except (OSError, RuntimeError, TimeoutError) as exc:
+            print(f"rbstream broker: {exc}", file=sys.stderr)
+            return 1
+        print(f"tansu broker (in-memory) on {broker.bootstrap_servers}; Ctrl-C stops it", flush=True)
+        while not stop.wait(0.2):
+            if broker.process.poll() is not None:
+                print(f"rbstream broker: tansu exited with code {broker.process.returncode}", file=sys.stderr)
+                return 1
         return 0
+    finally:
+        broker.stop()
+        restore_signals(previous)

@@ -13,8 +13,11 @@ The loop runs in two overlapping stages, a batch at a time in each:
 At most one batch is in stage 2 at a time, so batches are published in the order they were
 read. A consumer killed at any point re-reads at most the batch being published (the one
 being decoded was not published yet): nothing is lost, and duplicates are bounded by one
-batch. The producer is idempotent, so its own retries add no duplicates. On SIGTERM/SIGINT
-the loop stops fetching, finishes the batch in hand, flushes, commits and exits 0.
+batch. The producer is idempotent, so its own retries add no duplicates. On SIGTERM, SIGINT
+or SIGHUP the loop stops fetching, finishes the batch in hand, flushes, commits and exits 0.
+A stop waits at most `STOP_GRACE_S` for the broker to confirm deliveries (an unreachable
+broker would otherwise hold it for librdkafka's ``message.timeout.ms``, 5 minutes by
+default); past that it exits 1 without committing the unconfirmed batch, which is re-read.
 Partitions taken away by a rebalance are never given up with work pending: ``on_revoke``
 waits for the batch in stage 2 and commits it.
 """
@@ -79,6 +82,11 @@ CONSUME_OPTIONS: tuple[Option, ...] = COMMON_OPTIONS + (
 
 class PublishError(RuntimeError):
     """Messages the producer could not deliver, even to the dead-letter topic: nothing is committed."""
+
+
+#: Longest wait for delivery confirmations once a stop was asked for (SIGTERM): well inside
+#: the chart's termination grace period (60 s), after which the pod would be killed anyway.
+STOP_GRACE_S = 20.0
 
 
 def model_paths(entries: Sequence[str], survey: str) -> dict[str, str]:
@@ -195,6 +203,7 @@ class AlertConsumer:
                                         schemas=schema_store(self.settings), workers=self.settings.get("decode_workers"),
                                         republish_alert=bool(self.settings.get("republish_alert")))
         self._stop = threading.Event()
+        self._stop_deadline: float | None = None
         self._pending: dict[tuple[str, int], int] = {}
         self._consumer = None
         self._producer = None
@@ -212,7 +221,13 @@ class AlertConsumer:
 
     def stop(self) -> None:
         """Ask the loop to stop after the batch in hand (safe from signal handlers and other threads)."""
+        if self._stop_deadline is None:
+            self._stop_deadline = time.monotonic() + STOP_GRACE_S
         self._stop.set()
+
+    def _stop_grace_left(self) -> float | None:
+        """Seconds left to confirm deliveries since a stop was asked for; None while not stopping."""
+        return None if self._stop_deadline is None else self._stop_deadline - time.monotonic()
 
     @property
     def stopping(self) -> bool:
@@ -309,7 +324,8 @@ class AlertConsumer:
             self._scoring.shutdown(wait=True)
             self._scoring = None
         if self._producer is not None:
-            self._producer.flush(30)
+            left = self._stop_grace_left()
+            self._producer.flush(30 if left is None else max(left, 1.0))
             self._producer = None
         if self._consumer is not None:
             self._consumer.close()  # leaves the group (on_revoke commits anything pending)
@@ -423,7 +439,12 @@ class AlertConsumer:
                 except BufferError:  # local queue full: let deliveries drain
                     self._producer.poll(0.1)
         while not all(done):
-            # Retries are librdkafka's job (idempotent, bounded by message.timeout.ms); keep waiting.
+            # Retries are librdkafka's job (idempotent, bounded by message.timeout.ms); keep waiting,
+            # unless a stop was asked for long enough ago: the batch is then not committed (re-read).
+            left = self._stop_grace_left()
+            if left is not None and left <= 0:
+                raise PublishError(f"stopping: {done.count(False)} deliveries not confirmed within "
+                                   f"{STOP_GRACE_S:.0f} s of the stop signal")
             self._producer.flush(1.0)
         return list(zip(outgoing, reports))
 
@@ -584,13 +605,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def install_signal_handlers(stop: Callable[[], None]) -> None:
-    """SIGTERM and SIGINT ask for a clean stop (finish the batch, flush, commit, exit 0)."""
-    def handler(signum, _frame):
-        log.info("%s received: finishing the batch in hand", signal.Signals(signum).name)
+    """SIGTERM, SIGINT and SIGHUP ask for a clean stop (finish the batch, flush, commit, exit 0)."""
+    from service.lifecycle import on_stop_signals
+
+    def handler(signum: signal.Signals) -> None:
+        log.info("%s received: finishing the batch in hand", signum.name)
         stop()
 
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)
+    on_stop_signals(handler)
 
 
 def main(args: argparse.Namespace) -> int:

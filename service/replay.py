@@ -13,6 +13,10 @@ Kafka message, framed the way the surveys frame them:
 
 Every message carries a header ``rbstream.source.file`` naming its file (``#i`` for the
 i-th alert of a multi-alert file), which the consumer copies into dead letters.
+
+SIGTERM, SIGINT or SIGHUP stops the sending; what was already handed to the producer is
+delivered (waiting at most `STOP_FLUSH_S`), the count is printed, and the exit code is 0
+when everything sent was delivered.
 """
 
 from __future__ import annotations
@@ -20,11 +24,13 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping, Sequence
 
+from service.lifecycle import on_stop_signals, restore_signals
 from service.pipeline import HEADER_SOURCE_FILE
 from service.settings import (COMMON_OPTIONS, Option, SettingsError, add_options, kafka_client_config,
                               positive_int, resolve)
@@ -103,13 +109,22 @@ def load_messages(paths: Sequence[str | Path], survey: str | None = None,
     return [m for path in alert_files(paths) for m in messages_of_file(path, survey, wire_format)]
 
 
+#: Longest wait for the deliveries of messages already produced: after all were sent, and
+#: (shorter) after a stop was asked for.
+FLUSH_S = 60.0
+STOP_FLUSH_S = 10.0
+
+
 @dataclass
 class ReplayResult:
     sent: int = 0
     failed: int = 0
+    #: True when a stop was asked for before every message was produced.
+    stopped: bool = False
 
 
-def _paced(messages: Sequence[AlertMessage], repeat: int, rate: float | None) -> Iterator[AlertMessage]:
+def _paced(messages: Sequence[AlertMessage], repeat: int, rate: float | None,
+           stop: threading.Event) -> Iterator[AlertMessage]:
     interval = 1.0 / rate if rate else 0.0
     start = time.monotonic()
     n = 0
@@ -117,8 +132,10 @@ def _paced(messages: Sequence[AlertMessage], repeat: int, rate: float | None) ->
         for message in messages:
             if interval:
                 delay = start + n * interval - time.monotonic()
-                if delay > 0:
-                    time.sleep(delay)
+                if delay > 0 and stop.wait(delay):
+                    return
+            if stop.is_set():
+                return
             n += 1
             yield message
 
@@ -131,7 +148,8 @@ def replay_producer(settings: Mapping):
 
 
 def replay(settings: Mapping, topic: str, messages: Sequence[AlertMessage], rate: float | None = None,
-           repeat: int = 1, progress: bool = True, producer=None) -> ReplayResult:
+           repeat: int = 1, progress: bool = True, producer=None,
+           stop: threading.Event | None = None) -> ReplayResult:
     """Produce ``messages`` (``repeat`` times, at ``rate`` per second) to ``topic`` and wait for delivery.
 
     Parameters
@@ -143,10 +161,14 @@ def replay(settings: Mapping, topic: str, messages: Sequence[AlertMessage], rate
         A producer to reuse (`replay_producer`); default a new one. A new producer holds its
         first messages until it has connected and set up idempotence (~0.6 s on tansu), which
         a caller timing each message (``rbstream bench e2e``) must not count.
+    stop : threading.Event, optional
+        Set (from a signal handler or another thread) to stop sending; the messages already
+        produced are still waited for, at most `STOP_FLUSH_S`.
     """
     from tqdm import tqdm
 
     result = ReplayResult()
+    stop = stop if stop is not None else threading.Event()
     if producer is None:  # not `producer or ...`: a Producer defines __len__ (its queue length)
         producer = replay_producer(settings)
 
@@ -159,17 +181,20 @@ def replay(settings: Mapping, topic: str, messages: Sequence[AlertMessage], rate
 
     total = len(messages) * repeat
     with tqdm(total=total, unit="alert", desc=f"replay -> {topic}", disable=not progress, file=sys.stderr) as bar:
-        for message in _paced(messages, repeat, rate):
-            while True:
+        produced = 0
+        for message in _paced(messages, repeat, rate, stop):
+            while not stop.is_set():
                 try:
                     producer.produce(topic, value=message.value,
                                      headers=[(HEADER_SOURCE_FILE, message.source.encode())], on_delivery=delivered)
+                    produced += 1
                     break
                 except BufferError:
                     producer.poll(0.1)
             producer.poll(0)
             bar.update(1)
-        remaining = producer.flush(60)
+        result.stopped = produced < total
+        remaining = producer.flush(STOP_FLUSH_S if result.stopped else FLUSH_S)
     result.failed += remaining
     return result
 
@@ -187,8 +212,20 @@ def main(args: argparse.Namespace) -> int:
     except (SettingsError, FileNotFoundError) as exc:
         log.error("%s", exc)
         return 2
-    result = replay(settings, settings["topic"], messages, rate=settings["rate"], repeat=settings["repeat"],
-                    progress=not args.quiet)
+    stop = threading.Event()
+    received: list[str] = []
+
+    def on_signal(signum) -> None:
+        received.append(signum.name)
+        stop.set()
+
+    previous = on_stop_signals(on_signal)
+    try:
+        result = replay(settings, settings["topic"], messages, rate=settings["rate"], repeat=settings["repeat"],
+                        progress=not args.quiet, stop=stop)
+    finally:
+        restore_signals(previous)
     print(f"{result.sent} alert messages sent to {settings['topic']}"
-          + (f", {result.failed} NOT delivered" if result.failed else ""), file=sys.stderr)
+          + (f", {result.failed} NOT delivered" if result.failed else "")
+          + (f"; stopped by {received[0]} before the end" if result.stopped and received else ""), file=sys.stderr)
     return 0 if result.failed == 0 else 1

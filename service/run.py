@@ -10,9 +10,10 @@ It starts, in this one process,
 
 then replays the sample alerts (ZTF as Avro containers, Rubin in the Confluent wire format,
 as each survey streams them), prints one line per score record and per rejected alert as
-they arrive on the output topics, and keeps serving until Ctrl-C (or SIGTERM), when it
-stops the consumer cleanly (batch finished, offsets committed), the API and the broker,
-and exits 0.
+they arrive on the output topics, and keeps serving until Ctrl-C (or SIGTERM or SIGHUP),
+when it stops the replay, the consumer cleanly (batch finished, offsets committed), the API
+and the broker, and exits 0. The broker is a child process; if ``run`` itself is killed
+(SIGKILL), the kernel stops it too (Linux, `service.lifecycle`).
 """
 
 from __future__ import annotations
@@ -171,12 +172,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _start_api(scorers, host: str, port: int, readiness_checks):
-    import uvicorn
-
     from service.api import create_app
+    from service.http_server import ApiServer, server_config
 
     app = create_app(scorers, readiness_checks=readiness_checks)
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on"))
+    server = ApiServer(server_config(app, host, port, log_level="warning", lifespan="on"))
     # In a thread uvicorn installs no signal handlers: Ctrl-C stays ours.
     thread = threading.Thread(target=server.run, name="api", daemon=True)
     thread.start()
@@ -209,15 +209,16 @@ def main(args: argparse.Namespace) -> int:
     from service.model import ModelError, load_scorers
     from service.settings import resolve
 
+    from service.lifecycle import on_stop_signals
+
     stop = threading.Event()
 
-    def on_signal(signum, _frame):
+    def on_signal(signum: signal.Signals) -> None:
         if not stop.is_set():
-            print(f"\n{signal.Signals(signum).name}: stopping (finishing the batch in hand)...", flush=True)
+            print(f"\n{signum.name}: stopping (finishing the batch in hand)...", flush=True)
         stop.set()
 
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+    on_stop_signals(on_signal)
     if not args.verbose:
         # One line per alert reads best without the INFO logs of every part in between.
         service_log = logging.getLogger("service")
@@ -277,7 +278,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"replaying {total} alerts from {', '.join(map(str, samples))} into topic {INPUT_TOPIC!r} "
               f"(scores -> {OUTPUT_TOPIC!r}, rejected -> {DLQ_TOPIC!r}):", flush=True)
         result = replay.replay({"bootstrap_servers": broker.bootstrap_servers, "kafka": {}}, INPUT_TOPIC, messages,
-                               rate=args.rate, repeat=args.repeat, progress=False)
+                               rate=args.rate, repeat=args.repeat, progress=False, stop=stop)
         while printer.seen < result.sent and not stop.is_set() and consumer_thread.is_alive():
             time.sleep(0.1)
         if printer.seen >= result.sent:

@@ -8,6 +8,9 @@
 
 The topic is read without a consumer group (nothing is committed; ``tail`` never disturbs
 the service), from the end by default like ``tail -f``, or from the beginning.
+
+SIGTERM, SIGINT or SIGHUP stops it within about a second (the current poll, then the
+reader's close), exit code 0.
 """
 
 from __future__ import annotations
@@ -16,13 +19,13 @@ import argparse
 import base64
 import json
 import logging
-import signal
 import sys
 import time
 from datetime import datetime
 from typing import Any, Callable, Mapping
 
 from service import pipeline, records
+from service.lifecycle import on_stop_signals, restore_signals
 from service.settings import (COMMON_OPTIONS, Option, SettingsError, add_options, kafka_client_config,
                               non_negative_int, resolve)
 
@@ -100,16 +103,26 @@ def message_json(value: bytes, headers: Mapping[str, str],
         return [{"undecodable": str(exc), "bytes": len(value)}]
 
 
-def _partitions(consumer, topic: str, deadline: float):
-    """Partitions of ``topic``, waiting for it to exist until ``deadline`` (monotonic)."""
-    while True:
-        metadata = consumer.list_topics(topic, timeout=5)
-        info = metadata.topics.get(topic)
+def _partitions(consumer, topic: str, deadline: float, stop: Callable[[], bool] = lambda: False):
+    """Partitions of ``topic``, waiting for it to exist until ``deadline`` (monotonic); [] once ``stop()``."""
+    from confluent_kafka import KafkaException
+
+    problem, waiting = "does not exist", False
+    while not stop():
+        try:  # short requests, so that a stop signal is seen within a second or so
+            info, problem = consumer.list_topics(topic, timeout=1).topics.get(topic), "does not exist"
+        except KafkaException as exc:
+            info, problem = None, f"is not known: the broker did not answer ({exc})"
         if info is not None and info.error is None and info.partitions:
             return sorted(info.partitions)
+        if not waiting:
+            log.info("topic %s %s yet; waiting for it (%.0f s at most)", topic, problem,
+                     max(0.0, deadline - time.monotonic()))
+            waiting = True
         if time.monotonic() > deadline:
-            raise TimeoutError(f"topic {topic} does not exist")
+            raise TimeoutError(f"topic {topic} {problem}")
         time.sleep(0.5)
+    return []
 
 
 def follow(settings: Mapping, topic: str, handle: Callable[[Any, list[dict]], None], *,
@@ -126,7 +139,7 @@ def follow(settings: Mapping, topic: str, handle: Callable[[Any, list[dict]], No
     consumer = Consumer(kafka_client_config(settings, "consumer", **{
         "group.id": "rbstream-tail", "enable.auto.commit": False, "enable.auto.offset.store": False}))
     try:
-        partitions = _partitions(consumer, topic, time.monotonic() + wait_for_topic)
+        partitions = _partitions(consumer, topic, time.monotonic() + wait_for_topic, stop)
         start = OFFSET_BEGINNING if from_beginning else OFFSET_END
         consumer.assign([TopicPartition(topic, p, start) for p in partitions])
         count = 0
@@ -160,7 +173,7 @@ def main(args: argparse.Namespace) -> int:
         log.error("%s", exc)
         return 2
     stopping = []
-    previous = {sig: signal.signal(sig, lambda *_: stopping.append(True)) for sig in (signal.SIGTERM, signal.SIGINT)}
+    previous = on_stop_signals(lambda signum: stopping.append(signum))
     registry = records.SchemaRegistry(settings["schema_registry_url"]) if settings["schema_registry_url"] else None
 
     def show(message, dicts):
@@ -183,6 +196,5 @@ def main(args: argparse.Namespace) -> int:
     except BrokenPipeError:  # `rbstream tail ... | head`
         return 0
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        restore_signals(previous)
     return 0

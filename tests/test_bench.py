@@ -99,10 +99,15 @@ def test_e2e_gets_every_alert_through_the_real_consumer(tmp_path, models, sample
 
 
 def test_api_answers_every_request_of_every_concurrency(tmp_path, models, sample_data):
-    document = run_bench("api", tmp_path, models, "--clients", "1,3", "--requests", "6")
+    from service.bench.api import BAD_SHARE
+
+    document = run_bench("api", tmp_path, models, "--clients", "1,3", "--requests", "8")
     assert_well_formed(document, "api", tmp_path)
-    assert {(row["candidates"], row["clients"]) for row in document["rows"]} == {(1, 1), (1, 3), (64, 1), (64, 3)}
-    assert all(row["errors"] == 0 for row in document["rows"]), document["notes"]
+    assert {(row["candidates"], row["clients"], row["bad_share"]) for row in document["rows"]} == {
+        (1, 1, 0), (1, 3, 0), (64, 1, 0), (64, 3, 0), (1, 3, BAD_SHARE)}
+    # Good and bad requests alike get their answer (200, or the bad one's 4xx) on their connection.
+    assert all(row["errors"] == 0 and row["dropped"] == 0 for row in document["rows"]), document["notes"]
+    assert document["settings"]["server_closes"] == {}, "the server closed connections during the runs"
 
 
 def test_json_flag_prints_the_report_and_a_failed_benchmark_is_reported_not_raised(tmp_path, capsys):

@@ -9,6 +9,8 @@ One stream flows at a steady rate while three consumer processes of one group ta
 
 Then every input message has a score record or a dead letter, and the duplicates (the
 batch the killed consumer had published but not committed) are at most one batch.
+
+A consumer waiting on an idle topic stops the same way on SIGHUP, with no child process.
 """
 
 from __future__ import annotations
@@ -119,3 +121,24 @@ def test_sigkill_loses_nothing_and_sigterm_stops_cleanly(broker, default_models,
     # Every message is either scored or dead-lettered, never both.
     assert not {r.source_offset[1] for r in scores} & {r.source_offset[1] for r in letters}
     assert log.read_text().count("stopping: batch finished, offsets committed") == 2
+
+
+def test_sighup_stops_an_idle_consumer_cleanly_with_no_child_left(broker, default_models, tmp_path):
+    from processes import children
+
+    topics = {"input": unique("alerts"), "output": unique("scores"), "dlq": unique("dlq"), "group": unique("group")}
+    create_topic(broker.bootstrap_servers, topics["input"], partitions=1)
+    log = tmp_path / "consumer.log"
+    consumer = start_consumer(broker.bootstrap_servers, topics, log)
+    try:
+        wait_for(lambda: f"assigned {topics['input']}/0" in log.read_text(), timeout=90, what="the assignment")
+        assert children(consumer.pid) == []
+        consumer.send_signal(signal.SIGHUP)
+        assert consumer.wait(timeout=30) == 0, log.read_text()[-3000:]
+    finally:
+        if consumer.poll() is None:
+            consumer.kill()
+            consumer.wait()
+    text = log.read_text()
+    assert "SIGHUP received: finishing the batch in hand" in text
+    assert "stopping: batch finished, offsets committed" in text

@@ -340,3 +340,22 @@ def test_an_unreachable_registry_stops_the_batch_instead_of_dead_lettering_it(sc
     consumer = AlertConsumer(values, scorers)
     with pytest.raises(PublishError, match="unreachable"):
         consumer.process(_messages(ztf_fits_files()[:2]))
+
+
+def test_a_stop_waits_a_bounded_time_for_deliveries_to_an_unreachable_broker(scorers, monkeypatch):
+    """SIGTERM with the broker gone: the batch is given up (not committed) after the stop's grace
+    period, instead of waiting for librdkafka's message.timeout.ms (5 minutes)."""
+    from confluent_kafka import Producer
+
+    from service import consumer as consumer_module
+    from service.broker import free_port
+
+    nobody = f"127.0.0.1:{free_port()}"  # nothing listens there
+    values = settings.resolve(parse(["--bootstrap-servers", nobody] + REQUIRED), CONSUME_OPTIONS, {})
+    alert_consumer = consumer_module.AlertConsumer(values, scorers)
+    alert_consumer._producer = Producer(alert_consumer.producer_config())
+    letter = pipeline.dead_letter(SourceMessage(b"junk", "in", 0, 7), "decode", "not an alert")
+    monkeypatch.setattr(consumer_module, "STOP_GRACE_S", 1.0)
+    alert_consumer.stop()
+    with pytest.raises(consumer_module.PublishError, match="1 deliveries not confirmed within 1 s of the stop"):
+        alert_consumer.publish([letter])

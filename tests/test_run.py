@@ -1,4 +1,8 @@
-"""``rbstream run`` (what ``make run`` runs), as a process: broker, API, consumer, replay, Ctrl-C."""
+"""``rbstream run`` (what ``make run`` runs), as a process: broker, API, consumer, replay, Ctrl-C.
+
+Whether stopped (SIGINT) or killed (SIGKILL), ``run`` leaves no broker behind: its tansu
+child is gone and the broker port is free.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +20,8 @@ import httpx
 import pytest
 
 from conftest import REPO, rubin_files, ztf_fits_files, ztf_jpeg_files
+from processes import Command, children, command_line, kill_leftovers, listening, running, wait_until
+from service.lifecycle import PARENT_DEATH_SIGNAL_SUPPORTED
 from streaming import default_models, expected_ids  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.kafka
@@ -51,7 +57,11 @@ def test_run_scores_the_samples_serves_the_api_and_stops_on_ctrl_c(tmp_path, def
                 return match
         raise AssertionError(f"no line matching {pattern!r} within {timeout} s:\n" + "\n".join(seen))
 
+    brokers: list[int] = []
     try:
+        broker_port = int(until(r"broker 127\.0\.0\.1:(\d+) \(tansu").group(1))
+        brokers = [pid for pid in children(process.pid) if "tansu" in command_line(pid)]
+        assert len(brokers) == 1
         api = until(r"API\s+(http://\S+)").group(1)
         until(r"metrics\s+http://\S+/metrics")
         done = until(r"done: (\d+) alerts replayed, (\d+) scored .*, (\d+) rejected")
@@ -77,7 +87,33 @@ def test_run_scores_the_samples_serves_the_api_and_stops_on_ctrl_c(tmp_path, def
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=60) == 0, "\n".join(seen)
         until(r"stopped cleanly", timeout=5)
+        assert not running(brokers[0]), "the broker outlived rbstream run"
+        assert not listening(broker_port)
     finally:
         if process.poll() is None:
             process.kill()
             process.wait()
+        kill_leftovers(brokers)
+
+
+def test_run_killed_with_sigkill_takes_its_broker_down(tmp_path, default_models):
+    if not PARENT_DEATH_SIGNAL_SUPPORTED:
+        pytest.skip("no parent-death signal on this platform")
+    samples = tmp_path / "data" / "ztf"
+    samples.mkdir(parents=True)
+    shutil.copy(ztf_fits_files()[0], samples)
+    command = Command("--log-level", "WARNING", "run", "--samples", str(samples.parent), "--port", "0",
+                      "--broker-port", "0", "--device", "cpu")
+    brokers: list[int] = []
+    try:
+        broker_port = int(command.until(r"broker 127\.0\.0\.1:(\d+) \(tansu").group(1))
+        brokers = [pid for pid in children(command.pid) if "tansu" in command_line(pid)]
+        assert len(brokers) == 1, command.output()
+        command.until(r"Ctrl-C stops")
+        command.process.send_signal(signal.SIGKILL)
+        assert command.wait(timeout=10) == -signal.SIGKILL
+        assert wait_until(lambda: not running(brokers[0]), timeout=10), "the broker outlived a killed rbstream run"
+        assert not listening(broker_port)
+    finally:
+        command.kill()
+        kill_leftovers(brokers)

@@ -291,6 +291,7 @@ def profile_summary(path: Path, limit: int = 30) -> str:
 
 def run(args) -> Result:
     from service.broker import LocalBroker
+    from service.lifecycle import die_with_parent
     from service.replay import replay_producer
 
     quick = args.quick
@@ -322,7 +323,8 @@ def run(args) -> Result:
         log_file = open(out / "e2e-consumer.log", "wb")
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         consumer = subprocess.Popen(consumer_command(broker.bootstrap_servers, topics, args, profile_path),
-                                    stdout=log_file, stderr=subprocess.STDOUT, env=env, cwd=data.REPO)
+                                    stdout=log_file, stderr=subprocess.STDOUT, env=env, cwd=data.REPO,
+                                    preexec_fn=die_with_parent())  # a killed bench leaves no consumer
         reader = OutputReader(broker.bootstrap_servers, topics["input"], [topics["output"], topics["dlq"]])
         inputs = InputTopic(broker.bootstrap_servers, topics["input"])
         # One producer for every run, as a survey's is long-lived: a new one holds its first
