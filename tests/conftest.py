@@ -12,6 +12,9 @@ SAMPLE_DATA = Path(os.environ.get("RBSTREAM_SAMPLE_DATA", REPO.parent / "shared"
 ZTF_DIR = SAMPLE_DATA / "ztf"
 RUBIN_DIR = SAMPLE_DATA / "rubin"
 MODELS_DIR = REPO / "models"
+#: The shared real alerts that training and evaluation may use (not test fixtures).
+REAL_DATA = Path(os.environ.get("RBSTREAM_REAL_DATA", REPO.parent / "shared" / "real"))
+EYE_LABELS = REPO / "training" / "labels" / "eye_labels.csv"
 
 #: The six 2016 prototype ZTF alerts whose stampData is a JPEG, not FITS.
 ZTF_JPEG_NAMES = {f"{prefix}{i}.avro" for prefix in ("8770446315500", "172695872515500") for i in range(3)}

@@ -16,7 +16,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from conftest import REPO, ztf_fits_files  # noqa: E402
+from conftest import EYE_LABELS, REAL_DATA, REPO, ztf_fits_files  # noqa: E402
 from service.alerts import decode_message  # noqa: E402
 from service.contract import StampContract, assemble  # noqa: E402
 from service.model import Scorer  # noqa: E402
@@ -255,9 +255,10 @@ def test_alert_files_source_uses_the_service_decoder(tmp_path):
     assert card["data"]["source"] == "alerts" and sum(card["data"]["size"].values()) == len(files)
 
 
-def test_defaults_trains_and_publishes_each_survey(tmp_path, monkeypatch):
-    """`rbstream train --defaults` (make train): one run folder and one published model per survey.
-    The built-in configs are swapped for tiny ones so that this takes seconds."""
+def test_defaults_trains_both_stages_and_publishes_each_survey(tmp_path, monkeypatch):
+    """`rbstream train --defaults` (make train): per survey, a simulation run, a run fine-tuned on
+    the shared real alerts, and the adapted model published with both judged side by side. The
+    built-in configs are swapped for tiny ones so that this takes seconds."""
     import argparse
 
     import training.cli
@@ -267,19 +268,45 @@ def test_defaults_trains_and_publishes_each_survey(tmp_path, monkeypatch):
         raw = {**TINY, "survey": survey, "name": f"tiny-{survey}", "input": {"size": 16}}
         return write_toml(tmp_path / f"{survey}.toml", raw)
 
+    def tiny_adaptation(survey):
+        data = {"source": "alerts", "alerts": str(REAL_DATA / survey), "labels": str(EYE_LABELS),
+                "label_from": ["drb"] if survey == "ztf" else [], "rehearsal": 64, "balance": True}
+        raw = {"base": f"{survey}.toml", "n_epochs": 1, "data": data, "export": {"calibration": "temperature"}}
+        return write_toml(tmp_path / f"{survey}-adapt.toml", raw)
+
     monkeypatch.setattr(training.config, "builtin_config", tiny_builtin)
+    monkeypatch.setattr(training.config, "adaptation_config", tiny_adaptation)
     parser = argparse.ArgumentParser()
     training.cli.add_arguments(parser)
     args = parser.parse_args(["--defaults", "--surveys", "ztf", "rubin", "--models-dir", str(tmp_path / "models"),
                               "--out", str(tmp_path / "runs")])
     assert training.cli.main(args) == 0
     for survey in ("ztf", "rubin"):
-        assert (tmp_path / "runs" / f"default-{survey}" / "checkpoints").is_dir()
+        for stage in ("simulation", "adapted"):
+            assert (tmp_path / "runs" / f"default-{survey}" / stage / "checkpoints").is_dir()
         folder = tmp_path / "models" / survey
         assert {p.name for p in folder.iterdir()} == {"model.onnx", "model_card.json", "history.png", "roc.png",
-                                                       "det.png"}
+                                                       "det.png", "real_roc.png"}
         scorer = Scorer(folder, device="cpu")
-        assert scorer.card.survey == survey and scorer.card.name == f"tiny-{survey}"
+        card = scorer.card.raw
+        assert scorer.card.survey == survey and card["data"]["source"] == "alerts"
+        assert card["training"]["finetuned_from"].endswith("simulation")
+        assert card["calibration"]["method"] == "temperature" and card["calibration"]["temperature"] > 0
+        # the test split is whole objects that training never saw
+        train_objects = {a.object_id for a in real_split(survey, "train")}
+        assert not train_objects & {a.object_id for a in real_split(survey, "test")}
+        for stage in ("simulation_only", "adapted"):
+            assert card["real_test"][stage]["n_labelled"] > 0
+            assert card["synthetic_test"][stage]["n"] == TINY["N_test"]
+        if survey == "ztf":
+            assert "drb" in card["real_test"]["adapted"]["survey_scores"]
+
+
+def real_split(survey: str, split: str):
+    from training import real
+
+    alerts, _ = real.read_alerts(real.alert_files(REAL_DATA / survey))
+    return real.by_split(alerts)[split]
 
 
 def test_deephits_input_txt_trains_on_chunks(tmp_path):

@@ -67,21 +67,35 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _defaults(args) -> int:
+    """Each survey's default model in two stages: simulations (``<survey>.toml``), then, where
+    ``<survey>-adapt.toml`` exists, fine-tuning and calibration on real alerts, judged beside
+    the simulation-only model (`training.adapt`)."""
     from service.model import DEFAULT_MODELS_DIR
-    from training.config import builtin_config, load_config
-    from training.export import publish
+    from training.adapt import REAL_ROC, side_by_side
+    from training.config import adaptation_config, builtin_config, load_config
+    from training.export import publish, write_card
     from training.train import train
 
     surveys = tuple(args.surveys or DEFAULT_SURVEYS + (("hits",) if args.with_hits else ()))
     models_dir = args.models_dir or DEFAULT_MODELS_DIR
     started = time.time()
     for survey in surveys:
-        config = load_config(builtin_config(survey), _overrides(args))
-        run_dir = (args.out or Path("runs")) / f"default-{survey}"
-        if run_dir.exists() and not args.resume:
-            shutil.rmtree(run_dir)  # a fresh run: stale checkpoints must not be resumed by accident
-        card = train(config, run_dir, resume=run_dir if args.resume else None)
-        target = publish(run_dir, Path(models_dir) / survey)
+        root = (args.out or Path("runs")) / f"default-{survey}"
+        if root.exists() and not args.resume:
+            shutil.rmtree(root)  # a fresh run: stale checkpoints must not be resumed by accident
+        stages = {"simulation_only": root / "simulation"}
+        card = train(load_config(builtin_config(survey), _overrides(args)), stages["simulation_only"],
+                     resume=stages["simulation_only"] if args.resume else None)
+        adapt_config = adaptation_config(survey)
+        if adapt_config is not None:
+            stages["adapted"] = root / "adapted"
+            config = load_config(adapt_config, {**_overrides(args),
+                                                "finetune": {"from": str(stages["simulation_only"])}})
+            card = train(config, stages["adapted"], resume=stages["adapted"] if args.resume else None)
+            card.update(side_by_side(config, stages, stages["adapted"]))
+            write_card(card, stages["adapted"])
+        final = list(stages.values())[-1]
+        target = publish(final, Path(models_dir) / survey, extra=(REAL_ROC,) if "adapted" in stages else ())
         _summary(card, target)
     print(f"default models {', '.join(surveys)} trained in {time.time() - started:.0f} s")
     return 0

@@ -485,10 +485,20 @@ def read_raw(path: str | Path) -> dict:
     return raw
 
 
+#: The configs shipped with the package.
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
 def builtin_config(name: str) -> Path:
     """Path of a config shipped in ``training/configs`` (``ztf``, ``rubin``, ``hits``, ``tiny``)."""
-    path = Path(__file__).parent / "configs" / f"{name}.toml"
+    path = CONFIG_DIR / f"{name}.toml"
     if not path.exists():
         names = sorted(p.stem for p in path.parent.glob("*.toml"))
         raise ConfigError(f"config: no built-in {name!r}; accepted: {', '.join(names)}")
     return path
+
+
+def adaptation_config(survey: str) -> Path | None:
+    """The second-stage config of a survey's default model (``<survey>-adapt.toml``), if it has one."""
+    path = CONFIG_DIR / f"{survey}-adapt.toml"
+    return path if path.exists() else None

@@ -197,11 +197,11 @@ def _json_default(value):
     raise TypeError(f"not JSON serialisable: {type(value)}")
 
 
-def publish(run_dir: Path, target: Path) -> Path:
-    """Copy a run's model, card and plots into ``target`` (e.g. ``models/ztf``)."""
+def publish(run_dir: Path, target: Path, extra: tuple[str, ...] = ()) -> Path:
+    """Copy a run's model, card and plots (and the ``extra`` files) into ``target`` (e.g. ``models/ztf``)."""
     target = Path(target)
     target.mkdir(parents=True, exist_ok=True)
-    for name in (MODEL_FILE, CARD_FILE, *PLOTS):
+    for name in (MODEL_FILE, CARD_FILE, *PLOTS, *extra):
         src = Path(run_dir) / name
         if not src.exists():
             raise ExportError(f"{src}: missing, cannot publish the run")
