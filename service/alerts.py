@@ -15,8 +15,10 @@
   No other exception escapes `decode_message`, whatever the bytes.
 
 The survey is recognised from the record's field names, never from the schema
-name (brokers rename schemas, e.g. ``topLevelRecord``): ``candid`` + ``candidate``
-is ZTF, ``diaSource`` is Rubin.
+name (brokers rename schemas, e.g. ``topLevelRecord``, ``topLevelRecord.value``):
+``candidate`` with a ``candid`` (at the top level, or only inside ``candidate`` as
+Spark re-writes may have it) is ZTF, ``diaSource`` is Rubin. A record that is neither
+but holds one as a field (an envelope) is decoded as that alert.
 
 Speed (issue 5): each distinct writer schema is parsed once (`SchemaStore`); records
 are read with ``fastavro.schemaless_reader`` straight from the message bytes, with a
@@ -49,6 +51,7 @@ from service.schemas import (
     UnknownSchema,
     WriterSchema,
     default_store,
+    survey_of_fields,
     encode_long,
     read_container_header,
     read_long,
@@ -120,6 +123,12 @@ class Alert:
     record : mapping
         The alert's whole Avro record (for re-publishing the alert with its score). A
         `LazyRecord`: decoded on first access, since scoring needs only a few fields.
+    survey_score : float or None
+        The survey's own real/bogus score, shown beside ours: ZTF ``candidate.drb`` (braai)
+        when the alert has it, else ``candidate.rb``; Rubin ``diaSource.reliability``.
+        None when the alert has none.
+    survey_score_name : str or None
+        Which score `survey_score` is: ``drb``, ``rb`` or ``reliability``.
     """
 
     survey: str
@@ -129,6 +138,8 @@ class Alert:
     images: dict[str, np.ndarray]
     centre: tuple[float, float] | None = None
     record: Mapping | None = field(default=None, repr=False)
+    survey_score: float | None = None
+    survey_score_name: str | None = None
 
 
 def decode_message(message: bytes, survey: str = "auto", schemas: SchemaStore | None = None) -> list[Alert]:
@@ -452,15 +463,33 @@ def _to_alert(record, writer: WriterSchema, survey: str) -> Alert:
         raise DecodeError("schema", f"the alert record is a {type(record).__name__}, not an Avro record")
     found = writer.survey
     if found is None:
+        found, record = _wrapped_alert(record)
+    if found is None:
         fields = ", ".join(sorted(writer.fields)[:12])
         raise DecodeError(
             "schema",
-            f"record {writer.name or '?'} is neither a ZTF alert (candid + candidate) nor a Rubin alert "
-            f"(diaSource); its fields: {fields}",
+            f"record {writer.name or '?'} is neither a ZTF alert (candidate, with a candid) nor a Rubin alert "
+            f"(diaSource), nor a record wrapping one; its fields: {fields}",
         )
     if survey != "auto" and survey != found:
         raise DecodeError("schema", f"expected a {survey} alert, got a {found} alert (record {writer.name})")
     return _ztf_alert(record) if found == "ztf" else _rubin_alert(record)
+
+
+def _wrapped_alert(record: dict) -> tuple[str | None, dict]:
+    """(survey, alert) of an alert wrapped in an envelope record (e.g. ``{key, value: alert, topic...}``).
+
+    Some broker and Kafka Connect dumps store the alert as one field of a record of their
+    own; a field holding a record recognised as an alert is that alert. (None, record) when
+    no field is one.
+    """
+    for value in record.values():
+        if isinstance(value, dict):
+            candidate = value.get("candidate")
+            found = survey_of_fields(value, candidate if isinstance(candidate, dict) else ())
+            if found is not None:
+                return found, value
+    return None, record
 
 
 def _ztf_alert(record: dict) -> Alert:
@@ -487,6 +516,7 @@ def _ztf_alert(record: dict) -> Alert:
         images=images,
         centre=ztf_source_position(images["difference"].shape, candidate),
         record=record,
+        **_survey_score(candidate, ("drb", "rb")),
     )
 
 
@@ -517,7 +547,17 @@ def _rubin_alert(record: dict) -> Alert:
         images=_read_cutouts(record, label),
         centre=None,
         record=record,
+        **_survey_score(source, ("reliability",)),
     )
+
+
+def _survey_score(detection: Mapping, names: tuple[str, ...]) -> dict:
+    """``survey_score`` and ``survey_score_name`` of an `Alert`: the first of ``names`` that is a finite number."""
+    for name in names:
+        value = detection.get(name)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            return {"survey_score": float(value), "survey_score_name": name}
+    return {}
 
 
 def _read_cutouts(record: dict, label: str) -> dict[str, np.ndarray]:
