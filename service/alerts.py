@@ -493,18 +493,19 @@ def _wrapped_alert(record: dict) -> tuple[str | None, dict]:
 
 
 def _ztf_alert(record: dict) -> Alert:
-    candidate = record.get("candidate")
-    if not isinstance(candidate, dict):
-        raise DecodeError("decode", "ZTF alert without a candidate record")
-    candid = record.get("candid")
-    if candid is None:
-        candid = candidate.get("candid")
-    if candid is None:
-        raise DecodeError("decode", "ZTF alert without a candid")
     # 2016 prototypes have no objectId; their alertId is the closest thing.
     object_id = record.get("objectId")
     if object_id is None:
         object_id = record.get("alertId")
+    which = f" (objectId {object_id})" if object_id is not None else ""
+    candidate = record.get("candidate")
+    if not isinstance(candidate, dict):
+        raise DecodeError("decode", f"ZTF alert without a candidate record: candidate is null{which}")
+    candid = record.get("candid")
+    if candid is None:
+        candid = candidate.get("candid")
+    if candid is None:
+        raise DecodeError("decode", f"ZTF alert without a candid: null at the top level and in candidate{which}")
     jd = candidate.get("jd")
     label = f"ztf candid {candid}"
     images = _read_cutouts(record, label)
@@ -522,13 +523,15 @@ def _ztf_alert(record: dict) -> Alert:
 
 def _rubin_alert(record: dict) -> Alert:
     source = record.get("diaSource")
+    top_id = record.get("diaSourceId")  # brokers (Fink) copy it to the top level
+    which = f" (diaSourceId {top_id})" if top_id is not None else ""
     if not isinstance(source, dict):
-        raise DecodeError("decode", "Rubin alert without a diaSource record")
+        raise DecodeError("decode", f"Rubin alert without a diaSource record: diaSource is null{which}")
     source_id = source.get("diaSourceId")
     if source_id is None:
-        source_id = record.get("diaSourceId")
+        source_id = top_id
     if source_id is None:
-        raise DecodeError("decode", "Rubin alert without a diaSourceId")
+        raise DecodeError("decode", "Rubin alert without a diaSourceId: null in diaSource and at the top level")
     dia_object = record.get("diaObject")
     if isinstance(dia_object, dict) and dia_object.get("diaObjectId") is not None:
         object_id = dia_object["diaObjectId"]

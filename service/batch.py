@@ -135,7 +135,7 @@ def prepare(
             try:
                 assemble(alert.images, contract, alert.centre, out=stamps[row])
             except StampError as exc:
-                failures.append(Failure(index, "cutout", str(exc)))
+                failures.append(Failure(index, "cutout", f"{exc} ({alert.survey} {_id_name(alert)} {alert.candidate_id})"))
                 continue
             batch.alerts.append(alert)
             batch.indices.append(index)
@@ -145,6 +145,10 @@ def prepare(
         batches[name] = batch
     failures.sort(key=lambda f: f.index)
     return batches, failures
+
+
+def _id_name(alert: Alert) -> str:
+    return "candid" if alert.survey == "ztf" else "diaSourceId"
 
 
 def _decode_one(message, survey: str, schemas) -> list[Alert] | DecodeError:
