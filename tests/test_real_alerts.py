@@ -9,45 +9,25 @@ with ``ssSource`` or ``diaObject`` written as a record of nulls.
 from __future__ import annotations
 
 import copy
-import csv
 import io
 import json
 import logging
 import math
-import os
 from pathlib import Path
 
 import fastavro
 import numpy as np
 import pytest
 
-from conftest import REPO
+from real_support import labels, real_data, real_files, survey_score_of  # noqa: F401  (real_data: fixture)
 from service import records, replay, schemas
 from service.alerts import DecodeError, decode_message
 from service.batch import prepare
 from service.run import score_line
 from streaming import default_models, scorers  # noqa: F401  (fixtures)
 
-REAL_DATA = Path(os.environ.get("RBSTREAM_REAL_DATA", REPO.parent / "shared" / "real"))
 #: Files decoded per `prepare` call: the consumer's batches are of this order.
 CHUNK = 256
-
-
-def real_files() -> list[Path]:
-    return sorted(REAL_DATA.rglob("*.avro"))
-
-
-def labels() -> dict[str, dict]:
-    """labels.csv rows by file (relative to REAL_DATA): survey, id, the survey's own scores."""
-    with open(REAL_DATA / "labels.csv", newline="") as handle:
-        return {row["file"]: row for row in csv.DictReader(handle)}
-
-
-@pytest.fixture(scope="module")
-def real_data() -> Path:
-    if not (REAL_DATA / "labels.csv").is_file():
-        pytest.fail(f"real alerts not found at {REAL_DATA} (set RBSTREAM_REAL_DATA)")
-    return REAL_DATA
 
 
 def read_container(data: bytes) -> tuple[dict, list[dict]]:
@@ -88,17 +68,18 @@ def test_every_real_alert_decodes_and_scores_with_its_surveys_default_model(real
             for alert, index, score in zip(batch.alerts, batch.indices, scores):
                 name = str(chunk[index].relative_to(real_data))
                 row = rows[name]
-                expected_survey_score = row["drb"] or row["rb"] if survey == "ztf" else row["reliability"]
+                expected_name, expected_score = survey_score_of(row)
                 if survey != row["survey"]:
                     problems.append(f"{name}: recognised as {survey}, is {row['survey']}")
                 elif alert.candidate_id != int(row["id"]):
                     problems.append(f"{name}: candidate id {alert.candidate_id}, labels.csv says {row['id']}")
                 elif not (np.isfinite(score) and 0.0 <= score <= 1.0):
                     problems.append(f"{name}: score {score}")
-                elif (alert.survey_score is None) != (expected_survey_score == "") or (
-                        alert.survey_score is not None
-                        and not math.isclose(alert.survey_score, float(expected_survey_score), rel_tol=1e-6)):
-                    problems.append(f"{name}: survey score {alert.survey_score}, labels.csv {expected_survey_score!r}")
+                elif alert.survey_score_name != expected_name or (expected_score is not None and not math.isclose(
+                        alert.survey_score, expected_score, rel_tol=1e-6)) or (expected_score is None) != (
+                        alert.survey_score is None):
+                    problems.append(f"{name}: survey score {alert.survey_score_name} {alert.survey_score}, "
+                                    f"labels.csv {expected_name} {expected_score}")
                 else:
                     scored[survey] += 1
     assert not problems, f"{len(problems)} real alerts not scored right:\n" + "\n".join(problems)
@@ -328,3 +309,28 @@ def test_run_prints_the_survey_score_beside_ours():
     line = score_line(score_record(survey_score=0.98765, survey_score_name="drb"))
     assert "score 0.750" in line and line.endswith("drb 0.988")
     assert "drb" not in score_line(score_record()) and score_line(score_record()).endswith("m 1")
+
+
+def test_classify_gives_the_survey_score_of_raw_alerts_beside_ours(real_data):
+    from api_support import make_client
+
+    rows = labels()
+    paths = [first_file(real_data, "ztf", "ztf.alert"), first_file(real_data, "ztf", "topLevelRecord"),
+             first_file(real_data, "rubin", "topLevelRecord")]
+    bodies = [p.read_bytes() for p in paths] + [schemas.to_wire_format(paths[-1].read_bytes())]
+    with make_client() as client:
+        for path, body in zip(paths + paths[-1:], bodies):
+            response = client.post("/classify", content=body, headers={"content-type": "application/avro"})
+            assert response.status_code == 200, response.text
+            (result,) = response.json()["results"]
+            name, value = survey_score_of(rows[str(path.relative_to(real_data))])
+            assert result["survey_score_name"] == name and result["survey_score"] == pytest.approx(value, rel=1e-6)
+            assert 0.0 <= result["score"] <= 1.0
+        # stamps sent as JSON carry no survey score
+        (alert,) = decode_message(paths[0].read_bytes())
+        from api_support import candidate_json
+
+        response = client.post("/classify", json={"survey": "ztf", "candidates": [candidate_json(alert, "fits")]})
+        assert response.status_code == 200, response.text
+        (result,) = response.json()["results"]
+        assert result["survey_score"] is None and result["survey_score_name"] is None
