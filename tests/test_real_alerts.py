@@ -307,7 +307,7 @@ def test_score_record_schema_stays_compatible_with_the_previous_one():
 
 def test_run_prints_the_survey_score_beside_ours():
     line = score_line(score_record(survey_score=0.98765, survey_score_name="drb"))
-    assert "score 0.750" in line and line.endswith("drb 0.988")
+    assert "score 0.750" in line and line.endswith("  survey drb 0.988")
     assert "drb" not in score_line(score_record()) and score_line(score_record()).endswith("m 1")
 
 
