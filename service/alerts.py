@@ -308,7 +308,10 @@ def _read_wire_format(message: bytes, store: SchemaStore, mode: str) -> list[tup
 
 
 def _read_container(message: bytes, store: SchemaStore, mode: str) -> list[tuple[dict, WriterSchema]]:
-    metadata, sync, pos = read_container_header(message)
+    try:
+        metadata, sync, pos = read_container_header(message)
+    except (ValueError, IndexError, UnicodeDecodeError) as exc:
+        raise DecodeError("decode", f"truncated or corrupt Avro container header ({_describe(exc)})") from None
     schema_text = metadata.get("avro.schema")
     if not schema_text:
         raise DecodeError("schema", "the Avro container header has no writer schema (avro.schema)")

@@ -84,7 +84,8 @@ def messages_of_file(path: Path, survey: str | None = None, wire_format: bool = 
     except records.RecordError as exc:
         log.warning("%s is not an Avro object container (%s): sent as it is", path, exc)
         return [AlertMessage(data, str(path), survey)]
-    file_survey = survey or schemas.survey_of_fields(f["name"] for f in schema.get("fields", ()))
+    file_survey = survey or schemas.survey_of_fields((f["name"] for f in schema.get("fields", ())),
+                                                     schemas.candidate_field_names(schema))
     messages = []
     for i, alert in enumerate(alerts):
         source = str(path) if len(alerts) == 1 else f"{path}#{i}"

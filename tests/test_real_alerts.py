@@ -133,7 +133,7 @@ def without_top_level_candid(schema: dict, alert: dict) -> tuple[dict, dict]:
 
 
 @pytest.mark.parametrize("schema_name", ["ztf.alert", "topLevelRecord", "topLevelRecord.value"])
-def test_ztf_alert_with_candid_only_inside_candidate_decodes(real_data, schema_name):
+def test_ztf_alert_with_candid_only_inside_candidate_decodes(real_data, schema_name, tmp_path):
     # ztf.alert files end with the cutouts (the decoder's fast path); Fink's have fields after them.
     path = first_file(real_data, "ztf", schema_name)
     schema, (alert,) = read_container(path.read_bytes())
@@ -154,6 +154,9 @@ def test_ztf_alert_with_candid_only_inside_candidate_decodes(real_data, schema_n
     with pytest.raises(DecodeError, match="expected a rubin alert, got a ztf alert") as caught:
         decode_message(message, survey="rubin")
     assert caught.value.kind == "schema"
+    (tmp_path / "rewritten.avro").write_bytes(message)
+    (sent,) = replay.messages_of_file(tmp_path / "rewritten.avro", wire_format=True)
+    assert sent.survey == "ztf" and sent.value == message
 
 
 def test_ztf_alert_without_any_candid_is_named(real_data):
@@ -334,3 +337,59 @@ def test_classify_gives_the_survey_score_of_raw_alerts_beside_ours(real_data):
         assert response.status_code == 200, response.text
         (result,) = response.json()["results"]
         assert result["survey_score"] is None and result["survey_score_name"] is None
+
+
+# --------------------------------------------------------------------------- failures are named
+
+
+def nan_fits() -> bytes:
+    from astropy.io import fits as afits
+
+    buffer = io.BytesIO()
+    afits.PrimaryHDU(np.full((63, 63), np.nan, dtype=np.float32)).writeto(buffer)
+    return buffer.getvalue()
+
+
+def unscorable(real_data: Path) -> dict[str, tuple[bytes, str, str]]:
+    """Real alerts broken as real streams break them: (message, kind, words the reason must hold)."""
+    ztf = first_file(real_data, "ztf", "ztf.alert")
+    schema, (alert,) = read_container(ztf.read_bytes())
+    no_candidate = dict(alert, candidate=None)
+    for field in schema["fields"]:
+        if field["name"] == "candidate":
+            field["type"] = ["null", field["type"]]
+    rubin_schema, rubin = rubin_alert(real_data)
+    blank = dict(rubin, cutoutTemplate=nan_fits())
+    source_id = rubin["diaSource"]["diaSourceId"]
+    return {
+        "no candidate": (write_container(schema, [no_candidate]), "decode",
+                         f"candidate is null (objectId {alert['objectId']})"),
+        "blank template": (write_container(rubin_schema, [blank]), "cutout",
+                           f"'template' has no finite pixel near the source (rubin diaSourceId {source_id})"),
+        "cut short": (ztf.read_bytes()[:5000], "decode", "truncated or corrupt"),
+    }
+
+
+def test_an_alert_that_cannot_be_scored_is_dead_lettered_with_a_named_reason(real_data, scorers):
+    from service.pipeline import HEADER_REASON, HEADER_REASON_KIND, BatchProcessor, SourceMessage, headers_to_text
+
+    cases = unscorable(real_data)
+    processor = BatchProcessor(scorers, records.RecordEncoder("scores"))
+    outcome = processor.process([SourceMessage(message, "alerts", 0, i) for i, (message, _, _) in
+                                 enumerate(cases.values())])
+    assert not outcome.scores
+    assert len(outcome.dead_letters) == len(cases)
+    for letter, (name, (message, kind, words)) in zip(outcome.dead_letters, cases.items()):
+        headers = headers_to_text(letter.headers)
+        assert letter.value == message, name
+        assert headers[HEADER_REASON_KIND] == kind and words in headers[HEADER_REASON], (name, headers)
+
+
+def test_classify_refuses_an_alert_that_cannot_be_scored_with_the_same_reason(real_data):
+    from api_support import make_client
+
+    with make_client() as client:
+        for name, (message, kind, words) in unscorable(real_data).items():
+            response = client.post("/classify", content=message, headers={"content-type": "application/avro"})
+            assert response.status_code == 422, (name, response.text)
+            assert f"({kind})" in response.json()["detail"] and words in response.json()["detail"], name
