@@ -51,11 +51,11 @@ from service.schemas import (
     UnknownSchema,
     WriterSchema,
     default_store,
-    survey_of_fields,
     encode_long,
     read_container_header,
     read_long,
     split_wire_format,
+    survey_of_fields,
 )
 
 #: Surveys `decode_message` accepts for its ``survey`` argument.

@@ -135,7 +135,8 @@ def prepare(
             try:
                 assemble(alert.images, contract, alert.centre, out=stamps[row])
             except StampError as exc:
-                failures.append(Failure(index, "cutout", f"{exc} ({alert.survey} {_id_name(alert)} {alert.candidate_id})"))
+                which = f"{alert.survey} {_id_name(alert)} {alert.candidate_id}"
+                failures.append(Failure(index, "cutout", f"{exc} ({which})"))
                 continue
             batch.alerts.append(alert)
             batch.indices.append(index)
