@@ -55,7 +55,7 @@ def first_file(real_data: Path, survey: str, schema_name: str) -> Path:
 
 def test_every_real_alert_decodes_and_scores_with_its_surveys_default_model(real_data, scorers):
     files, rows = real_files(), labels()
-    assert len(files) == len(rows) == 2058
+    assert len(files) == len(rows) > 0
     contracts = {name: scorer.contract for name, scorer in scorers.items()}
     problems: list[str] = []
     scored = {"ztf": 0, "rubin": 0}
@@ -83,7 +83,7 @@ def test_every_real_alert_decodes_and_scores_with_its_surveys_default_model(real
                 else:
                     scored[survey] += 1
     assert not problems, f"{len(problems)} real alerts not scored right:\n" + "\n".join(problems)
-    assert scored == {"ztf": 1863, "rubin": 195}
+    assert scored == {survey: sum(row["survey"] == survey for row in rows.values()) for survey in scored}
 
 
 def test_every_real_alert_frames_for_replay_in_both_framings(real_data, caplog):

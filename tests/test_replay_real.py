@@ -59,7 +59,8 @@ def test_every_real_alert_replayed_is_scored_and_none_is_dead_lettered(streams, 
     assert list(file_at.values()) == list(map(str, files))
     if framing == "wire":
         rubin = [message for message in stream["sent"] if message.survey == "rubin"]
-        assert len(rubin) == 195 and all(message.value[0] == 0 for message in rubin), "Rubin in the wire format"
+        assert len(rubin) == sum(row["survey"] == "rubin" for row in rows.values())
+        assert all(message.value[0] == 0 for message in rubin), "Rubin in the wire format"
     by_offset: dict[int, list] = {}
     for read in stream["scores"]:
         by_offset.setdefault(read.source_offset[1], []).extend(read.items)
