@@ -15,8 +15,10 @@
   No other exception escapes `decode_message`, whatever the bytes.
 
 The survey is recognised from the record's field names, never from the schema
-name (brokers rename schemas, e.g. ``topLevelRecord``): ``candid`` + ``candidate``
-is ZTF, ``diaSource`` is Rubin.
+name (brokers rename schemas, e.g. ``topLevelRecord``, ``topLevelRecord.value``):
+``candidate`` with a ``candid`` (at the top level, or only inside ``candidate`` as
+Spark re-writes may have it) is ZTF, ``diaSource`` is Rubin. A record that is neither
+but holds one as a field (an envelope) is decoded as that alert.
 
 Speed (issue 5): each distinct writer schema is parsed once (`SchemaStore`); records
 are read with ``fastavro.schemaless_reader`` straight from the message bytes, with a
@@ -53,6 +55,7 @@ from service.schemas import (
     read_container_header,
     read_long,
     split_wire_format,
+    survey_of_fields,
 )
 
 #: Surveys `decode_message` accepts for its ``survey`` argument.
@@ -124,6 +127,12 @@ class Alert:
     record : mapping
         The alert's whole Avro record (for re-publishing the alert with its score). A
         `LazyRecord`: decoded on first access, since scoring needs only a few fields.
+    survey_score : float or None
+        The survey's own real/bogus score, shown beside ours: ZTF ``candidate.drb`` (braai)
+        when the alert has it, else ``candidate.rb``; Rubin ``diaSource.reliability``.
+        None when the alert has none.
+    survey_score_name : str or None
+        Which score `survey_score` is: ``drb``, ``rb`` or ``reliability``.
     """
 
     survey: str
@@ -133,6 +142,8 @@ class Alert:
     images: dict[str, np.ndarray]
     centre: tuple[float, float] | None = None
     record: Mapping | None = field(default=None, repr=False)
+    survey_score: float | None = None
+    survey_score_name: str | None = None
 
 
 def decode_message(message: bytes, survey: str = "auto", schemas: SchemaStore | None = None) -> list[Alert]:
@@ -301,7 +312,10 @@ def _read_wire_format(message: bytes, store: SchemaStore, mode: str) -> list[tup
 
 
 def _read_container(message: bytes, store: SchemaStore, mode: str) -> list[tuple[dict, WriterSchema]]:
-    metadata, sync, pos = read_container_header(message)
+    try:
+        metadata, sync, pos = read_container_header(message)
+    except (ValueError, IndexError, UnicodeDecodeError) as exc:
+        raise DecodeError("decode", f"truncated or corrupt Avro container header ({_describe(exc)})") from None
     schema_text = metadata.get("avro.schema")
     if not schema_text:
         raise DecodeError("schema", "the Avro container header has no writer schema (avro.schema)")
@@ -456,30 +470,49 @@ def _to_alert(record, writer: WriterSchema, survey: str) -> Alert:
         raise DecodeError("schema", f"the alert record is a {type(record).__name__}, not an Avro record")
     found = writer.survey
     if found is None:
+        found, record = _wrapped_alert(record)
+    if found is None:
         fields = ", ".join(sorted(writer.fields)[:12])
         raise DecodeError(
             "schema",
-            f"record {writer.name or '?'} is neither a ZTF alert (candid + candidate) nor a Rubin alert "
-            f"(diaSource); its fields: {fields}",
+            f"record {writer.name or '?'} is neither a ZTF alert (candidate, with a candid) nor a Rubin alert "
+            f"(diaSource), nor a record wrapping one; its fields: {fields}",
         )
     if survey != "auto" and survey != found:
         raise DecodeError("schema", f"expected a {survey} alert, got a {found} alert (record {writer.name})")
     return _ztf_alert(record) if found == "ztf" else _rubin_alert(record)
 
 
+def _wrapped_alert(record: dict) -> tuple[str | None, dict]:
+    """(survey, alert) of an alert wrapped in an envelope record (e.g. ``{key, value: alert, topic...}``).
+
+    Some broker and Kafka Connect dumps store the alert as one field of a record of their
+    own; a field holding a record recognised as an alert is that alert. (None, record) when
+    no field is one.
+    """
+    for value in record.values():
+        if isinstance(value, dict):
+            candidate = value.get("candidate")
+            found = survey_of_fields(value, candidate if isinstance(candidate, dict) else ())
+            if found is not None:
+                return found, value
+    return None, record
+
+
 def _ztf_alert(record: dict) -> Alert:
-    candidate = record.get("candidate")
-    if not isinstance(candidate, dict):
-        raise DecodeError("decode", "ZTF alert without a candidate record")
-    candid = record.get("candid")
-    if candid is None:
-        candid = candidate.get("candid")
-    if candid is None:
-        raise DecodeError("decode", "ZTF alert without a candid")
     # 2016 prototypes have no objectId; their alertId is the closest thing.
     object_id = record.get("objectId")
     if object_id is None:
         object_id = record.get("alertId")
+    which = f" (objectId {object_id})" if object_id is not None else ""
+    candidate = record.get("candidate")
+    if not isinstance(candidate, dict):
+        raise DecodeError("decode", f"ZTF alert without a candidate record: candidate is null{which}")
+    candid = record.get("candid")
+    if candid is None:
+        candid = candidate.get("candid")
+    if candid is None:
+        raise DecodeError("decode", f"ZTF alert without a candid: null at the top level and in candidate{which}")
     jd = candidate.get("jd")
     label = f"ztf candid {candid}"
     images = _read_cutouts(record, label)
@@ -495,18 +528,21 @@ def _ztf_alert(record: dict) -> Alert:
         images=images,
         centre=ztf_source_position(images["difference"].shape, candidate),
         record=record,
+        **_survey_score(candidate, ("drb", "rb")),
     )
 
 
 def _rubin_alert(record: dict) -> Alert:
     source = record.get("diaSource")
+    top_id = record.get("diaSourceId")  # brokers (Fink) copy it to the top level
+    which = f" (diaSourceId {top_id})" if top_id is not None else ""
     if not isinstance(source, dict):
-        raise DecodeError("decode", "Rubin alert without a diaSource record")
+        raise DecodeError("decode", f"Rubin alert without a diaSource record: diaSource is null{which}")
     source_id = source.get("diaSourceId")
     if source_id is None:
-        source_id = record.get("diaSourceId")
+        source_id = top_id
     if source_id is None:
-        raise DecodeError("decode", "Rubin alert without a diaSourceId")
+        raise DecodeError("decode", "Rubin alert without a diaSourceId: null in diaSource and at the top level")
     dia_object = record.get("diaObject")
     if isinstance(dia_object, dict) and dia_object.get("diaObjectId") is not None:
         object_id = dia_object["diaObjectId"]
@@ -525,7 +561,17 @@ def _rubin_alert(record: dict) -> Alert:
         images=_read_cutouts(record, label),
         centre=None,
         record=record,
+        **_survey_score(source, ("reliability",)),
     )
+
+
+def _survey_score(detection: Mapping, names: tuple[str, ...]) -> dict:
+    """``survey_score`` and ``survey_score_name`` of an `Alert`: the first of ``names`` that is a finite number."""
+    for name in names:
+        value = detection.get(name)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            return {"survey_score": float(value), "survey_score_name": name}
+    return {}
 
 
 def _read_cutouts(record: dict, label: str) -> dict[str, np.ndarray]:

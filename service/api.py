@@ -353,7 +353,8 @@ class _Classifier:
             scores = await self.batchers[batch.survey].score(batch.stamps)
             _check_finite(scores, "alert")
             self._observe_scores(batch.survey, scores)
-            results.extend(self._result(batch.survey, alert.candidate_id, score, object_id=alert.object_id)
+            results.extend(self._result(batch.survey, alert.candidate_id, score, object_id=alert.object_id,
+                                        survey_score=alert.survey_score, survey_score_name=alert.survey_score_name)
                            for alert, score in zip(batch.alerts, scores))
         return ClassifyResponse(results=results)
 
@@ -397,12 +398,14 @@ class _Classifier:
         for value in scores:
             histogram.observe(float(value))
 
-    def _result(self, survey: str, ident, score: float, object_id: str | None = None) -> ScoreResult:
+    def _result(self, survey: str, ident, score: float, object_id: str | None = None,
+                survey_score: float | None = None, survey_score_name: str | None = None) -> ScoreResult:
         card = self.scorers[survey].card
         score = float(score)
         return ScoreResult(id=ident, object_id=object_id, survey=survey, score=score,
                            label="real" if score >= card.threshold else "bogus", threshold=card.threshold,
-                           model=card.name, model_version=card.version)
+                           model=card.name, model_version=card.version, survey_score=survey_score,
+                           survey_score_name=survey_score_name)
 
 
 def _check_finite(scores: np.ndarray, what: str) -> None:

@@ -110,10 +110,17 @@ class ScoreResult(BaseModel):
     threshold: float = Field(..., description="The model's decision threshold (from its model card).")
     model: str = Field(..., description="Model name (model card `name`).")
     model_version: str = Field(..., description="Model version (model card `version`).")
+    survey_score: float | None = Field(
+        None, description="Raw alerts only: the survey's own real/bogus score of the alert, to compare with "
+                          "ours (ZTF `candidate.drb` when present, else `candidate.rb`; Rubin "
+                          "`diaSource.reliability`); null when the alert has none.")
+    survey_score_name: Literal["drb", "rb", "reliability"] | None = Field(
+        None, description="Which survey score `survey_score` is.")
 
     model_config = ConfigDict(json_schema_extra={"examples": [
         {"id": "ZTF18abcdefg-1", "object_id": None, "survey": "ztf", "score": 0.93, "label": "real",
-         "threshold": 0.5, "model": "rbcnn-ztf", "model_version": "1.0.0"}]})
+         "threshold": 0.5, "model": "rbcnn-ztf", "model_version": "1.0.0", "survey_score": None,
+         "survey_score_name": None}]})
 
 
 class ClassifyResponse(BaseModel):

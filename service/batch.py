@@ -135,7 +135,8 @@ def prepare(
             try:
                 assemble(alert.images, contract, alert.centre, out=stamps[row])
             except StampError as exc:
-                failures.append(Failure(index, "cutout", str(exc)))
+                which = f"{alert.survey} {_id_name(alert)} {alert.candidate_id}"
+                failures.append(Failure(index, "cutout", f"{exc} ({which})"))
                 continue
             batch.alerts.append(alert)
             batch.indices.append(index)
@@ -145,6 +146,10 @@ def prepare(
         batches[name] = batch
     failures.sort(key=lambda f: f.index)
     return batches, failures
+
+
+def _id_name(alert: Alert) -> str:
+    return "candid" if alert.survey == "ztf" else "diaSourceId"
 
 
 def _decode_one(message, survey: str, schemas) -> list[Alert] | DecodeError:

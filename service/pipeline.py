@@ -214,7 +214,8 @@ class BatchProcessor:
         record = records.score_record(survey=alert.survey, candidate_id=alert.candidate_id,
                                       object_id=alert.object_id, score=score, threshold=card.threshold,
                                       model_name=card.name, model_version=card.version,
-                                      observation_mjd=alert.observation_mjd, scored_at=scored_at)
+                                      observation_mjd=alert.observation_mjd, scored_at=scored_at,
+                                      survey_score=alert.survey_score, survey_score_name=alert.survey_score_name)
         headers = [(HEADER_SURVEY, alert.survey.encode())] + source.provenance()
         key = record["object_id"].encode() if record["object_id"] else None
         return Outgoing(kind="score", key=key, value=b"", headers=headers, source=source, survey=alert.survey,

@@ -75,8 +75,13 @@ def label_for(score: float, threshold: float) -> str:
 
 def score_record(*, survey: str, candidate_id: int, object_id: str, score: float, threshold: float,
                  model_name: str, model_version: str, observation_mjd: float | None,
-                 scored_at: datetime | None = None) -> dict:
-    """One score record, as a dict that follows ``score_record.avsc``."""
+                 scored_at: datetime | None = None, survey_score: float | None = None,
+                 survey_score_name: str | None = None) -> dict:
+    """One score record, as a dict that follows ``score_record.avsc``.
+
+    ``survey_score`` / ``survey_score_name`` are the survey's own score of the alert
+    (`service.alerts.Alert.survey_score`), published beside ours; None when it has none.
+    """
     score = float(score)
     return {
         "survey": survey,
@@ -89,6 +94,8 @@ def score_record(*, survey: str, candidate_id: int, object_id: str, score: float
         "model_version": model_version,
         "observation_mjd": None if observation_mjd is None else float(observation_mjd),
         "scored_at": scored_at or datetime.now(timezone.utc),
+        "survey_score": None if survey_score is None else float(survey_score),
+        "survey_score_name": None if survey_score is None else survey_score_name,
     }
 
 

@@ -7,7 +7,8 @@ Kafka message, framed the way the surveys frame them:
 * a file holding several is split into one single-alert container per alert;
 * with ``--wire-format``, Rubin alerts are re-framed in the Confluent wire format with the
   official ``lsst-alert-packet`` schema of their version (`service.schemas.to_wire_format`),
-  as the live Rubin stream carries them; ZTF alerts stay containers (ZTF's own framing);
+  as the live Rubin stream carries them; ZTF alerts stay containers (ZTF's own framing), and
+  so does a Rubin alert that the official schema cannot hold (a warning names the field);
 * a file that is not an Avro container is sent as it is, as one message (handy to see the
   consumer's dead-letter handling).
 
@@ -89,18 +90,28 @@ def messages_of_file(path: Path, survey: str | None = None, wire_format: bool = 
     except records.RecordError as exc:
         log.warning("%s is not an Avro object container (%s): sent as it is", path, exc)
         return [AlertMessage(data, str(path), survey)]
-    file_survey = survey or schemas.survey_of_fields(f["name"] for f in schema.get("fields", ()))
+    file_survey = survey or schemas.survey_of_fields((f["name"] for f in schema.get("fields", ())),
+                                                     schemas.candidate_field_names(schema))
     messages = []
     for i, alert in enumerate(alerts):
         source = str(path) if len(alerts) == 1 else f"{path}#{i}"
-        if wire_format and file_survey == "rubin":
-            value = schemas.to_wire_format(alert)
-        elif len(alerts) == 1:
-            value = data
-        else:
-            value = records.container_bytes(schema, [alert])
+        value = _wire_format_or_none(alert, source) if wire_format and file_survey == "rubin" else None
+        if value is None:
+            value = data if len(alerts) == 1 else records.container_bytes(schema, [alert])
         messages.append(AlertMessage(value, source, file_survey))
     return messages
+
+
+def _wire_format_or_none(alert: Mapping, source: str) -> bytes | None:
+    """The alert in the Confluent wire format, or None (with a warning) when its official schema refuses it."""
+    from service import schemas
+
+    try:
+        return schemas.to_wire_format(alert)
+    except (ValueError, schemas.UnknownSchema) as exc:
+        # Still an alert: it goes out in its broker's framing rather than stopping the replay.
+        log.warning("%s cannot be framed in the wire format (%s): sent as an Avro container", source, exc)
+        return None
 
 
 def load_messages(paths: Sequence[str | Path], survey: str | None = None,

@@ -67,11 +67,14 @@ def _pick_port(wanted: int, host: str, what: str) -> int:
 # -- what is printed -----------------------------------------------------------------------------
 
 def score_line(record: Mapping[str, Any]) -> str:
-    """One line for a score record: survey, object id, candidate id, score, label, model."""
+    """One line for a score record: survey, object id, candidate id, score, label, model, and the
+    survey's own score when the alert has one (``survey drb 0.998``, ``survey reliability 0.420``)."""
     survey = SURVEY_NAMES.get(record.get("survey"), str(record.get("survey")))
+    theirs = record.get("survey_score")
+    theirs = f"  survey {record.get('survey_score_name') or 'score'} {theirs:.3f}" if theirs is not None else ""
     return (f"  {survey:<5}  object {record.get('object_id') or '-':<20}  candidate {record.get('candidate_id'):<20}"
             f"  score {record.get('score', float('nan')):.3f}  {record.get('label', '?'):<5}"
-            f"  {record.get('model_name')} {record.get('model_version')}")
+            f"  {record.get('model_name')} {record.get('model_version')}{theirs}")
 
 
 def rejected_line(letter: Mapping[str, Any], samples_root: Path | None = None) -> str:

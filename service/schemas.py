@@ -93,17 +93,35 @@ class WriterSchema:
     tail: Any = None
 
 
-def survey_of_fields(fields) -> str | None:
+def survey_of_fields(fields, candidate_fields=()) -> str | None:
     """Recognise the survey of a record from its top-level field names.
 
     ZTF alerts have ``candid`` and ``candidate``; Rubin alerts have ``diaSource``.
+    Brokers that re-write ZTF alerts (Spark's ``topLevelRecord``) may keep ``candid``
+    only inside ``candidate``: pass the ``candidate`` record's field names as
+    ``candidate_fields`` to recognise those too.
     """
     fields = set(fields)
-    if "candid" in fields and "candidate" in fields:
+    if "candidate" in fields and ("candid" in fields or "candid" in set(candidate_fields)):
         return "ztf"
     if "diaSource" in fields:
         return "rubin"
     return None
+
+
+def candidate_field_names(definition: Mapping) -> frozenset:
+    """Field names of the ``candidate`` record of a schema definition (empty when it has none)."""
+    try:
+        for field in definition.get("fields", ()):
+            if field.get("name") != "candidate":
+                continue
+            branches = field["type"] if isinstance(field["type"], list) else [field["type"]]
+            for branch in branches:
+                if isinstance(branch, Mapping) and branch.get("type") == "record":
+                    return frozenset(f.get("name") for f in branch.get("fields", ()))
+    except (AttributeError, TypeError, KeyError):
+        pass
+    return frozenset()
 
 
 def parse_writer_schema(schema: Any) -> WriterSchema:
@@ -124,7 +142,7 @@ def parse_writer_schema(schema: Any) -> WriterSchema:
     if not isinstance(parsed, dict) or parsed.get("type") != "record":
         raise UnknownSchema("the writer schema is not an Avro record")
     fields = frozenset(f.get("name") for f in parsed.get("fields", ()))
-    survey = survey_of_fields(fields)
+    survey = survey_of_fields(fields, candidate_field_names(parsed))
     head = tail = None
     if survey == "ztf":
         head, tail = head_schemas(definition), cutout_tail_layout(definition)
@@ -144,8 +162,8 @@ def head_schemas(definition: Mapping) -> tuple | None:
     Avro writes a record as its fields one after the other, so the first k fields of a
     record are exactly readable with a schema of those k fields (and, for the last of
     them when it is a record, of its own first fields). When ``candidate`` closes the
-    head it is cut after the last field `Alert` needs (reader None: nothing to skip);
-    otherwise the reader schema keeps only what `Alert` needs (`scoring_reader_schema`).
+    head it is cut after the last field `Alert` needs; either way the reader schema keeps
+    only what `Alert` needs (`scoring_reader_schema`).
     """
     try:
         fields = list(definition["fields"])
@@ -155,15 +173,13 @@ def head_schemas(definition: Mapping) -> tuple | None:
         candidate = writer["fields"][-1]
         keep = SCORING_FIELDS["ztf"]["candidate"]
         if candidate["name"] == "candidate" and isinstance(candidate["type"], dict):
-            # candidate closes the head, so its own leading fields are all that need reading:
-            # jd, candid, isdiffpos, xpos and ypos are among the first fifteen of its ~100.
+            # candidate closes the head, so reading stops after the last of its fields we use
+            # (drb, the survey's score, is among its last; old schemas stop at jd..ypos).
             inner = candidate["type"]["fields"]
             upto = max(i for i, f in enumerate(inner) if f["name"] in keep)
             writer["fields"] = writer["fields"][:-1] + [
                 dict(candidate, type=dict(candidate["type"], fields=inner[: upto + 1]))]
-            reader = None
-        else:
-            reader = fastavro.parse_schema(scoring_reader_schema(writer, "ztf"))
+        reader = fastavro.parse_schema(scoring_reader_schema(writer, "ztf"))
         return fastavro.parse_schema(writer), reader
     except Exception:  # an unusual schema: the decoder reads the whole record instead
         return None
@@ -210,10 +226,12 @@ def cutout_tail_layout(definition: Mapping) -> tuple | None:
 
 
 #: Per survey: nested records kept by the scoring reader schema, and the fields kept in each.
+#: The survey's own real/bogus scores (ZTF ``rb``/``drb``, Rubin ``reliability``) are kept
+#: to be shown beside ours.
 SCORING_FIELDS: Mapping[str, Mapping[str, frozenset]] = {
-    "ztf": {"candidate": frozenset({"candid", "jd", "isdiffpos", "xpos", "ypos"})},
+    "ztf": {"candidate": frozenset({"candid", "jd", "isdiffpos", "xpos", "ypos", "rb", "drb"})},
     "rubin": {
-        "diaSource": frozenset({"diaSourceId", "diaObjectId", "midpointMjdTai", "midPointTai"}),
+        "diaSource": frozenset({"diaSourceId", "diaObjectId", "midpointMjdTai", "midPointTai", "reliability"}),
         "diaObject": frozenset({"diaObjectId"}),
     },
 }
@@ -600,6 +618,10 @@ def project_record(record: Any, schema: Any) -> Any:
     if isinstance(schema, list):  # union: the first branch the value fits
         if record is None:
             return None
+        if "null" in schema and isinstance(record, Mapping) and is_all_null(record):
+            # Spark writes an absent record (ssSource of a non-solar-system source, a null
+            # diaObject) as a record of nulls, which the official schema's required fields refuse.
+            return None
         for branch in schema:
             if isinstance(branch, dict) and branch.get("type") == "record" and isinstance(record, Mapping):
                 return project_record(record, branch)
@@ -622,6 +644,11 @@ def project_record(record: Any, schema: Any) -> Any:
         if isinstance(kind, (dict, list)):
             return project_record(record, kind)
     return record
+
+
+def is_all_null(record: Mapping) -> bool:
+    """True when every value of ``record`` is null, or a record (mapping) that is itself all null."""
+    return all(value is None or (isinstance(value, Mapping) and is_all_null(value)) for value in record.values())
 
 
 def rubin_version_of_record(record: Mapping) -> tuple[int, int] | None:
@@ -714,5 +741,24 @@ def to_wire_format(alert: bytes | Mapping, version=None, schema_id: int | None =
     definition = official_rubin_schema((major, minor))
     body = io.BytesIO()
     body.write(WIRE_HEADER.pack(WIRE_MAGIC, rubin_schema_id(major, minor) if schema_id is None else schema_id))
-    fastavro.schemaless_writer(body, definition, project_record(record, definition))
+    projected = project_record(record, definition)
+    try:
+        fastavro.schemaless_writer(body, definition, projected)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"to_wire_format: the record does not fit Rubin schema {major}.{minor}: "
+                         f"{_misfit(projected, definition, exc)}") from None
     return body.getvalue()
+
+
+def _misfit(record: Mapping, definition: Mapping, error: Exception) -> str:
+    """Which field of ``record`` ``definition`` refuses (fastavro's own error dumps the whole record)."""
+    from fastavro.validation import ValidationError, validate
+
+    try:
+        validate(record, definition, raise_errors=True)
+    except ValidationError as exc:
+        return "; ".join(str(e) for e in exc.errors[:3])
+    except Exception:  # noqa: BLE001 - the description is best effort
+        pass
+    text = str(error)
+    return text if len(text) <= 200 else text[:200] + "..."

@@ -68,12 +68,13 @@ def test_run_scores_the_samples_serves_the_api_and_stops_on_ctrl_c(tmp_path, def
         assert tuple(map(int, done.groups())) == (4, 3, 1)
         until(r"Ctrl-C stops")
         text = "\n".join(seen)
-        # One line per scored alert: survey, object id, candidate id, score, label, model.
-        for path in chosen["ztf"][:2] + chosen["rubin"]:
+        # One line per scored alert: survey, object id, candidate id, score, label, model, and the
+        # survey's own score (these samples carry ZTF drb, ZTF rb and Rubin reliability).
+        for path, theirs in zip(chosen["ztf"][:2] + chosen["rubin"], ("drb", "rb", "reliability")):
             survey, candidate, obj = expected_ids(path)
             name = {"ztf": "ZTF", "rubin": "Rubin"}[survey]
-            assert re.search(rf"{name}\s+object {obj}\s+candidate {candidate}\s+score [01]\.\d{{3}}\s+(real|bogus)\s+\S+",
-                             text), path.name
+            assert re.search(rf"{name}\s+object {obj}\s+candidate {candidate}\s+score [01]\.\d{{3}}\s+(real|bogus)\s+\S+"
+                             rf".*\s+survey {theirs} [01]\.\d{{3}}$", text, re.MULTILINE), path.name
         jpeg = chosen["ztf"][2].name
         assert re.search(rf"REJECTED\s+ztf/{jpeg} \(alerts/0@\d+\): \[cutout\] .*JPEG", text)
 
