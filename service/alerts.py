@@ -685,7 +685,7 @@ def _read_cutouts(record: dict, label: str) -> dict[str, np.ndarray]:
     return images
 
 
-def read_cutout(data: bytes, where: str = "cutout", context: str = "") -> np.ndarray:
+def read_cutout(data: bytes, where: str = "cutout", context: str = "", max_bytes: int | None = None) -> np.ndarray:
     """One cutout's bytes (FITS, gzip-compressed or not) as a float32 2-D image.
 
     Parameters
@@ -695,6 +695,9 @@ def read_cutout(data: bytes, where: str = "cutout", context: str = "") -> np.nda
         Names the cutout in error messages (``cutoutScience.stampData``).
     context : str
         Appended to error messages (which alert: `` (ztf candid 123)``).
+    max_bytes : int, optional
+        Largest inflated cutout and declared image data; default: the limits of the message
+        being decoded (`DecodeLimits.max_cutout_bytes`).
 
     Raises
     ------
@@ -703,7 +706,7 @@ def read_cutout(data: bytes, where: str = "cutout", context: str = "") -> np.nda
     """
     if not data:
         raise DecodeError("cutout", f"{where} is empty{context}")
-    max_bytes = _LIMITS.get().max_cutout_bytes
+    max_bytes = _LIMITS.get().max_cutout_bytes if max_bytes is None else max_bytes
     if data[:2] == _GZIP_MAGIC:
         try:
             inflater = isal_zlib.decompressobj(31)  # 16 + 15: gzip framing

@@ -259,12 +259,14 @@ def assemble(
                              "are needed to score it (min_stamp_side)")
     if out is None:
         out = np.empty(contract.input_shape, dtype=np.float32)
+    finite = []
     for i, name in enumerate(raw_inputs):
         fit_stamp(images[name], contract.size, centre, out=out[i])
-        finite = out[i][np.isfinite(out[i])]
-        if not finite.size:
+        finite.append(out[i][np.isfinite(out[i])])
+        if not finite[i].size:
             raise StampError(f"cutout {name!r} has no finite pixel near the source (all masked)")
-        if finite.min() == finite.max():
-            raise StampError(f"cutout {name!r} is constant near the source (every pixel {float(finite[0]):g}): "
+    for name, values in zip(raw_inputs, finite):
+        if values.min() == values.max():
+            raise StampError(f"cutout {name!r} is constant near the source (every pixel {float(values[0]):g}): "
                              "nothing to score")
     return out

@@ -31,7 +31,7 @@ class FitsError(ValueError):
 
 
 #: Largest image data a header may declare by default (`service.limits.DecodeLimits.max_cutout_bytes`).
-MAX_DATA_BYTES = 16 * 1024 * 1024
+MAX_DATA_BYTES = 4 * 1024 * 1024
 #: BITPIX values the FITS standard defines.
 VALID_BITPIX = (8, 16, 32, 64, -32, -64)
 #: HDUs whose headers `check_declared_sizes` reads before giving up (cutouts have one or two).

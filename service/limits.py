@@ -61,9 +61,9 @@ class DecodeLimits:
     max_schema_depth: int = 32
     max_schema_cache_bytes: int = 64 * MiB
     max_records: int = 1000
-    max_block_bytes: int = 64 * MiB
-    max_message_bytes: int = 128 * MiB
-    max_cutout_bytes: int = 16 * MiB
+    max_block_bytes: int = 16 * MiB
+    max_message_bytes: int = 64 * MiB
+    max_cutout_bytes: int = 4 * MiB
     min_stamp_side: int = 8
 
     @classmethod

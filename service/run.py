@@ -174,9 +174,10 @@ def _start_api(scorers, host: str, port: int, readiness_checks):
     import uvicorn
 
     from service.api import create_app
+    from service.api_server import server_config
 
     app = create_app(scorers, readiness_checks=readiness_checks)
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on"))
+    server = uvicorn.Server(server_config(app, host, port, log_level="warning", lifespan="on"))
     # In a thread uvicorn installs no signal handlers: Ctrl-C stays ours.
     thread = threading.Thread(target=server.run, name="api", daemon=True)
     thread.start()

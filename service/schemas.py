@@ -523,11 +523,11 @@ class SchemaStore:
         self._client = None
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> "SchemaStore":
+    def from_env(cls, environ: Mapping[str, str] | None = None, limits: DecodeLimits | None = None) -> "SchemaStore":
         """A store configured from ``RBSTREAM_SCHEMA_REGISTRY_URL`` and ``RBSTREAM_RUBIN_SCHEMA_VERSION``."""
         environ = os.environ if environ is None else environ
         return cls(registry_url=environ.get(ENV_REGISTRY_URL) or None,
-                   rubin_version=environ.get(ENV_RUBIN_SCHEMA_VERSION) or None)
+                   rubin_version=environ.get(ENV_RUBIN_SCHEMA_VERSION) or None, limits=limits)
 
     def __repr__(self) -> str:
         return f"SchemaStore(registry_url={self.registry_url!r}, rubin_version={self.rubin_version!r})"
