@@ -9,9 +9,9 @@ errors in plain text. `GuardedH11Protocol` adds
   ``header_timeout_s`` of the connection (or of the previous answer on a kept-alive one);
 * a **body timeout**: the whole body must arrive within ``body_timeout_s`` of the headers;
 
-and answers a timeout with 408, a malformed request (bad request line, headers over the
-limit, a URL too long) with 400, both with the API's JSON error body
-(``{"detail": "..."}``), then closes the connection. `server_config` builds the
+and answers a timeout with 408, a request line or headers over ``max_header_bytes`` with
+414 or 431, a malformed request (bad request line or header) with 400, all with the API's
+JSON error body (``{"detail": "..."}``), then closes the connection. `server_config` builds the
 ``uvicorn.Config`` that ``rbstream serve`` and ``rbstream run`` use.
 """
 
@@ -59,6 +59,8 @@ class GuardedH11Protocol(H11Protocol):
 
     def data_received(self, data: bytes) -> None:
         waiting_for_headers = self.conn.their_state is h11.IDLE
+        if waiting_for_headers and self._head_too_long(data):
+            return
         super().data_received(data)
         if waiting_for_headers and self.conn.their_state is h11.SEND_BODY:
             self._arm(self.body_timeout_s, "the request body")
@@ -66,6 +68,30 @@ class GuardedH11Protocol(H11Protocol):
             self._disarm()  # a request without a body: nothing more to wait for
         elif self.conn.their_state is h11.DONE:
             self._disarm()
+
+    def _head_too_long(self, data: bytes) -> bool:
+        """Answer 414/431 when the request line or headers pass ``max_header_bytes``.
+
+        h11's own cap (``h11_max_incomplete_event_size``) only applies while a request is
+        incomplete: a long one that arrives in one piece gets through it.
+        """
+        head = getattr(self, "_head", b"") + data[: self.max_header_bytes + 4]
+        end = head.find(b"\r\n\r\n")
+        self._head = b"" if end >= 0 else head[-(self.max_header_bytes + 4):]
+        if (end if end >= 0 else len(head)) <= self.max_header_bytes:
+            if end >= 0:
+                self._head = b""
+            return False
+        line_end = head.find(b"\r\n")
+        if line_end < 0 or line_end > self.max_header_bytes:
+            status, reason, what = 414, "URI Too Long", "the request line (a URL too long)"
+        else:
+            status, reason, what = 431, "Request Header Fields Too Large", "the request headers"
+        self._disarm()
+        self.transport.write(_json_response(status, reason, f"{what} passed the limit of {self.max_header_bytes} "
+                                                            "bytes"))
+        self.transport.close()
+        return True
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
@@ -92,8 +118,7 @@ class GuardedH11Protocol(H11Protocol):
     def send_400_response(self, msg: str) -> None:
         self._disarm()
         self.transport.write(_json_response(
-            400, "Bad Request", f"invalid HTTP request: a malformed request line or header, or a request line "
-                                f"and headers over {self.max_header_bytes} bytes (a URL too long)"))
+            400, "Bad Request", "invalid HTTP request: a malformed request line or header"))
         self.transport.close()
 
 
