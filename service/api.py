@@ -562,6 +562,14 @@ When the server has a token (`RBSTREAM_API_TOKEN` or `RBSTREAM_API_TOKEN_FILE`),
 send `Authorization: Bearer <token>`; `/healthz`, `/readyz`, `/metrics` and these docs stay open.
 """
 
+def _example_stamp(peak: float, sky: float) -> list[list[float]]:
+    """An 8x8 stamp (the smallest scored) with a source of ``peak`` in the middle, for the docs."""
+    return [[round(sky + peak * 2.0 ** -((r - 3.5) ** 2 + (c - 3.5) ** 2), 2) for c in range(8)] for r in range(8)]
+
+
+_EXAMPLE_STAMPS = {"science": _example_stamp(50.0, 10.0), "template": _example_stamp(2.0, 10.0),
+                   "difference": _example_stamp(48.0, 0.0)}
+
 _CLASSIFY_BODY = {
     "required": True,
     "content": {
@@ -569,13 +577,15 @@ _CLASSIFY_BODY = {
             "schema": {"anyOf": [{"$ref": "#/components/schemas/ClassifyRequest"},
                                  {"$ref": "#/components/schemas/Candidate"}]},
             "examples": {
-                "arrays": {"summary": "Two candidates, stamps as 2-D arrays",
+                "arrays": {"summary": "Two candidates, stamps as 2-D arrays (at least 8x8, not constant)",
                            "value": {"survey": "ztf", "candidates": [
-                               {"id": "a", "science": [[0, 1, 0], [1, 50, 2], [0, 2, 1]],
-                                "template": [[0, 1, 0], [1, 2, 1], [0, 1, 0]],
-                                "difference": [[0, 0, 0], [0, 48, 1], [0, 1, 1]]},
-                               {"id": "b", "science": [[5, 5], [5, 5]], "template": [[5, 5], [5, 5]],
-                                "difference": [[0, 0.5], [None, 0]]}]}},
+                               {"id": "a", "science": _EXAMPLE_STAMPS["science"],
+                                "template": _EXAMPLE_STAMPS["template"],
+                                "difference": _EXAMPLE_STAMPS["difference"]},
+                               {"id": "b", "science": _EXAMPLE_STAMPS["science"],
+                                "template": _EXAMPLE_STAMPS["template"],
+                                "difference": [[None if (r, c) == (0, 0) else v for c, v in enumerate(row)]
+                                               for r, row in enumerate(_EXAMPLE_STAMPS["difference"])]}]}},
                 "fits": {"summary": "One candidate, stamps as base64 (gzipped) FITS, as in ZTF alerts",
                          "value": {"survey": "ztf", "candidates": [
                              {"id": 1234567890, "science": "H4sIAAAAAAAA...", "template": "H4sIAAAAAAAA...",
