@@ -46,6 +46,7 @@ import numpy as np
 from isal import isal_zlib
 
 from service import fits
+from service.contract import crop_around_source
 from service.limits import DEFAULT_LIMITS, DecodeLimits
 from service.schemas import (
     CONTAINER_MAGIC,
@@ -191,8 +192,6 @@ def decode_message(message: bytes, survey: str = "auto", schemas: SchemaStore | 
 
 def _decode(message, survey: str, store: SchemaStore, crop: int | None):
     """``(alerts, None)``, or ``(None, (kind, reason))`` for a message that cannot be scored."""
-    from service.contract import crop_around_source
-
     def to_alerts(records):
         alerts = []
         for record, writer in records:
@@ -232,7 +231,9 @@ def _decode(message, survey: str, store: SchemaStore, crop: int | None):
 def _forget(exc: BaseException) -> None:
     """Drop what a caught exception's traceback keeps alive (the locals of every frame it went
     through: inflated blocks, images), now, instead of whenever the cycle collector runs."""
-    while exc is not None:
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
         traceback.clear_frames(exc.__traceback__)
         exc = exc.__context__ or exc.__cause__
 
