@@ -33,9 +33,13 @@ front. `Alert.record` still gives the whole record, decoded when first used.
 
 from __future__ import annotations
 
+import bz2
+import contextvars
 import io
+import lzma
 import math
 import re
+import traceback
 from dataclasses import dataclass, field
 from collections.abc import Mapping
 
@@ -44,6 +48,8 @@ import numpy as np
 from isal import isal_zlib
 
 from service import fits
+from service.contract import crop_around_source
+from service.limits import DEFAULT_LIMITS, DecodeLimits
 from service.schemas import (
     CONTAINER_MAGIC,
     WIRE_MAGIC,
@@ -71,8 +77,13 @@ CUTOUT_FIELDS: Mapping[str, str] = {
 #: Side of a full ZTF cutout; smaller ones were cut at the CCD edge.
 ZTF_CUTOUT_SIZE = 63
 
-#: Largest decompressed cutout accepted (a 63x63 float32 FITS is 20 kB): guards against gzip bombs.
-MAX_CUTOUT_BYTES = 16 * 1024 * 1024
+#: Largest decompressed cutout accepted by default (a 63x63 float32 FITS is 20 kB): guards against
+#: gzip bombs; `DecodeLimits.max_cutout_bytes` sets it.
+MAX_CUTOUT_BYTES = DEFAULT_LIMITS.max_cutout_bytes
+
+#: The limits of the message being decoded (set by `decode_message`, read where cutouts are inflated).
+_LIMITS: contextvars.ContextVar[DecodeLimits] = contextvars.ContextVar("rbstream_decode_limits",
+                                                                         default=DEFAULT_LIMITS)
 
 #: JD of MJD 0.
 MJD_OFFSET = 2400000.5
@@ -146,7 +157,8 @@ class Alert:
     survey_score_name: str | None = None
 
 
-def decode_message(message: bytes, survey: str = "auto", schemas: SchemaStore | None = None) -> list[Alert]:
+def decode_message(message: bytes, survey: str = "auto", schemas: SchemaStore | None = None,
+                   crop: int | None = None) -> list[Alert]:
     """Decode one Kafka message value into its alerts.
 
     Parameters
@@ -159,6 +171,12 @@ def decode_message(message: bytes, survey: str = "auto", schemas: SchemaStore | 
     schemas : SchemaStore, optional
         Where writer schemas are cached and wire-format ids resolved; defaults to a
         process-wide store configured from the environment (`service.schemas.default_store`).
+        Its ``limits`` (`service.limits.DecodeLimits`) bound what the message may cost.
+    crop : int, optional
+        Crop each alert's cutouts, as soon as they are decoded, to ``crop`` pixels a side
+        around the source (`service.contract.crop_around_source`; the largest stamp of the
+        models in use): a message of many records with huge images then never holds more
+        than one record's full images. Stamps cut from the cropped images are the same.
 
     Returns
     -------
@@ -173,27 +191,66 @@ def decode_message(message: bytes, survey: str = "auto", schemas: SchemaStore | 
     if survey not in SURVEYS:
         raise ValueError(f"survey must be one of {SURVEYS}, got {survey!r}")
     store = default_store() if schemas is None else schemas
+    token = _LIMITS.set(getattr(store, "limits", DEFAULT_LIMITS))
+    try:
+        alerts, failure = _decode(message, survey, store, crop)
+    finally:
+        _LIMITS.reset(token)
+    if failure is not None:
+        # Raised here, outside any handler and after _decode's frames are gone: the error
+        # holds no traceback into the frames that held the inflated blocks and images.
+        raise DecodeError(*failure)
+    for index, alert in enumerate(alerts):
+        alert.record = LazyRecord(message, index, store)
+    return alerts
+
+
+def _decode(message, survey: str, store: SchemaStore, crop: int | None):
+    """``(alerts, None)``, or ``(None, (kind, reason))`` for a message that cannot be scored."""
+    def to_alerts(records):
+        alerts = []
+        for record, writer in records:
+            alert = _to_alert(record, writer, survey)
+            if crop is not None:
+                alert.images, alert.centre = crop_around_source(alert.images, alert.centre, crop)
+            alerts.append(alert)
+        return alerts
+
     records: list = []
     try:
         try:
             records = _read_records(message, store, FAST)
-            alerts = [_to_alert(record, writer, survey) for record, writer in records]
+            return to_alerts(records), None
         except DecodeError as exc:
             if exc.kind != "cutout" or not any(isinstance(r, _TailRecord) for r, _ in records):
                 raise
             # The cutouts were found from the record's end (see _cutouts_from_end); when they
             # do not decode, read the record the long way before blaming the alert.
             records = _read_records(message, store, SCORING)
-            alerts = [_to_alert(record, writer, survey) for record, writer in records]
-    except DecodeError:
-        raise
+            return to_alerts(records), None
+    except DecodeError as exc:
+        failure = (exc.kind, exc.reason)
+        _forget(exc)
     except UnknownSchema as exc:
-        raise DecodeError("schema", str(exc)) from None
+        failure = ("schema", scrub_paths(str(exc)))
+        _forget(exc)
+    except MemoryError as exc:
+        failure = ("decode", "not enough memory to decode this message")
+        _forget(exc)
     except Exception as exc:  # noqa: BLE001 - the contract: any other failure is undecodable bytes
-        raise DecodeError("decode", f"not a readable alert ({_describe(exc)})") from None
-    for index, alert in enumerate(alerts):
-        alert.record = LazyRecord(message, index, store)
-    return alerts
+        failure = ("decode", f"not a readable alert ({_describe(exc)})")
+        _forget(exc)
+    return None, failure
+
+
+def _forget(exc: BaseException) -> None:
+    """Drop what a caught exception's traceback keeps alive (the locals of every frame it went
+    through: inflated blocks, images), now, instead of whenever the cycle collector runs."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        traceback.clear_frames(exc.__traceback__)
+        exc = exc.__context__ or exc.__cause__
 
 
 def read_full_records(message: bytes, schemas: SchemaStore | None = None) -> list[dict]:
@@ -205,14 +262,17 @@ def read_full_records(message: bytes, schemas: SchemaStore | None = None) -> lis
         As `decode_message`.
     """
     store = default_store() if schemas is None else schemas
+    token = _LIMITS.set(getattr(store, "limits", DEFAULT_LIMITS))
     try:
         return [record for record, _ in _read_records(message, store, FULL)]
     except DecodeError:
         raise
     except UnknownSchema as exc:
-        raise DecodeError("schema", str(exc)) from None
+        raise DecodeError("schema", scrub_paths(str(exc))) from None
     except Exception as exc:  # noqa: BLE001 - the contract: any other failure is undecodable bytes
         raise DecodeError("decode", f"not a readable alert ({_describe(exc)})") from None
+    finally:
+        _LIMITS.reset(token)
 
 
 class LazyRecord(Mapping):
@@ -259,8 +319,17 @@ class LazyRecord(Mapping):
         return (LazyRecord, (self._message, self._index, None))
 
 
+#: An absolute file path (two or more components, not part of a URL): never shown to clients.
+_PATH = re.compile(r"(?<![\w:/.])(?:/[\w.+\-]+){2,}/?")
+
+
+def scrub_paths(text: str) -> str:
+    """``text`` with absolute file paths (a library's message may quote its own files) replaced by ``<path>``."""
+    return _PATH.sub("<path>", text)
+
+
 def _describe(exc: BaseException) -> str:
-    text = str(exc)
+    text = scrub_paths(str(exc))
     if len(text) > 200:
         text = text[:200] + "..."
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
@@ -311,6 +380,101 @@ def _read_wire_format(message: bytes, store: SchemaStore, mode: str) -> list[tup
     return [(record, writer)]
 
 
+def _container_blocks(message: bytes, pos: int, sync: bytes, limits: DecodeLimits) -> list[tuple[int, int, int]]:
+    """``(record count, start, size)`` of every block, checked before any is decoded.
+
+    The framing is walked first (cheap: no decompression), so that a message holding more
+    records than `DecodeLimits.max_records` is refused before a single one is read.
+    """
+    blocks = []
+    total = 0
+    size = len(message)
+    while pos < size:
+        count, pos = read_long(message, pos)
+        nbytes, pos = read_long(message, pos)
+        # Each record takes at least one byte: a larger count is corruption (and would loop for ages).
+        if count < 0 or nbytes < 0 or count > nbytes or pos + nbytes + 16 > size:
+            raise DecodeError("decode", "truncated or corrupt Avro container block")
+        if message[pos + nbytes : pos + nbytes + 16] != sync:
+            raise DecodeError("decode", "Avro container sync marker mismatch (corrupt or concatenated data)")
+        total += count
+        if total > limits.max_records:
+            raise DecodeError("decode", f"the message holds more than {limits.max_records} records "
+                                        "(max_records)")
+        blocks.append((count, pos, nbytes))
+        pos += nbytes + 16
+    return blocks
+
+
+def _inflate(codec: bytes, data: bytes, limit: int) -> bytes:
+    """One container block decompressed, refused as soon as it would pass ``limit`` bytes."""
+    if codec == b"deflate":
+        inflater = isal_zlib.decompressobj(-15)
+        out = inflater.decompress(data, limit + 1)
+        finished = inflater.eof
+    elif codec == b"bzip2":
+        inflater = bz2.BZ2Decompressor()
+        out = inflater.decompress(data, limit + 1)
+        finished = inflater.eof
+    elif codec == b"xz":
+        inflater = lzma.LZMADecompressor()
+        out = inflater.decompress(data, limit + 1)
+        finished = inflater.eof
+    else:
+        out, finished = _inflate_optional(codec, data, limit)
+    if len(out) > limit:
+        raise DecodeError("decode", f"an Avro container block ({codec.decode('ascii', 'replace')}) decompresses "
+                                    f"to more than {limit} bytes (max_block_bytes)")
+    if not finished:
+        raise DecodeError("decode", f"an Avro container block is not valid {codec.decode('ascii', 'replace')} "
+                                    "data (truncated)")
+    return out
+
+
+def _inflate_optional(codec: bytes, data: bytes, limit: int) -> tuple[bytes, bool]:
+    """Codecs whose libraries are optional, each bounded by the size its frame declares."""
+    name = codec.decode("ascii", "replace")
+    if codec == b"zstandard":
+        try:
+            import zstandard
+        except ImportError:
+            raise DecodeError("decode", "Avro container codec zstandard is not installed here") from None
+        parts, size = [], 0
+        with zstandard.ZstdDecompressor().stream_reader(data) as reader:
+            while size <= limit:
+                chunk = reader.read(min(1 << 20, limit + 1 - size))
+                if not chunk:
+                    break
+                parts.append(chunk)
+                size += len(chunk)
+        return b"".join(parts), True
+    if codec == b"snappy":
+        try:
+            import snappy
+        except ImportError:
+            raise DecodeError("decode", "Avro container codec snappy is not installed here") from None
+        body = data[:-4]  # Avro appends the CRC-32 of the uncompressed data
+        declared, _ = _read_uvarint(body)  # a snappy block starts with its uncompressed length
+        if declared > limit:
+            raise DecodeError("decode", f"an Avro container block (snappy) declares {declared} bytes, over the "
+                                        f"limit of {limit} (max_block_bytes)")
+        return snappy.decompress(body), True
+    raise DecodeError("decode", f"unknown Avro container codec {name!r} (null, deflate, bzip2, xz, "
+                                "zstandard, snappy)")
+
+
+def _read_uvarint(data: bytes) -> tuple[int, int]:
+    value = shift = pos = 0
+    while pos < min(len(data), 10):
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, pos
+        shift += 7
+    raise DecodeError("decode", "an Avro container block is not valid snappy data")
+
+
 def _read_container(message: bytes, store: SchemaStore, mode: str) -> list[tuple[dict, WriterSchema]]:
     try:
         metadata, sync, pos = read_container_header(message)
@@ -320,23 +484,21 @@ def _read_container(message: bytes, store: SchemaStore, mode: str) -> list[tuple
     if not schema_text:
         raise DecodeError("schema", "the Avro container header has no writer schema (avro.schema)")
     writer = store.container_schema(schema_text)
+    limits = _LIMITS.get()
     codec = metadata.get("avro.codec", b"null")
-    if codec not in (b"null", b"deflate"):
-        return _read_container_fastavro(message, writer)
     records = []
-    size = len(message)
+    inflated = 0
     stream = io.BytesIO(message)  # shares the bytes; seek() to each block, no copy
-    while pos < size:
-        count, pos = read_long(message, pos)
-        nbytes, pos = read_long(message, pos)
-        # Each record takes at least one byte: a larger count is corruption (and would loop for ages).
-        if count < 0 or nbytes < 0 or count > nbytes or pos + nbytes + 16 > size:
-            raise DecodeError("decode", "truncated or corrupt Avro container block")
+    for count, pos, nbytes in _container_blocks(message, pos, sync, limits):
         if codec == b"null":
             buffer, start, end = message, pos, pos + nbytes
         else:
-            buffer = isal_zlib.decompress(message[pos : pos + nbytes], -15)
+            buffer = _inflate(codec, message[pos : pos + nbytes], limits.max_block_bytes)
             start, end = 0, len(buffer)
+            inflated += len(buffer)
+            if inflated > limits.max_message_bytes:
+                raise DecodeError("decode", f"the message's blocks decompress to more than "
+                                            f"{limits.max_message_bytes} bytes (max_message_bytes)")
         block = stream if buffer is message else io.BytesIO(buffer)
         block.seek(start)
         record = None
@@ -351,10 +513,7 @@ def _read_container(message: bytes, store: SchemaStore, mode: str) -> list[tuple
                 records.append((_read_one(block, writer, mode), writer))
             if block.tell() != end:
                 raise DecodeError("decode", "Avro container block size does not match its records (corrupt data)")
-        pos += nbytes
-        if message[pos : pos + 16] != sync:
-            raise DecodeError("decode", "Avro container sync marker mismatch (corrupt or concatenated data)")
-        pos += 16
+        del buffer, block  # one inflated block at a time
     if not records:
         raise DecodeError("decode", "the Avro container holds no record")
     return records
@@ -449,17 +608,6 @@ def _one_cutout_before(buffer: bytes, low: int, end: int, record_tag, null_tag):
     if null_tag is not None and end - 1 >= low and buffer[end - 1] == null_tag:
         return end - 1, None
     return None
-
-
-def _read_container_fastavro(message: bytes, writer: WriterSchema) -> list[tuple[dict, WriterSchema]]:
-    """Containers with a codec we do not read ourselves (snappy, zstandard...): fastavro's reader."""
-    try:
-        records = list(fastavro.reader(io.BytesIO(message)))
-    except ValueError as exc:  # fastavro: "Unrecognized codec" / codec library missing
-        raise DecodeError("decode", f"Avro container codec not readable: {_describe(exc)}") from None
-    if not records:
-        raise DecodeError("decode", "the Avro container holds no record")
-    return [(record, writer) for record in records]
 
 
 # --------------------------------------------------------------------------- records -> alerts
@@ -592,7 +740,7 @@ def _read_cutouts(record: dict, label: str) -> dict[str, np.ndarray]:
     return images
 
 
-def read_cutout(data: bytes, where: str = "cutout", context: str = "") -> np.ndarray:
+def read_cutout(data: bytes, where: str = "cutout", context: str = "", max_bytes: int | None = None) -> np.ndarray:
     """One cutout's bytes (FITS, gzip-compressed or not) as a float32 2-D image.
 
     Parameters
@@ -602,6 +750,9 @@ def read_cutout(data: bytes, where: str = "cutout", context: str = "") -> np.nda
         Names the cutout in error messages (``cutoutScience.stampData``).
     context : str
         Appended to error messages (which alert: `` (ztf candid 123)``).
+    max_bytes : int, optional
+        Largest inflated cutout and declared image data; default: the limits of the message
+        being decoded (`DecodeLimits.max_cutout_bytes`).
 
     Raises
     ------
@@ -610,14 +761,16 @@ def read_cutout(data: bytes, where: str = "cutout", context: str = "") -> np.nda
     """
     if not data:
         raise DecodeError("cutout", f"{where} is empty{context}")
+    max_bytes = _LIMITS.get().max_cutout_bytes if max_bytes is None else max_bytes
     if data[:2] == _GZIP_MAGIC:
         try:
             inflater = isal_zlib.decompressobj(31)  # 16 + 15: gzip framing
-            inflated = inflater.decompress(data, MAX_CUTOUT_BYTES)
+            inflated = inflater.decompress(data, max_bytes)
         except Exception as exc:  # noqa: BLE001 - isal raises its own error type
             raise DecodeError("cutout", f"{where} is not valid gzip ({_describe(exc)}){context}") from None
         if inflater.unconsumed_tail:
-            raise DecodeError("cutout", f"{where} decompresses to more than {MAX_CUTOUT_BYTES} bytes{context}")
+            raise DecodeError("cutout", f"{where} decompresses to more than {max_bytes} bytes "
+                                        f"(max_cutout_bytes){context}")
         if not inflater.eof:
             raise DecodeError("cutout", f"{where} is truncated or not valid gzip{context}")
         data = inflated
@@ -625,9 +778,9 @@ def read_cutout(data: bytes, where: str = "cutout", context: str = "") -> np.nda
         if data[: len(magic)] == magic:
             raise DecodeError("cutout", f"{where} is {what}, not FITS{context}")
     try:
-        image = fits.read_image(data)
+        image = fits.read_image(data, max_bytes)
     except fits.FitsError as exc:
-        raise DecodeError("cutout", f"{where}: {exc}{context}") from None
+        raise DecodeError("cutout", f"{where}: {scrub_paths(str(exc))}{context}") from None
     except Exception as exc:  # noqa: BLE001 - anything astropy throws on junk
         raise DecodeError("cutout", f"{where}: not a readable FITS image ({_describe(exc)}){context}") from None
     if image.ndim != 2 or image.size == 0:

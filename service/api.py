@@ -41,6 +41,8 @@ from service.api_models import (Candidate, ClassifyRequest, ClassifyResponse, Er
 from service.api_stamps import StampInputError, stamp_to_array
 from service.auth import BearerAuthMiddleware, TokenAuth
 from service.contract import RAW_IMAGES, StampError, assemble
+from service.http_server import KEEP_ALIVE_S
+from service.limits import DEFAULT_LIMITS, DecodeLimits, add_limit_arguments, limits_from_args
 from service.microbatch import MicroBatcher
 
 log = logging.getLogger(__name__)
@@ -72,6 +74,13 @@ class ApiSettings:
         Model of JSON requests that name no survey; None: ``ztf`` if loaded, else the only model.
     models_dir, model_paths, device
         Where `create_app` loads models from when it is given none (see `service.model.load_scorers`).
+    limits : DecodeLimits
+        What one raw alert body (or FITS stamp) may cost the decoder (`service.limits`).
+    max_concurrent_decodes : int
+        Bodies decoded at the same time; others wait. With ``limits`` it bounds the memory
+        that hostile bodies can claim at once.
+    header_timeout_s, body_timeout_s, keep_alive_timeout_s, max_header_bytes
+        The HTTP server's guards against slow or malformed clients (`service.http_server`).
     """
 
     max_candidates: int = 512
@@ -82,6 +91,12 @@ class ApiSettings:
     models_dir: str | None = None
     model_paths: Mapping[str, str] = field(default_factory=dict)
     device: str = "auto"
+    limits: DecodeLimits = DEFAULT_LIMITS
+    max_concurrent_decodes: int = 4
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 60.0
+    keep_alive_timeout_s: float = KEEP_ALIVE_S
+    max_header_bytes: int = 16 * 1024
 
 
 class ApiError(Exception):
@@ -168,6 +183,12 @@ def create_app(scorers: Mapping | None = None, settings: ApiSettings | None = No
     async def _api_error(request: Request, exc: ApiError):
         return exc.response()
 
+    @app.exception_handler(Exception)
+    async def _internal_error(request: Request, exc: Exception):
+        # The last resort: the same JSON body as every other error, and nothing of the server's inside.
+        log.exception("internal error answering %s %s", request.method, request.url.path)
+        return ApiError(500, "internal error; the request was not scored").response()
+
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):
         errors = exc.errors()
@@ -249,12 +270,17 @@ class _Classifier:
     """The work of ``POST /classify``: turning a body into stamps, batching, answering."""
 
     def __init__(self, scorers: Mapping, batchers: Mapping[str, MicroBatcher], settings: ApiSettings):
+        from service.schemas import SchemaStore
+
         self.scorers, self.batchers, self.settings = scorers, batchers, settings
+        self.schemas = SchemaStore.from_env(limits=settings.limits)
+        self._decoding = asyncio.Semaphore(max(1, settings.max_concurrent_decodes))
 
     # ---- JSON bodies -------------------------------------------------------------------------------
     async def classify_json(self, body: bytes) -> ClassifyResponse:
         # Parsing and pixel work are CPU-bound: a worker thread keeps the event loop answering.
-        prepared = await run_in_threadpool(self._prepare_json, body)
+        async with self._decoding:
+            prepared = await run_in_threadpool(self._prepare_json, body)
         scores = await self._score_rows(prepared)
         _check_finite(scores, "candidate")
         results = []
@@ -328,9 +354,11 @@ class _Classifier:
             if value is None:
                 continue
             try:
-                images[name] = stamp_to_array(value)
+                images[name] = stamp_to_array(value, self.settings.limits.max_cutout_bytes)
             except StampInputError as exc:
                 raise ApiError(422, f"{where}: stamp {name!r} {exc}", candidate=index, stamp=name) from None
+        if candidate.negative_difference and "difference" in images:
+            images["difference"] = np.negative(images["difference"])
         shapes = {name: image.shape for name, image in images.items()}
         if len(set(shapes.values())) > 1:
             # The stamps share one source position; cutouts of different shapes would put it in different places.
@@ -338,7 +366,8 @@ class _Classifier:
             raise ApiError(422, f"{where}: stamps differ in shape ({listed}); the cutouts of one candidate must "
                                 "have the same shape", candidate=index)
         try:
-            return assemble(images, scorer.contract, centre=candidate.centre)
+            return assemble(images, scorer.contract, centre=candidate.centre,
+                            min_side=self.settings.limits.min_stamp_side)
         except StampError as exc:
             stamp = next((name for name in needed if repr(name) in str(exc)), None)
             raise ApiError(422, f"{where}: {exc}", candidate=index, stamp=stamp) from None
@@ -347,7 +376,8 @@ class _Classifier:
     async def classify_alert(self, body: bytes, survey: str) -> ClassifyResponse:
         if not body:
             raise ApiError(400, "empty body; send the bytes of one alert message")
-        batches = await run_in_threadpool(self._prepare_alert, body, survey)
+        async with self._decoding:
+            batches = await run_in_threadpool(self._prepare_alert, body, survey)
         results = []
         for batch in batches:
             scores = await self.batchers[batch.survey].score(batch.stamps)
@@ -364,7 +394,7 @@ class _Classifier:
         from service.batch import prepare
 
         contracts = {name: scorer.contract for name, scorer in self.scorers.items()}
-        batches, failures = prepare([body], contracts, survey=survey)
+        batches, failures = prepare([body], contracts, survey=survey, schemas=self.schemas)
         if failures:
             reasons = "; ".join(f"({failure.kind}): {failure.reason}" for failure in failures[:5])
             raise ApiError(422, f"alert body cannot be decoded {reasons}")
@@ -538,6 +568,14 @@ When the server has a token (`RBSTREAM_API_TOKEN` or `RBSTREAM_API_TOKEN_FILE`),
 send `Authorization: Bearer <token>`; `/healthz`, `/readyz`, `/metrics` and these docs stay open.
 """
 
+def _example_stamp(peak: float, sky: float) -> list[list[float]]:
+    """An 8x8 stamp (the smallest scored) with a source of ``peak`` in the middle, for the docs."""
+    return [[round(sky + peak * 2.0 ** -((r - 3.5) ** 2 + (c - 3.5) ** 2), 2) for c in range(8)] for r in range(8)]
+
+
+_EXAMPLE_STAMPS = {"science": _example_stamp(50.0, 10.0), "template": _example_stamp(2.0, 10.0),
+                   "difference": _example_stamp(48.0, 0.0)}
+
 _CLASSIFY_BODY = {
     "required": True,
     "content": {
@@ -545,13 +583,15 @@ _CLASSIFY_BODY = {
             "schema": {"anyOf": [{"$ref": "#/components/schemas/ClassifyRequest"},
                                  {"$ref": "#/components/schemas/Candidate"}]},
             "examples": {
-                "arrays": {"summary": "Two candidates, stamps as 2-D arrays",
+                "arrays": {"summary": "Two candidates, stamps as 2-D arrays (at least 8x8, not constant)",
                            "value": {"survey": "ztf", "candidates": [
-                               {"id": "a", "science": [[0, 1, 0], [1, 50, 2], [0, 2, 1]],
-                                "template": [[0, 1, 0], [1, 2, 1], [0, 1, 0]],
-                                "difference": [[0, 0, 0], [0, 48, 1], [0, 1, 1]]},
-                               {"id": "b", "science": [[5, 5], [5, 5]], "template": [[5, 5], [5, 5]],
-                                "difference": [[0, 0.5], [None, 0]]}]}},
+                               {"id": "a", "science": _EXAMPLE_STAMPS["science"],
+                                "template": _EXAMPLE_STAMPS["template"],
+                                "difference": _EXAMPLE_STAMPS["difference"]},
+                               {"id": "b", "science": _EXAMPLE_STAMPS["science"],
+                                "template": _EXAMPLE_STAMPS["template"],
+                                "difference": [[None if (r, c) == (0, 0) else v for c, v in enumerate(row)]
+                                               for r, row in enumerate(_EXAMPLE_STAMPS["difference"])]}]}},
                 "fits": {"summary": "One candidate, stamps as base64 (gzipped) FITS, as in ZTF alerts",
                          "value": {"survey": "ztf", "candidates": [
                              {"id": 1234567890, "science": "H4sIAAAAAAAA...", "template": "H4sIAAAAAAAA...",
@@ -638,20 +678,45 @@ def add_arguments(parser) -> None:
     parser.add_argument("--open-paths", default=env("RBSTREAM_API_OPEN_PATHS"),
                         help="comma-separated paths served without the token (env RBSTREAM_API_OPEN_PATHS; "
                              "default: /healthz,/readyz,/metrics and the docs)")
+    parser.add_argument("--max-concurrent-decodes", type=int, default=int(env("RBSTREAM_API_MAX_CONCURRENT_DECODES",
+                                                                              defaults.max_concurrent_decodes)),
+                        help="bodies decoded at once; others wait (env RBSTREAM_API_MAX_CONCURRENT_DECODES)")
+    parser.add_argument("--header-timeout-s", type=float, default=float(env("RBSTREAM_API_HEADER_TIMEOUT_S",
+                                                                            defaults.header_timeout_s)),
+                        help="seconds a client has to send its request line and headers; 408 after "
+                             "(env RBSTREAM_API_HEADER_TIMEOUT_S)")
+    parser.add_argument("--body-timeout-s", type=float, default=float(env("RBSTREAM_API_BODY_TIMEOUT_S",
+                                                                          defaults.body_timeout_s)),
+                        help="seconds a client has to send the whole body; 408 after (env RBSTREAM_API_BODY_TIMEOUT_S)")
+    parser.add_argument("--keep-alive-timeout-s", type=float, default=float(env("RBSTREAM_API_KEEP_ALIVE_TIMEOUT_S",
+                                                                                defaults.keep_alive_timeout_s)),
+                        help="seconds an idle kept-alive connection stays open (env RBSTREAM_API_KEEP_ALIVE_TIMEOUT_S)")
+    parser.add_argument("--max-header-bytes", type=int, default=int(env("RBSTREAM_API_MAX_HEADER_BYTES",
+                                                                        defaults.max_header_bytes)),
+                        help="most bytes of request line and headers; 400 beyond (env RBSTREAM_API_MAX_HEADER_BYTES)")
+    add_limit_arguments(parser)
 
 
 def settings_from_args(args) -> ApiSettings:
     paths = {s: p for s, p in (("ztf", args.model_ztf), ("rubin", args.model_rubin)) if p}
     return ApiSettings(max_candidates=args.max_candidates, max_body_bytes=args.max_body_bytes,
                        max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, default_survey=args.default_survey,
-                       models_dir=args.models_dir, model_paths=paths, device=args.device)
+                       models_dir=args.models_dir, model_paths=paths, device=args.device,
+                       limits=limits_from_args(args), max_concurrent_decodes=args.max_concurrent_decodes,
+                       header_timeout_s=args.header_timeout_s, body_timeout_s=args.body_timeout_s,
+                       keep_alive_timeout_s=args.keep_alive_timeout_s, max_header_bytes=args.max_header_bytes)
 
 
 def main(args) -> int:
     from service.http_server import ApiServer, server_config
     from service.model import ModelError
+    from service.settings import SettingsError
 
-    settings = settings_from_args(args)
+    try:
+        settings = settings_from_args(args)
+    except SettingsError as exc:
+        log.error("%s", exc)
+        return 2
     open_paths = None if args.open_paths is None else [p.strip() for p in args.open_paths.split(",") if p.strip()]
     try:
         auth = TokenAuth.from_env(token_file=args.token_file, open_paths=open_paths)
@@ -661,8 +726,10 @@ def main(args) -> int:
         return 2
     log.info("API on http://%s:%d (docs at /docs); token %s", args.host, args.port,
              "required" if auth.enabled else "not required")
-    # Keep-alive longer than the clients', logged closes, bounded shutdown: service.http_server.
-    config = server_config(app, args.host, args.port,
+    # Guards against slow clients, logged closes, keep-alive longer than the clients', bounded shutdown.
+    config = server_config(app, args.host, args.port, header_timeout_s=settings.header_timeout_s,
+                           body_timeout_s=settings.body_timeout_s, keep_alive_timeout_s=settings.keep_alive_timeout_s,
+                           max_header_bytes=settings.max_header_bytes,
                            log_level=logging.getLevelName(log.getEffectiveLevel()).lower())
     server = ApiServer(config)
     server.run()

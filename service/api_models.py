@@ -54,6 +54,11 @@ class Candidate(BaseModel):
     science: Stamp = Field(None, description="Science cutout (the new image).")
     template: Stamp = Field(None, description="Template (reference) cutout.")
     difference: Stamp = Field(None, description="Difference cutout (science minus template).")
+    negative_difference: bool = Field(
+        False, description=(
+            "The difference cutout is template minus science, as ZTF cuts its negative detections "
+            "(`candidate.isdiffpos` = 'f'). It is negated before scoring: the model takes science minus "
+            "template. Raw alerts need no such flag."))
     centre: tuple[FiniteFloat, FiniteFloat] | None = Field(
         None, description=(
             "Source position (row, column, 0-based pixels) in the cutouts, when it is not their "

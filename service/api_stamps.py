@@ -26,7 +26,7 @@ class StampInputError(ValueError):
     """A stamp of a request that cannot be turned into a 2-D image; the message says why."""
 
 
-def stamp_to_array(value) -> np.ndarray:
+def stamp_to_array(value, max_cutout_bytes: int | None = None) -> np.ndarray:
     """Pixels of one JSON stamp (2-D array or base64 FITS) as a float32 2-D array.
 
     Raises
@@ -36,7 +36,7 @@ def stamp_to_array(value) -> np.ndarray:
         `MAX_STAMP_SIDE` pixels a side with at least one finite pixel.
     """
     if isinstance(value, str):
-        image = fits_to_array(decode_base64(value))
+        image = fits_to_array(decode_base64(value), max_cutout_bytes)
     elif isinstance(value, list):
         image = rows_to_array(value)
     else:
@@ -84,13 +84,13 @@ def decode_base64(text: str) -> bytes:
             from None
 
 
-def fits_to_array(data: bytes) -> np.ndarray:
+def fits_to_array(data: bytes, max_cutout_bytes: int | None = None) -> np.ndarray:
     """The image of a FITS file (gzip-compressed or not) as float32, read exactly as the
     cutouts of Kafka alerts are (`service.alerts.read_cutout`), so both give the same pixels."""
     from service.alerts import DecodeError, read_cutout
 
     try:
-        image = read_cutout(data, where="its FITS data")
+        image = read_cutout(data, where="its FITS data", max_bytes=max_cutout_bytes)
     except DecodeError as exc:
         raise StampInputError(f"is not a usable FITS image: {exc.reason}") from None
     if max(image.shape) > MAX_STAMP_SIDE:

@@ -10,6 +10,12 @@ survey, and each survey's stamps are written by `service.contract.assemble` stra
 into one preallocated, contiguous float32 buffer (no per-alert arrays to stack).
 Every problem with one message becomes a `Failure` that names it by index; one bad
 message never fails the batch.
+
+With ``isolate=True`` the untrusted bytes are decoded only in worker processes
+(`_decode_isolated`): a message that kills its worker (a native crash in a decoding
+library, say) becomes a `Failure` of its own, the worker is replaced, and the caller
+goes on. In-process decoding relies on the checks made before any native code runs
+(`service.limits`).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import atexit
 import logging
 import multiprocessing
 import os
+import signal
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
@@ -26,6 +33,7 @@ import numpy as np
 
 from service.alerts import Alert, DecodeError, LazyRecord, decode_message
 from service.contract import StampContract, StampError, assemble
+from service.limits import DEFAULT_LIMITS
 from service.schemas import SchemaStore
 
 log = logging.getLogger(__name__)
@@ -83,6 +91,7 @@ def prepare(
     survey: str = "auto",
     schemas: SchemaStore | None = None,
     workers: int | None = None,
+    isolate: bool = False,
 ) -> tuple[dict[str, SurveyBatch], list[Failure]]:
     """Decode messages and assemble each survey's model input.
 
@@ -103,6 +112,11 @@ def prepare(
         process: the default, and the fastest on a 2-core machine (see the README's
         performance section). Batches under ``workers * MIN_MESSAGES_PER_WORKER``
         messages are always decoded here, and so is a batch whose pool broke.
+    isolate : bool
+        Decode every message in worker processes (``workers`` of them, at least one),
+        however small the batch; a message whose worker dies is a `Failure` (kind
+        ``decode``) and the worker is replaced. For streams that may carry messages able
+        to crash the decoding libraries.
 
     Returns
     -------
@@ -111,7 +125,14 @@ def prepare(
     failures : list of Failure
         Sorted by message index.
     """
-    decoded = _decode_all(messages, survey, schemas, workers)
+    # Cutouts are cropped as they are decoded to what the largest model needs: a message of
+    # many records with huge images never holds more than one record's full images.
+    crop = max((contract.size for contract in contracts.values()), default=None)
+    min_side = (schemas.limits if schemas is not None else DEFAULT_LIMITS).min_stamp_side
+    if isolate:
+        decoded = _decode_isolated(messages, survey, schemas, max(1, int(workers or 1)), crop)
+    else:
+        decoded = _decode_all(messages, survey, schemas, workers, crop)
     failures: list[Failure] = []
     by_survey: dict[str, list[tuple[int, Alert]]] = {}
     for index, result in enumerate(decoded):
@@ -133,7 +154,7 @@ def prepare(
         row = 0
         for index, alert in items:
             try:
-                assemble(alert.images, contract, alert.centre, out=stamps[row])
+                assemble(alert.images, contract, alert.centre, out=stamps[row], min_side=min_side)
             except StampError as exc:
                 which = f"{alert.survey} {_id_name(alert)} {alert.candidate_id}"
                 failures.append(Failure(index, "cutout", f"{exc} ({which})"))
@@ -152,30 +173,31 @@ def _id_name(alert: Alert) -> str:
     return "candid" if alert.survey == "ztf" else "diaSourceId"
 
 
-def _decode_one(message, survey: str, schemas) -> list[Alert] | DecodeError:
+def _decode_one(message, survey: str, schemas, crop: int | None = None) -> list[Alert] | DecodeError:
     try:
-        return decode_message(message, survey=survey, schemas=schemas)
+        return decode_message(message, survey=survey, schemas=schemas, crop=crop)
     except DecodeError as exc:
-        return exc
+        # A fresh error: the caught one's traceback would keep this call's frames alive.
+        return DecodeError(exc.kind, exc.reason)
 
 
-def _decode_all(messages, survey, schemas, workers) -> list:
+def _decode_all(messages, survey, schemas, workers, crop=None) -> list:
     workers = int(workers or 0)
     if workers > 1 and len(messages) >= workers * MIN_MESSAGES_PER_WORKER:
         try:
-            return _decode_in_pool(messages, survey, schemas, workers)
+            return _decode_in_pool(messages, survey, schemas, workers, crop)
         except Exception as exc:  # a dead worker (killed, out of memory...) must not lose the batch
             log.warning("decoding worker pool failed (%s: %s); decoding this batch in-process",
                         type(exc).__name__, exc)
             pool = _POOLS.pop(workers, None)
             if pool is not None:
                 pool.shutdown(wait=False, cancel_futures=True)
-    return [_decode_one(message, survey, schemas) for message in messages]
+    return [_decode_one(message, survey, schemas, crop) for message in messages]
 
 
 # --------------------------------------------------------------------------- worker processes
 
-_POOLS: dict[int, ProcessPoolExecutor] = {}
+_POOLS: dict[tuple[int, bool], ProcessPoolExecutor] = {}
 _WORKER_STORES: dict[tuple, SchemaStore] = {}
 
 
@@ -184,17 +206,17 @@ def _store_config(schemas: SchemaStore | None) -> tuple | None:
     if schemas is None:
         return None
     version = None if schemas.rubin_version is None else "%d.%d" % schemas.rubin_version
-    return (schemas.registry_url, version, schemas.timeout)
+    return (schemas.registry_url, version, schemas.timeout, schemas.limits)
 
 
-def _decode_chunk(messages: list[bytes], survey: str, config: tuple | None) -> list:
+def _decode_chunk(messages: list[bytes], survey: str, config: tuple | None, crop: int | None = None) -> list:
     if config is None:
         store = None
     else:
         store = _WORKER_STORES.get(config)
         if store is None:
-            store = _WORKER_STORES[config] = SchemaStore(config[0], config[1], config[2])
-    results = [_decode_one(message, survey, store) for message in messages]
+            store = _WORKER_STORES[config] = SchemaStore(*config)
+    results = [_decode_one(message, survey, store, crop) for message in messages]
     for result in results:
         if not isinstance(result, DecodeError):
             for alert in result:
@@ -204,33 +226,102 @@ def _decode_chunk(messages: list[bytes], survey: str, config: tuple | None) -> l
     return results
 
 
-def _pool(workers: int) -> ProcessPoolExecutor:
-    pool = _POOLS.get(workers)
+def _pool(workers: int, isolated: bool = False) -> ProcessPoolExecutor:
+    pool = _POOLS.get((workers, isolated))
     if pool is None:
         # forkserver, not fork: the consumer runs librdkafka threads, which fork does not copy safely.
         context = multiprocessing.get_context("forkserver" if os.name == "posix" else "spawn")
-        pool = _POOLS[workers] = ProcessPoolExecutor(max_workers=workers, mp_context=context)
+        if os.name == "posix":
+            # Workers forked from a server that has the decoder imported start in milliseconds,
+            # which is what replacing a crashed one costs.
+            context.set_forkserver_preload(["service.batch"])
+        pool = _POOLS[(workers, isolated)] = ProcessPoolExecutor(max_workers=workers, mp_context=context)
     return pool
 
 
-def _decode_in_pool(messages, survey, schemas, workers) -> list:
+def _drop_pool(workers: int, isolated: bool) -> str:
+    """Shut a broken pool down; returns how its dead worker ended (for the dead letter)."""
+    pool = _POOLS.pop((workers, isolated), None)
+    if pool is None:
+        return "ended"
+    endings = []
+    # _processes is private to ProcessPoolExecutor; without it the dead letter only says "ended".
+    for process in list((getattr(pool, "_processes", None) or {}).values()):
+        code = process.exitcode
+        if code is not None and code < 0:
+            try:
+                endings.append(f"killed by {signal.Signals(-code).name}")
+            except ValueError:
+                endings.append(f"killed by signal {-code}")
+        elif code:
+            endings.append(f"exited with status {code}")
+    pool.shutdown(wait=False, cancel_futures=True)
+    return endings[0] if endings else "ended"
+
+
+def _decode_in_pool(messages, survey, schemas, workers, crop=None) -> list:
     config = _store_config(schemas)
     size = -(-len(messages) // workers)
     chunks = [list(messages[i : i + size]) for i in range(0, len(messages), size)]
-    futures = [_pool(workers).submit(_decode_chunk, chunk, survey, config) for chunk in chunks]
+    futures = [_pool(workers).submit(_decode_chunk, chunk, survey, config, crop) for chunk in chunks]
     results: list = []
     for future in futures:
         results.extend(future.result())
+    _attach_records(messages, results, schemas)
+    return results
+
+
+def _attach_records(messages, results, schemas) -> None:
     for message, result in zip(messages, results):
         if not isinstance(result, DecodeError):
             for index, alert in enumerate(result):
                 alert.record = LazyRecord(message, index, schemas)
+
+
+def _decode_isolated(messages, survey, schemas, workers: int, crop=None) -> list:
+    """Decode in worker processes only; a message that kills its worker becomes a `DecodeError`.
+
+    The batch is shared among the workers. When a worker dies, every message of the chunks
+    that did not come back is decoded again alone, in a fresh one-worker pool, so that the
+    message that kills a worker is found and only it is refused; the others are decoded.
+    """
+    config = _store_config(schemas)
+    size = -(-len(messages) // workers)
+    starts = range(0, len(messages), size)
+    pool = _pool(workers, isolated=True)
+    futures = [(start, pool.submit(_decode_chunk, list(messages[start : start + size]), survey, config, crop))
+               for start in starts]
+    results: list = [None] * len(messages)
+    unfinished = []
+    for start, future in futures:
+        try:
+            results[start : start + size] = future.result()
+        except Exception as exc:  # BrokenProcessPool, or a result that could not come back
+            log.warning("a decoding worker failed (%s); decoding its messages one by one", type(exc).__name__)
+            unfinished.append(start)
+    if unfinished:
+        _drop_pool(workers, True)
+        for start in unfinished:
+            for index in range(start, min(start + size, len(messages))):
+                results[index] = _decode_alone(messages[index], survey, config, crop)
+    _attach_records(messages, results, schemas)
     return results
+
+
+def _decode_alone(message: bytes, survey: str, config, crop) -> list[Alert] | DecodeError:
+    """One message in a one-worker pool of its own: its result, or a `DecodeError` if it kills the worker."""
+    try:
+        return _pool(1, isolated=True).submit(_decode_chunk, [message], survey, config, crop).result()[0]
+    except Exception as exc:
+        ending = _drop_pool(1, True)
+        log.error("a message killed its decoding worker (%s, %s); it is refused", ending, type(exc).__name__)
+        return DecodeError("decode", f"the decoder crashed on this message (its worker process {ending}); "
+                                     "refused, and the worker replaced")
 
 
 @atexit.register
 def shutdown_pools() -> None:
     """Stop the worker processes (also called at interpreter exit)."""
-    for pool in _POOLS.values():
+    for pool in list(_POOLS.values()):
         pool.shutdown(wait=False, cancel_futures=True)
     _POOLS.clear()

@@ -34,6 +34,7 @@ from concurrent.futures import Future
 from typing import Any, Callable, Mapping, Sequence
 
 from service import metrics
+from service.limits import LIMIT_OPTIONS, DecodeLimits
 from service.pipeline import BatchProcessor, Outcome, Outgoing, Prepared, SourceMessage, dead_letter
 from service.records import RegistryError
 from service.settings import (COMMON_OPTIONS, Option, SettingsError, add_options, kafka_client_config,
@@ -75,9 +76,12 @@ CONSUME_OPTIONS: tuple[Option, ...] = COMMON_OPTIONS + (
            "score record", kind="flag"),
     Option("decode_workers", None, "parallel decoding workers (default: service.batch's choice)",
            type=non_negative_int, metavar="N"),
+    Option("decode_isolation", False, "decode every message in worker processes (--decode-workers of them, "
+           "default 1), so that a message that crashes the decoder is dead-lettered and the worker replaced",
+           kind="flag"),
     Option("stats_interval_ms", 5000, "librdkafka statistics interval (consumer lag metric)",
            type=non_negative_int, metavar="MS"),
-)
+) + LIMIT_OPTIONS
 
 
 class PublishError(RuntimeError):
@@ -130,7 +134,8 @@ def schema_store(settings: Mapping[str, Any]):
     from service.schemas import SchemaStore
 
     return SchemaStore(registry_url=settings.get("schema_registry_url"),
-                       rubin_version=settings.get("rubin_schema_version"))
+                       rubin_version=settings.get("rubin_schema_version"),
+                       limits=DecodeLimits.from_settings(settings))
 
 
 def record_encoder(settings: Mapping[str, Any]):
@@ -201,7 +206,11 @@ class AlertConsumer:
         self.on_batch = on_batch
         self.processor = BatchProcessor(self.scorers, record_encoder(self.settings), survey=self.settings["survey"],
                                         schemas=schema_store(self.settings), workers=self.settings.get("decode_workers"),
-                                        republish_alert=bool(self.settings.get("republish_alert")))
+                                        republish_alert=bool(self.settings.get("republish_alert")),
+                                        isolate=bool(self.settings.get("decode_isolation")))
+        if self.settings.get("max_schema_depth") == 0 and not self.settings.get("decode_isolation"):
+            log.warning("max_schema_depth=0 turns the recursion and depth checks off: a recursive schema "
+                        "can crash this process; use it only with --decode-isolation")
         self._stop = threading.Event()
         self._stop_deadline: float | None = None
         self._pending: dict[tuple[str, int], int] = {}

@@ -48,6 +48,12 @@ MASK_FILL = 0.0
 #: stamp's statistics. `fit_stamp` turns them into NaN so the graph masks them like NaN.
 BLANK_LIMIT = 1e30
 
+#: Smallest side, in pixels, of a cutout that is scored by default (`assemble`'s ``min_side``;
+#: setting ``min_stamp_side``). Real cutouts are 30 (Rubin) to 63 (ZTF) pixels, and at least 32
+#: when cut at a CCD edge; a stamp of a handful of pixels gives the normalisation nothing to
+#: measure the noise on, and the model a confident score for nothing.
+MIN_STAMP_SIDE = 8
+
 #: Name of the ONNX graph's input and output.
 ONNX_INPUT = "stamps"
 ONNX_OUTPUT = "score"
@@ -170,11 +176,55 @@ def fit_stamp(image: np.ndarray, size: int, centre: Sequence[float] | None = Non
     return out
 
 
+def crop_around_source(images: Mapping[str, np.ndarray], centre: Sequence[float] | None,
+                       side: int) -> tuple[dict[str, np.ndarray], tuple[float, float] | None]:
+    """Cut cutouts larger than ``side`` down to ``side`` pixels around the source; returns (images, centre).
+
+    `fit_stamp` of any size up to ``side`` gives the same stamp from the cropped images (with
+    the returned centre) as from the originals: the crop keeps the window `fit_stamp` would
+    take for ``side``, which holds every smaller window. Without a ``centre`` each image keeps
+    its own geometric centre (the crop is symmetric around it); with one, every image is cut
+    at the same offset and the centre shifted by it. Images no larger than ``side`` are kept
+    as they are (no copy); cropped ones are copies, so the full image can be freed.
+    """
+    def large(image) -> bool:
+        return image is not None and getattr(image, "ndim", 0) == 2 and max(image.shape) > side
+
+    if not any(large(image) for image in images.values()):
+        return dict(images), (None if centre is None else tuple(centre))
+    cropped: dict[str, np.ndarray] = {}
+    if centre is None:
+        for name, image in images.items():
+            if not large(image):
+                cropped[name] = image
+                continue
+            rows, cols = image.shape
+            start_r = (rows - 1) // 2 - (side - 1) // 2 if rows > side else 0
+            start_c = (cols - 1) // 2 - (side - 1) // 2 if cols > side else 0
+            cropped[name] = image[start_r : start_r + side, start_c : start_c + side].copy()
+        return cropped, None
+    # One offset for all: the low edge clips at 0 for every image alike, so one centre serves them all.
+    r0 = max(int(np.floor(centre[0] + 0.5)) - (side - 1) // 2, 0)
+    c0 = max(int(np.floor(centre[1] + 0.5)) - (side - 1) // 2, 0)
+    for name, image in images.items():
+        if image is None or getattr(image, "ndim", 0) != 2:
+            cropped[name] = image
+            continue
+        part = image[r0 : r0 + side, c0 : c0 + side]
+        if part.size == 0:
+            # The model's window misses this image altogether (its stamp would be all NaN): keep
+            # that outcome, and a shape no smaller than the image's for the size check.
+            part = np.full((min(image.shape[0], side), min(image.shape[1], side)), np.nan, dtype=np.float32)
+        cropped[name] = part.copy()
+    return cropped, (centre[0] - r0, centre[1] - c0)
+
+
 def assemble(
     images: Mapping[str, np.ndarray],
     contract: StampContract,
     centre: Sequence[float] | None = None,
     out: np.ndarray | None = None,
+    min_side: int = MIN_STAMP_SIDE,
 ) -> np.ndarray:
     """Build one model input ``(len(raw_inputs), size, size)`` from named cutouts.
 
@@ -187,20 +237,36 @@ def assemble(
         Source position, as in `fit_stamp`; cutouts of one alert share it.
     out : ndarray, optional
         Preallocated float32 array to fill in place (a row of a batch buffer).
+    min_side : int
+        Smallest side of a cutout accepted (`MIN_STAMP_SIDE`).
 
     Raises
     ------
     StampError
-        When a cutout the model needs is missing or has no finite pixel.
+        When a cutout the model needs is missing or degenerate: smaller than ``min_side``
+        on a side, no finite pixel near the source (all masked), or constant there (every
+        finite pixel the same value). A degenerate stamp holds nothing to tell real from
+        bogus; scoring it would only give a confident number for nothing.
     """
     raw_inputs = contract.raw_inputs
     missing = [name for name in raw_inputs if name not in images or images[name] is None]
     if missing:
         raise StampError(f"missing cutout(s) {missing}; this model needs {list(raw_inputs)}")
+    for name in raw_inputs:
+        shape = np.shape(images[name])
+        if len(shape) == 2 and min(shape) < min_side:
+            raise StampError(f"cutout {name!r} is {shape[0]}x{shape[1]} pixels; at least {min_side}x{min_side} "
+                             "are needed to score it (min_stamp_side)")
     if out is None:
         out = np.empty(contract.input_shape, dtype=np.float32)
+    finite = []
     for i, name in enumerate(raw_inputs):
         fit_stamp(images[name], contract.size, centre, out=out[i])
-        if not np.isfinite(out[i]).any():
-            raise StampError(f"cutout {name!r} has no finite pixel near the source")
+        finite.append(out[i][np.isfinite(out[i])])
+        if not finite[i].size:
+            raise StampError(f"cutout {name!r} has no finite pixel near the source (all masked)")
+    for name, values in zip(raw_inputs, finite):
+        if values.min() == values.max():
+            raise StampError(f"cutout {name!r} is constant near the source (every pixel {float(values[0]):g}): "
+                             "nothing to score")
     return out

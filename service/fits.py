@@ -30,23 +30,38 @@ class FitsError(ValueError):
     """Bytes that are not a readable 2-D FITS image."""
 
 
-def read_image(data: bytes) -> np.ndarray:
+#: Largest image data a header may declare by default (`service.limits.DecodeLimits.max_cutout_bytes`).
+MAX_DATA_BYTES = 4 * 1024 * 1024
+#: BITPIX values the FITS standard defines.
+VALID_BITPIX = (8, 16, 32, 64, -32, -64)
+#: HDUs whose headers `check_declared_sizes` reads before giving up (cutouts have one or two).
+MAX_HDUS = 8
+
+
+def read_image(data: bytes, max_bytes: int = MAX_DATA_BYTES) -> np.ndarray:
     """The primary image of a FITS file, as a native-endian float32 2-D array.
 
     Parameters
     ----------
     data : bytes
         A whole FITS file (uncompressed).
+    max_bytes : int
+        Most bytes of image data a header may declare: a header that lies about its size
+        is refused before anything is allocated for it.
 
     Raises
     ------
     FitsError
-        When the bytes are not FITS or hold no 2-D image.
+        When the bytes are not FITS or hold no 2-D image, or declare too much data.
     """
     parsed = _parse_simple_header(data)
     if parsed is None:
+        check_declared_sizes(data, max_bytes)
         return read_image_astropy(data)
     offset, dtype, rows, cols = parsed
+    if rows * cols * dtype.itemsize > max_bytes:
+        raise FitsError(f"the FITS header declares a {rows}x{cols} image of {rows * cols * dtype.itemsize} bytes, "
+                        f"over the limit of {max_bytes} (max_cutout_bytes)")
     pixels = np.frombuffer(data, dtype=dtype, count=rows * cols, offset=offset)
     # astype makes the (writable, native-endian) copy; for -32 it is just the byte swap.
     return pixels.astype(np.float32).reshape(rows, cols)
@@ -117,6 +132,80 @@ def _parse_header_cards(data: bytes):
 
 
 _KEYS = frozenset({b"SIMPLE", b"BITPIX", b"NAXIS", b"NAXIS1", b"NAXIS2", b"BSCALE", b"BZERO", b"BLANK", b"GROUPS"})
+
+
+def check_declared_sizes(data: bytes, max_bytes: int = MAX_DATA_BYTES) -> None:
+    """Refuse, in the user's terms, a FITS file whose headers declare what astropy would choke on.
+
+    Each HDU's header (primary and extensions, up to `MAX_HDUS`) is read for BITPIX, NAXIS,
+    NAXISn, PCOUNT and GCOUNT, and for tile-compressed images ZBITPIX and ZNAXISn (the size
+    they decompress to). An unsupported BITPIX, or declared data over ``max_bytes`` or past
+    the end of the file, raises `FitsError`. Headers this cannot read are left to astropy.
+    """
+    pos = 0
+    for _ in range(MAX_HDUS):
+        values, end = _header_values(data, pos)
+        if values is None:
+            return
+        try:
+            bitpix = int(values.get(b"BITPIX", b"0"))
+            naxis = int(values.get(b"NAXIS", b"0"))
+            axes = [int(values.get(b"NAXIS%d" % i, b"0")) for i in range(1, min(naxis, 999) + 1)]
+            pcount = int(values.get(b"PCOUNT", b"0"))
+            gcount = int(values.get(b"GCOUNT", b"1"))
+        except ValueError:
+            return  # astropy explains unreadable values
+        if bitpix not in VALID_BITPIX:
+            raise FitsError(f"unsupported FITS BITPIX {bitpix} (FITS defines {', '.join(map(str, VALID_BITPIX))})")
+        if naxis < 0 or naxis > 999 or any(n < 0 for n in axes) or pcount < 0 or gcount < 0:
+            raise FitsError(f"the FITS header declares impossible axes (NAXIS {naxis}, {axes})")
+        if naxis and axes and axes[0] == 0 and b"GROUPS" in values:
+            axes = axes[1:]  # random groups: NAXIS1 = 0 is a marker, not an axis
+        pixels = int(np.prod(axes, dtype=object)) if naxis else 0
+        size = abs(bitpix) // 8 * gcount * (pcount + pixels)
+        shape = "x".join(map(str, axes[::-1])) or "no"
+        if size > max_bytes:
+            raise FitsError(f"the FITS header declares a {shape} image of {size} bytes, over the limit of "
+                            f"{max_bytes} (max_cutout_bytes)")
+        if end + size > len(data):
+            raise FitsError(f"the FITS header declares a {shape} image of {size} bytes, but only "
+                            f"{max(0, len(data) - end)} bytes follow it (truncated, or a header that lies)")
+        if b"ZBITPIX" in values:
+            try:
+                zbitpix = int(values[b"ZBITPIX"])
+                zaxes = [int(values.get(b"ZNAXIS%d" % i, b"0")) for i in range(1, min(int(values.get(b"ZNAXIS", b"0")), 999) + 1)]
+            except ValueError:
+                return
+            if zbitpix not in VALID_BITPIX:
+                raise FitsError(f"unsupported FITS ZBITPIX {zbitpix} (FITS defines {', '.join(map(str, VALID_BITPIX))})")
+            zsize = abs(zbitpix) // 8 * int(np.prod(zaxes, dtype=object))
+            if zsize > max_bytes:
+                raise FitsError(f"the compressed FITS image declares {'x'.join(map(str, zaxes[::-1]))} pixels "
+                                f"({zsize} bytes), over the limit of {max_bytes} (max_cutout_bytes)")
+        pos = end + -(-size // BLOCK) * BLOCK
+        if pos >= len(data) or data[pos : pos + 8] != b"XTENSION":
+            return
+    raise FitsError(f"the FITS file has more than {MAX_HDUS} HDUs; cutouts have one or two")
+
+
+_SIZE_KEYS = frozenset({b"BITPIX", b"NAXIS", b"PCOUNT", b"GCOUNT", b"GROUPS", b"ZBITPIX", b"ZNAXIS"})
+
+
+def _header_values(data: bytes, pos: int):
+    """(keyword -> value bytes, end of header) of the header at ``pos``; (None, pos) when it has no END."""
+    values: dict[bytes, bytes] = {}
+    size = len(data)
+    while pos + BLOCK <= size:
+        block = data[pos : pos + BLOCK]
+        pos += BLOCK
+        for card_start in range(0, BLOCK, CARD):
+            card = block[card_start : card_start + CARD]
+            key = card[:8].rstrip()
+            if key == b"END":
+                return values, pos
+            if card[8:10] == b"= " and (key in _SIZE_KEYS or key[:5] in (b"NAXIS", b"ZNAXI")):
+                values[key] = card[10:].split(b"/", 1)[0].strip()
+    return None, pos
 
 
 def read_image_astropy(data: bytes) -> np.ndarray:

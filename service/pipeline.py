@@ -173,10 +173,13 @@ class BatchProcessor:
         Decoding threads/processes, passed to `service.batch.prepare`.
     republish_alert : bool
         Publish the original alert with an ``rbstream`` score field instead of a score record.
+    isolate : bool
+        Decode in worker processes that may crash (`service.batch.prepare`'s ``isolate``).
     """
 
     def __init__(self, scorers: Mapping[str, Any], encoder: records.RecordEncoder, survey: str = "auto",
-                 schemas: Any = None, workers: int | None = None, republish_alert: bool = False):
+                 schemas: Any = None, workers: int | None = None, republish_alert: bool = False,
+                 isolate: bool = False):
         self.scorers = dict(scorers)
         self.contracts = {name: scorer.contract for name, scorer in self.scorers.items()}
         self.encoder = encoder
@@ -184,6 +187,7 @@ class BatchProcessor:
         self.schemas = schemas
         self.workers = workers
         self.republish_alert = republish_alert
+        self.isolate = isolate
 
     # -- the steps ------------------------------------------------------------------------------
 
@@ -192,7 +196,7 @@ class BatchProcessor:
         from service.batch import prepare
 
         return prepare([m.value for m in messages], self.contracts, survey=self.survey, schemas=self.schemas,
-                       workers=self.workers)
+                       workers=self.workers, isolate=self.isolate)
 
     def score(self, batch) -> tuple[np.ndarray | None, str | None]:
         """Scores of one survey's batch, or ``(None, reason)`` when inference fails."""

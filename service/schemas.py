@@ -25,6 +25,7 @@ import json
 import os
 import re
 import struct
+import sys
 import threading
 import time
 from collections import OrderedDict
@@ -33,6 +34,8 @@ from typing import Any, Mapping
 
 import fastavro
 from isal import isal_zlib
+
+from service.limits import DEFAULT_LIMITS, DecodeLimits
 
 #: First bytes of an Avro object container file.
 CONTAINER_MAGIC = b"Obj\x01"
@@ -46,6 +49,7 @@ ENV_REGISTRY_URL = "RBSTREAM_SCHEMA_REGISTRY_URL"
 ENV_RUBIN_SCHEMA_VERSION = "RBSTREAM_RUBIN_SCHEMA_VERSION"
 
 #: Distinct writer schemas kept per store; a stream has a handful, hostile input could have many.
+#: The store is also bounded in bytes (`DecodeLimits.max_schema_cache_bytes`).
 MAX_CACHED_SCHEMAS = 64
 #: Seconds an id found unknown stays unknown before it is looked up again (it may be registered later).
 MISS_TTL_SECONDS = 30.0
@@ -124,20 +128,34 @@ def candidate_field_names(definition: Mapping) -> frozenset:
     return frozenset()
 
 
-def parse_writer_schema(schema: Any) -> WriterSchema:
+def parse_writer_schema(schema: Any, limits: DecodeLimits = DEFAULT_LIMITS) -> WriterSchema:
     """Parse a schema (JSON text, bytes or a dict) into a `WriterSchema`.
+
+    The text's size, and the definition's nesting depth and recursion, are checked against
+    ``limits`` before fastavro sees it (`check_schema_shape`): fastavro reads nested data
+    by recursing in C, so a recursive schema with deeply nested data overflows the stack.
 
     Raises
     ------
     UnknownSchema
-        When the text is not JSON or not a valid Avro record schema.
+        When the text is not JSON or not a valid Avro record schema, or is over a limit.
     """
+    if isinstance(schema, (bytes, bytearray, memoryview, str)) and len(schema) > limits.max_schema_bytes:
+        raise UnknownSchema(f"the writer schema is {len(schema)} bytes, over the limit of "
+                            f"{limits.max_schema_bytes} (max_schema_bytes)")
     try:
         if isinstance(schema, (bytes, bytearray, memoryview)):
             schema = bytes(schema).decode("utf-8")
         definition = json.loads(schema) if isinstance(schema, str) else schema
+    except RecursionError:
+        raise UnknownSchema("the writer schema is not usable JSON: nested too deeply") from None
+    except Exception as exc:  # json, unicode: the text is unusable
+        raise UnknownSchema(f"the writer schema is not JSON ({type(exc).__name__}: {exc})") from None
+    if limits.max_schema_depth:
+        check_schema_shape(definition, limits.max_schema_depth)
+    try:
         parsed = fastavro.parse_schema(definition)
-    except Exception as exc:  # json, unicode, fastavro's SchemaParseException, ... all mean "unusable"
+    except Exception as exc:  # fastavro's SchemaParseException, KeyError, ... all mean "unusable"
         raise UnknownSchema(f"the writer schema cannot be parsed ({type(exc).__name__}: {exc})") from None
     if not isinstance(parsed, dict) or parsed.get("type") != "record":
         raise UnknownSchema("the writer schema is not an Avro record")
@@ -148,6 +166,70 @@ def parse_writer_schema(schema: Any) -> WriterSchema:
         head, tail = head_schemas(definition), cutout_tail_layout(definition)
     return WriterSchema(parsed, survey, fields, str(parsed.get("name", "")), _scoring_reader(definition, survey),
                         head, tail if head is not None else None)
+
+
+_COMPLEX_NAMED = ("record", "error")
+
+
+def check_schema_shape(definition: Any, max_depth: int) -> int:
+    """The nesting depth of a schema definition; `UnknownSchema` if recursive or deeper than ``max_depth``.
+
+    Depth counts records, arrays, maps and unions, one level each; a reference to a named
+    type defined earlier counts that type's own depth. A reference to a record from inside
+    its own definition is recursion: data of such a schema can nest without end.
+    """
+    heights: dict[str, int] = {}
+    try:
+        return _schema_height(definition, 0, frozenset(), "", heights, max_depth)
+    except RecursionError:
+        raise UnknownSchema(f"the writer schema nests deeper than {max_depth} levels (max_schema_depth)") from None
+
+
+def _full_name(name: str, namespace: str) -> str:
+    return name if "." in name or not namespace else f"{namespace}.{name}"
+
+
+def _schema_height(node, depth: int, enclosing: frozenset, namespace: str, heights: dict, max_depth: int) -> int:
+    if depth > max_depth:
+        raise UnknownSchema(f"the writer schema nests deeper than {max_depth} levels (max_schema_depth)")
+    if isinstance(node, str):
+        if node in _PRIMITIVES:
+            return 0
+        names = (node, _full_name(node, namespace))
+        if any(name in enclosing for name in names):
+            raise UnknownSchema(f"the writer schema is recursive (type {node!r} refers to itself): refused, "
+                                "since its data can nest without end")
+        height = max((heights.get(name, 0) for name in names), default=0)
+        if depth + height > max_depth:
+            raise UnknownSchema(f"the writer schema nests deeper than {max_depth} levels (max_schema_depth)")
+        return height
+    if isinstance(node, list):
+        return 1 + max((_schema_height(b, depth + 1, enclosing, namespace, heights, max_depth) for b in node),
+                       default=0)
+    if not isinstance(node, dict):
+        return 0  # not a type: fastavro names the problem
+    kind = node.get("type")
+    if kind in _COMPLEX_NAMED:
+        name = str(node.get("name", ""))
+        namespace = str(node.get("namespace") or (name.rpartition(".")[0] if "." in name else namespace))
+        full = _full_name(name, namespace)
+        inner = enclosing | {full}
+        fields = node.get("fields") if isinstance(node.get("fields"), list) else []
+        height = 1 + max((_schema_height(f.get("type") if isinstance(f, dict) else None, depth + 1, inner,
+                                         namespace, heights, max_depth) for f in fields), default=0)
+        heights[full] = height
+        return height
+    if kind in ("enum", "fixed"):
+        name = str(node.get("name", ""))
+        heights[_full_name(name, str(node.get("namespace") or namespace))] = 0
+        return 0
+    if kind == "array":
+        return 1 + _schema_height(node.get("items"), depth + 1, enclosing, namespace, heights, max_depth)
+    if kind == "map":
+        return 1 + _schema_height(node.get("values"), depth + 1, enclosing, namespace, heights, max_depth)
+    if isinstance(kind, (dict, list)) or (isinstance(kind, str) and kind not in _PRIMITIVES):
+        return _schema_height(kind, depth, enclosing, namespace, heights, max_depth)
+    return 0
 
 
 #: Leading ZTF fields an `Alert` needs (all come before ``prv_candidates``).
@@ -294,29 +376,63 @@ def _scoring_reader(definition, survey):
 
 
 class _LRU:
-    """A small thread-safe LRU map (the consumer may decode from threads)."""
+    """A small thread-safe LRU map (the consumer may decode from threads), bounded in entries and in bytes.
 
-    def __init__(self, size: int):
+    ``put`` takes the entry's cost in bytes; an entry costing more than the whole budget is
+    not kept at all.
+    """
+
+    def __init__(self, size: int, max_bytes: int | None = None):
         self.size = size
+        self.max_bytes = max_bytes
+        self.nbytes = 0
         self._data: OrderedDict = OrderedDict()
         self._lock = threading.Lock()
 
     def get(self, key):
         with self._lock:
-            value = self._data.get(key)
-            if value is not None:
-                self._data.move_to_end(key)
-            return value
-
-    def put(self, key, value) -> None:
-        with self._lock:
-            self._data[key] = value
+            entry = self._data.get(key)
+            if entry is None:
+                return None
             self._data.move_to_end(key)
-            while len(self._data) > self.size:
-                self._data.popitem(last=False)
+            return entry[0]
+
+    def put(self, key, value, cost: int = 0) -> None:
+        with self._lock:
+            old = self._data.pop(key, None)
+            if old is not None:
+                self.nbytes -= old[1]
+            if self.max_bytes is not None and cost > self.max_bytes:
+                return
+            self._data[key] = (value, cost)
+            self.nbytes += cost
+            while len(self._data) > self.size or (self.max_bytes is not None and self.nbytes > self.max_bytes):
+                _, (_, dropped) = self._data.popitem(last=False)
+                self.nbytes -= dropped
 
     def __len__(self) -> int:
         return len(self._data)
+
+
+def deep_size(obj) -> int:
+    """Bytes held by a parsed schema (dicts, lists, tuples, strings, numbers), each object counted once."""
+    seen: set[int] = set()
+    stack = [obj]
+    total = 0
+    while stack:
+        item = stack.pop()
+        if id(item) in seen:
+            continue
+        seen.add(id(item))
+        total += sys.getsizeof(item)
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple, set, frozenset)):
+            stack.extend(item)
+        elif isinstance(item, WriterSchema):
+            stack.extend((item.parsed, item.reader, item.head, item.tail, item.fields, item.name))
+    return total
 
 
 # --------------------------------------------------------------------------- lsst-alert-packet
@@ -407,23 +523,29 @@ class SchemaStore:
         resolve to their own version.
     timeout : float
         Seconds allowed for one registry request.
+    limits : DecodeLimits, optional
+        Size and depth of the writer schemas accepted, and the bytes the parsed ones may
+        take (shared by the container and the id caches, half each).
     """
 
-    def __init__(self, registry_url: str | None = None, rubin_version: str | None = None, timeout: float = 5.0):
+    def __init__(self, registry_url: str | None = None, rubin_version: str | None = None, timeout: float = 5.0,
+                 limits: DecodeLimits | None = None):
         self.registry_url = registry_url.rstrip("/") if registry_url else None
         self.rubin_version = _version_tuple(rubin_version) if rubin_version else None
         self.timeout = timeout
-        self._by_text = _LRU(MAX_CACHED_SCHEMAS)
-        self._by_id = _LRU(MAX_CACHED_SCHEMAS)
+        self.limits = limits or DEFAULT_LIMITS
+        half = self.limits.max_schema_cache_bytes // 2
+        self._by_text = _LRU(MAX_CACHED_SCHEMAS, half)
+        self._by_id = _LRU(MAX_CACHED_SCHEMAS, half)
         self._misses = _LRU(MAX_CACHED_SCHEMAS)
         self._client = None
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> "SchemaStore":
+    def from_env(cls, environ: Mapping[str, str] | None = None, limits: DecodeLimits | None = None) -> "SchemaStore":
         """A store configured from ``RBSTREAM_SCHEMA_REGISTRY_URL`` and ``RBSTREAM_RUBIN_SCHEMA_VERSION``."""
         environ = os.environ if environ is None else environ
         return cls(registry_url=environ.get(ENV_REGISTRY_URL) or None,
-                   rubin_version=environ.get(ENV_RUBIN_SCHEMA_VERSION) or None)
+                   rubin_version=environ.get(ENV_RUBIN_SCHEMA_VERSION) or None, limits=limits)
 
     def __repr__(self) -> str:
         return f"SchemaStore(registry_url={self.registry_url!r}, rubin_version={self.rubin_version!r})"
@@ -437,13 +559,22 @@ class SchemaStore:
         faster than hashing 20 kB of schema for a dict, and a hit is confirmed by comparing
         the texts, so two schemas can never be confused.
         """
+        if len(schema_text) > self.limits.max_schema_bytes:
+            raise UnknownSchema(f"the writer schema is {len(schema_text)} bytes, over the limit of "
+                                f"{self.limits.max_schema_bytes} (max_schema_bytes)")
         key = (len(schema_text), isal_zlib.crc32(schema_text))
         cached = self._by_text.get(key)
         if cached is not None and cached[0] == schema_text:
             return cached[1]
-        writer = parse_writer_schema(schema_text)
-        self._by_text.put(key, (bytes(schema_text), writer))
+        writer = parse_writer_schema(schema_text, self.limits)
+        text = bytes(schema_text)
+        self._by_text.put(key, (text, writer), deep_size(writer) + sys.getsizeof(text))
         return writer
+
+    @property
+    def cached_bytes(self) -> int:
+        """Estimated memory of the parsed schemas this store keeps."""
+        return self._by_text.nbytes + self._by_id.nbytes
 
     # Wire format -----------------------------------------------------------------------------
 
@@ -464,13 +595,13 @@ class SchemaStore:
             raise UnknownSchema(miss[1])
         try:
             if self.registry_url:
-                cached = parse_writer_schema(self._fetch_from_registry(schema_id))
+                cached = parse_writer_schema(self._fetch_from_registry(schema_id), self.limits)
             else:
-                cached = parse_writer_schema(self._package_definition(schema_id))
+                cached = parse_writer_schema(self._package_definition(schema_id), self.limits)
         except UnknownSchema as exc:
             self._misses.put(schema_id, (time.monotonic(), str(exc)))
             raise
-        self._by_id.put(schema_id, cached)
+        self._by_id.put(schema_id, cached, deep_size(cached))
         return cached
 
     def _package_definition(self, schema_id: int) -> dict:

@@ -11,7 +11,7 @@ import numpy as np
 from fastapi.testclient import TestClient
 
 from conftest import rubin_files, ztf_fits_files
-from service.alerts import CUTOUT_FIELDS, decode_message
+from service.alerts import CUTOUT_FIELDS, NEGATIVE_DETECTION, decode_message
 from service.api import ApiSettings, create_app
 from service.auth import TokenAuth
 from service.model import load_scorers
@@ -57,6 +57,8 @@ def candidate_json(alert, form: str, names=("science", "template", "difference")
             candidate[name] = base64.b64encode(data).decode()
     if alert.centre is not None:
         candidate["centre"] = list(alert.centre)
+    if form != "array" and alert.survey == "ztf" and str(alert.record["candidate"]["isdiffpos"]) in NEGATIVE_DETECTION:
+        candidate["negative_difference"] = True  # the cutout's own pixels: template - science
     return candidate
 
 

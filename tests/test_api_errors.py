@@ -375,17 +375,17 @@ async def _call(app, receive, headers):
 def test_model_giving_no_finite_score():
     """A model that answers NaN for some stamps (a user-supplied one, say) gives a 422 naming the candidate."""
 
-    class NaNForFlatStamps:
+    class NaNForBrightStamps:
         def __init__(self, scorer):
             self.card, self.provider, self.contract, self.scorer = scorer.card, scorer.provider, scorer.contract, scorer
 
         def score(self, stamps):
             scores = self.scorer.score(stamps)
-            flat = np.nanstd(stamps.reshape(len(stamps), -1), axis=1) == 0
-            return np.where(flat, np.float32("nan"), scores)
+            bright = np.nanmax(stamps.reshape(len(stamps), -1), axis=1) > 1e6
+            return np.where(bright, np.float32("nan"), scores)
 
-    with make_client({"ztf": NaNForFlatStamps(real_scorers()["ztf"])}) as c:
-        flat = [[5.0] * 63 for _ in range(63)]
+    with make_client({"ztf": NaNForBrightStamps(real_scorers()["ztf"])}) as c:
+        bright = (np.add.outer(np.arange(63.0), np.arange(63.0)) * 1e5).tolist()
         body = good_request()
-        body["candidates"].append({"id": "flat", "science": flat, "template": flat, "difference": flat})
+        body["candidates"].append({"id": "bright", "science": bright, "template": bright, "difference": bright})
         refused(c, 422, "candidate 1", "no finite score", json_body=body, candidate=1)

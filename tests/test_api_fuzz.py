@@ -97,5 +97,56 @@ def test_damaged_real_alerts(client, which, cut, flips):
     check(client.post("/classify", content=bytes(data), headers={"content-type": "application/avro"}))
 
 
-def test_still_serving_after_the_fuzzing(client):
+def test_zz_still_serving_after_the_fuzzing(client):
     assert_still_serving(client)
+
+
+# ---- structured attacks (tests/hostile.py) ----------------------------------------------------------
+
+import hostile  # noqa: E402
+import numpy as np  # noqa: E402
+
+HOSTILE_BODIES = {
+    "recursive schema, data 5000 deep": hostile.recursive_container(5000),
+    "schema nested 400 deep": hostile.deeply_nested_schema_container(400),
+    "deflate bomb (1 GB)": hostile.deflate_bomb(1 << 30),
+    "1001 records": hostile.many_records(1001),
+    "FITS header declaring 80 GB": hostile.ztf_container([hostile.ztf_record(
+        {n: hostile.fits_size_lie() for n in ("science", "template", "difference")})]),
+    "constant stamp": hostile.ztf_alert_with(np.full((63, 63), 2.0), hostile.noise_stamp(63), hostile.noise_stamp(63)),
+    "1x1 stamps": hostile.ztf_alert_with(np.ones((1, 1)), np.ones((1, 1)), np.ones((1, 1))),
+}
+
+
+@pytest.mark.parametrize("name", list(HOSTILE_BODIES))
+def test_structured_attack_bodies_get_a_422_naming_the_problem(client, name):
+    response = client.post("/classify", content=HOSTILE_BODIES[name], headers={"content-type": "application/avro"})
+    assert response.status_code == 422, response.text
+    detail = response.json()["detail"]
+    expected = {"recursive schema, data 5000 deep": "recursive", "schema nested 400 deep": "max_schema_depth",
+                "deflate bomb (1 GB)": "max_block_bytes", "1001 records": "max_records",
+                "FITS header declaring 80 GB": "max_cutout_bytes", "constant stamp": "constant",
+                "1x1 stamps": "1x1 pixels"}[name]
+    assert expected in detail, detail
+    assert "/work" not in detail and "Traceback" not in detail
+
+
+@pytest.mark.parametrize("stamp, needle", [
+    ([[4.0] * 40 for _ in range(40)], "constant near the source"),
+    ([[1.0]], "1x1 pixels"),
+    ([[float("nan")] * 40 for _ in range(40)], "no finite pixel"),
+], ids=["constant", "1x1", "all-masked"])
+def test_degenerate_json_stamps_get_a_422(client, stamp, needle):
+    good = hostile.noise_stamp(len(stamp)).tolist()
+    body = {"survey": "ztf", "candidates": [{"id": "d", "science": stamp, "template": good, "difference": good}]}
+    response = client.post("/classify", content=json.dumps(body).encode(), headers={"content-type": "application/json"})
+    assert response.status_code == 422 and needle in response.json()["detail"], response.text
+    assert response.json()["stamp"] in ("science", "template")  # 1x1: every stamp is, the first checked is named
+
+
+def test_unsupported_bitpix_is_named_to_the_client(client):
+    fits = base64.b64encode(hostile.fits_bytes(hostile.noise_stamp(40), bitpix=12)).decode()
+    good = hostile.noise_stamp(40).tolist()
+    body = {"candidates": [{"science": fits, "template": good, "difference": good}]}
+    response = client.post("/classify", content=json.dumps(body).encode(), headers={"content-type": "application/json"})
+    assert response.status_code == 422 and "unsupported FITS BITPIX 12" in response.json()["detail"], response.text

@@ -59,9 +59,11 @@ def test_fit_stamp_puts_an_off_centre_source_on_the_centre():
 
 def test_assemble_orders_channels_and_rejects_missing_or_empty_cutouts():
     contract = StampContract(("template", "science"), size=21)
-    images = {"science": np.full((63, 63), 2.0), "template": np.full((63, 63), 1.0)}
+    ramp = np.add.outer(np.arange(63.0), np.arange(63.0))
+    images = {"science": ramp + 1000.0, "template": ramp}
     stamps = assemble(images, contract)
-    assert stamps.shape == (2, 21, 21) and (stamps[0] == 1).all() and (stamps[1] == 2).all()
+    assert stamps.shape == (2, 21, 21)
+    assert (stamps[0] == fit_stamp(ramp, 21)).all() and (stamps[1] == fit_stamp(ramp + 1000.0, 21)).all()
     with pytest.raises(StampError, match="missing"):
         assemble({"science": images["science"]}, contract)
     with pytest.raises(StampError, match="no finite pixel"):

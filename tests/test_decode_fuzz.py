@@ -93,3 +93,45 @@ def test_prepare_accounts_for_every_message(messages):
     for survey, batch in batches.items():
         assert batch.stamps.shape == (len(batch.alerts), *CONTRACTS[survey].input_shape)
         assert batch.stamps.dtype == np.float32
+
+
+# Structured attacks (see tests/hostile.py), small enough to build by the hundred, then mutated:
+# each must be refused cleanly, or decoded when a mutation happened to make it harmless.
+import hostile  # noqa: E402
+from service.limits import DecodeLimits  # noqa: E402
+
+HOSTILE_LIMITS = DecodeLimits(max_block_bytes=1 << 20, max_records=50, max_cutout_bytes=1 << 20)
+ATTACKS = st.one_of(
+    st.integers(1, 6000).map(hostile.recursive_container),
+    st.integers(33, 400).map(hostile.deeply_nested_schema_container),
+    st.integers(2, 8).map(lambda mib: hostile.deflate_bomb(mib << 20)),
+    st.integers(51, 200).map(hostile.many_records),
+    st.integers(2, 5).map(lambda n: hostile.huge_stamps(records=n, side=600)),
+    st.sampled_from([hostile.fits_size_lie(100_000), hostile.fits_size_lie(3000)]).map(
+        lambda lie: hostile.ztf_container([hostile.ztf_record({"science": lie, "template": lie, "difference": lie})])),
+    st.sampled_from([np.full((63, 63), 3.0), np.ones((1, 1)), np.full((63, 63), np.nan)]).map(
+        lambda bad: hostile.ztf_alert_with(bad, hostile.noise_stamp(63), hostile.noise_stamp(63))),
+)
+
+
+@st.composite
+def mutated_attack(draw):
+    data = bytearray(draw(ATTACKS))
+    for _ in range(draw(st.integers(0, 3))):
+        where = draw(st.integers(0, len(data) - 1))
+        data[where] ^= 1 << draw(st.integers(0, 7))
+    return bytes(data)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(st.lists(mutated_attack(), min_size=1, max_size=4))
+def test_structured_attacks_are_refused_or_scored_never_escape(messages):
+    store = schemas.SchemaStore(limits=HOSTILE_LIMITS)
+    for message in messages:
+        try:
+            decode_message(message, schemas=store, crop=63)
+        except DecodeError as exc:
+            assert exc.kind in KINDS and exc.reason
+    batches, failures = prepare(messages, CONTRACTS, schemas=store)
+    scored = {index for batch in batches.values() for index in batch.indices}
+    assert scored | {f.index for f in failures} == set(range(len(messages)))

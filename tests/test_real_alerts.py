@@ -365,7 +365,7 @@ def unscorable(real_data: Path) -> dict[str, tuple[bytes, str, str]]:
         "no candidate": (write_container(schema, [no_candidate]), "decode",
                          f"candidate is null (objectId {alert['objectId']})"),
         "blank template": (write_container(rubin_schema, [blank]), "cutout",
-                           f"'template' has no finite pixel near the source (rubin diaSourceId {source_id})"),
+                           f"'template' has no finite pixel near the source (all masked) (rubin diaSourceId {source_id})"),
         "cut short": (ztf.read_bytes()[:5000], "decode", "truncated or corrupt"),
     }
 
