@@ -50,11 +50,11 @@ Rubin alerts; shapes in `training.artifacts`), each at the stamp centre:
   can match both, so the difference keeps a core and a ring of the opposite sign (a
   positive core in a negative ring, or a "doughnut": a negative core in a positive ring);
 * ``star_dipole`` — a very bright star misregistered by a fraction of a pixel
-  (0.05-0.4), with a slightly elliptical science PSF: a strong, asymmetric dipole;
+  (0.1-0.5), with a slightly elliptical science PSF: a strong, asymmetric dipole;
 * ``saturated_star`` — a star far above the full well, with diffraction spikes: a
   clipped core, charge bled along the readout column in science and template, and, in
   half of them, the saturated pixels masked (NaN, the stamp centre included) as ZTF does;
-* ``ghost`` — a pupil ghost: a large (half to twice the stamp), soft, low-surface-
+* ``ghost`` — a pupil ghost: a large (0.8 to 3 stamps across), soft, low-surface-
   brightness annulus whose band crosses the centre, in the science only;
 * ``trail`` — a satellite or aircraft trail: a straight streak across the whole stamp
   through the centre, PSF-wide or up to three times wider, continuous or glinting, in
@@ -108,11 +108,13 @@ DEFAULT_BOGUS_WEIGHTS: dict[str, float] = {
 NOISE_SNR_RANGE = (3.0, 5.0)
 #: PSF-filtered difference SNR of a ``blob``, drawn log-uniformly.
 BLOB_SNR_RANGE = (5.0, 30.0)
-#: PSF-filtered difference SNR at the centre of a ``ghost`` and of a ``trail``, log-uniform.
-GHOST_SNR_RANGE = (4.0, 25.0)
+#: Peak surface brightness of a ``ghost``, in units of the science's pixel noise, log-uniform:
+#: ghosts are faint per pixel and seen by their size.
+GHOST_BRIGHTNESS_RANGE = (0.5, 4.0)
+#: PSF-filtered difference SNR at the centre of a ``trail``, log-uniform.
 TRAIL_SNR_RANGE = (4.0, 150.0)
 #: Kinds whose amplitude is set by the difference's PSF-filtered SNR at the centre.
-TARGETED_KINDS = ("noise", "blob", "ghost", "trail")
+TARGETED_KINDS = ("noise", "blob", "trail")
 
 #: Margin, in pixels, of the canvas around the stamp, so that the periodic FFT
 #: convolution of `psf_match` never wraps signal into the stamp.
@@ -345,29 +347,34 @@ def simulate_triplet(profile: SurveyProfile, rng: np.random.Generator, kind: str
         dr, dc = rng.uniform(-0.5, 0.5, size=2)
         # A good registration (lobes, not a dipole), drawn into the template star itself: a Fourier
         # shift of a bright, barely sampled star rings, which real templates do not.
-        misregistration = tuple(rng.normal(0.0, 0.08, size=2))
+        misregistration = tuple(rng.normal(0.0, 0.03, size=2))
         _add_star_with_halo(scene, rng, centre + dr, centre + dc, flux, sigma_s, sigma_t, misregistration, truth)
-        # The kernel is fitted to the cores, not much off; the wings it cannot match make the ring.
-        kernel_offset = rng.normal(0.0, 0.1) * min(sigma_s, sigma_t)
-        scale_error = 1.0 + rng.normal(0.0, 0.02)
-        truth.update(flux=flux, misregistration=float(np.hypot(*misregistration)))
+        # Kernel and scaling are fitted on stars like this one and nearly right; the wings the
+        # kernel cannot match make the ring.
+        kernel_offset = rng.normal(0.0, 0.03) * min(sigma_s, sigma_t)
+        scale_error = 1.0 + rng.normal(0.0, 0.005)
+        truth.update(flux=flux, misregistration=float(np.hypot(*misregistration)),
+                     star_position=(centre + dr, centre + dc))
     elif kind == "star_dipole":
         flux = flux_for_snr(_log_uniform(rng, 300, 10000), sigma_s, background_var)
         dr, dc = rng.uniform(-0.5, 0.5, size=2)
         # A slightly elliptical science PSF (guiding, optics) against a round template one: the
         # two lobes differ, as real bright-star dipoles' do.
-        q, pa = rng.uniform(0.8, 0.97), rng.uniform(0, np.pi)
+        q, pa = rng.uniform(0.85, 0.97), rng.uniform(0, np.pi)
         scene.static_science += gaussian_source(canvas, centre + dr, centre + dc, flux, sigma_s, q, pa)
-        shift = rng.uniform(0.05, 0.4)
+        shift = rng.uniform(0.1, 0.5)
         angle = rng.uniform(0, 2 * np.pi)
         # misregistered in the template star itself, not by a Fourier shift (see `star_ring`)
         scene.static_template += gaussian_source(canvas, centre + dr + shift * np.sin(angle),
                                                  centre + dc + shift * np.cos(angle), flux, sigma_t)
-        scale_error = 1.0 + rng.normal(0.0, 0.03)
-        truth.update(flux=flux, misregistration=shift, psf_axis_ratio=q)
+        scale_error = 1.0 + rng.normal(0.0, 0.01)
+        truth.update(flux=flux, misregistration=shift, psf_axis_ratio=q, star_position=(centre + dr, centre + dc),
+                     misregistration_vector=(shift * np.sin(angle), shift * np.cos(angle)))
     elif kind == "saturated_star":
         _add_saturated_star(scene, rng, centre, sigma_s, sigma_t, profile, truth)
         scale_error = 1.0 + rng.normal(0.0, 0.03)
+    elif kind == "ghost":
+        scene.artifact_science += _ghost(rng, canvas, centre, sigma_s, pixel_noise_adu, truth)
     elif kind == "banding":
         _add_banding(scene, rng, centre, sigma_s, sigma_t, background_var, pixel_noise_adu, zero_point_ratio,
                      truth)
@@ -422,7 +429,7 @@ def simulate_triplet(profile: SurveyProfile, rng: np.random.Generator, kind: str
     template_sub = (template / zero_point_ratio - sky_t / profile.gain) * scale_error
     difference, match = psf_match(science_sub, template_sub, sigma_s, sigma_t, kernel_offset)
     if kind in TARGETED_KINDS:
-        bump = {"noise": _noise_peak, "blob": _blob, "ghost": _ghost, "trail": _trail}[kind](
+        bump = {"noise": _noise_peak, "blob": _blob, "trail": _trail}[kind](
             rng, canvas, centre, sigma_s, truth)
         target = truth["target_snr"]
         # Everything is linear: find the amplitude that puts the centre's filtered SNR at `target`.
@@ -433,9 +440,9 @@ def simulate_triplet(profile: SurveyProfile, rng: np.random.Generator, kind: str
         unit_filtered = gaussian_blur(unit_difference, sigma_d)
         noise_f = before["noise"]
         # The robust noise of the map moves a little once a peak is in it: a few fixed-point
-        # steps make the *final* stamp's filtered SNR the target. Ghosts and trails cover much
-        # of the stamp and would inflate that estimate without bound: their SNR is in units of
-        # the noise without them (a pipeline's variance plane).
+        # steps make the *final* stamp's filtered SNR the target. A bright trail covers enough
+        # of the stamp to inflate that estimate: its SNR is in units of the noise without it
+        # (a pipeline's variance plane).
         for _ in range(3 if kind in ("noise", "blob") else 1):
             amplitude = (target * noise_f - before["filtered"][c, c]) / unit_filtered[c, c]
             after = before["filtered"] + amplitude * unit_filtered
@@ -516,20 +523,20 @@ def _blob(rng, canvas, centre, sigma_s, truth) -> np.ndarray:
     return gaussian_source(canvas, centre + dr, centre + dc, 1.0, major, q, rng.uniform(0, np.pi))
 
 
-def _ghost(rng, canvas, centre, sigma_s, truth) -> np.ndarray:
-    """A pupil ghost whose band crosses the centre: half to twice the stamp across, soft-edged."""
+def _ghost(rng, canvas, centre, sigma_s, noise_adu, truth) -> np.ndarray:
+    """A pupil ghost (ADU) whose band crosses the centre: 0.8-3 stamps across, soft-edged."""
     size = canvas - 2 * MARGIN
-    outer = _log_uniform(rng, 0.25, 1.0) * size
-    inner = rng.uniform(0.5, 0.8) * outer
-    softness = min(max(sigma_s, 0.08 * outer), 0.25 * (outer - inner))
+    outer = _log_uniform(rng, 0.4, 1.5) * size
+    softness = max(sigma_s, 0.06 * outer)
+    inner = max(min(rng.uniform(0.5, 0.8) * outer, outer - 4 * softness), 0.0)
     fill = 0.0 if rng.random() < 0.5 else rng.uniform(0.0, 0.3)
     distance = rng.uniform(inner + softness, outer - softness)
     angle = rng.uniform(0, 2 * np.pi)
     row, col = centre + distance * np.sin(angle), centre + distance * np.cos(angle)
-    s = _log_uniform(rng, *GHOST_SNR_RANGE)
-    truth.update(target_snr=s, injected_flux=0.0, ghost_centre=(row, col), ghost_outer=float(outer),
-                 ghost_inner=float(inner), ghost_softness=float(softness), ghost_fill=float(fill))
-    return artifacts.annulus(canvas, row, col, outer, inner, softness, fill)
+    brightness = _log_uniform(rng, *GHOST_BRIGHTNESS_RANGE) * noise_adu
+    truth.update(ghost_centre=(row, col), ghost_outer=float(outer), ghost_inner=float(inner),
+                 ghost_softness=float(softness), ghost_fill=float(fill), ghost_brightness_adu=float(brightness))
+    return brightness * artifacts.annulus(canvas, row, col, outer, inner, softness, fill)
 
 
 def _trail(rng, canvas, centre, sigma_s, truth) -> np.ndarray:
@@ -546,25 +553,35 @@ def _trail(rng, canvas, centre, sigma_s, truth) -> np.ndarray:
 
 
 def _add_star_with_halo(scene: _Scene, rng, row, col, flux, sigma_s, sigma_t, misregistration, truth) -> None:
-    """A star whose PSF is a core plus a halo (a Moffat-like wing), drawn apart for each image;
-    the template's is off by ``misregistration`` (rows, columns)."""
+    """A star whose PSF is a core plus a halo (a Moffat-like wing): the halo is a wing 2-3.5
+    cores wide seen through each image's seeing, and holds a share of the flux that differs by
+    5-15 points between science and template (the wings change with the seeing, the optics,
+    the focus); the template's star is off by ``misregistration``.
+
+    The Gaussian kernel that matches the cores matches the halos' widths too, not their
+    shares: the residual is the share difference times (core - halo), a core of the sign of
+    (template share - science share) in a ring of the other.
+    """
     canvas = scene.canvas
-    halos = {}
-    for name, layer, sigma, (r, c) in (("science", scene.static_science, sigma_s, (row, col)),
-                                       ("template", scene.static_template, sigma_t,
-                                        (row + misregistration[0], col + misregistration[1]))):
-        fraction, width = rng.uniform(0.03, 0.2), rng.uniform(2.0, 3.5)
-        layer += gaussian_source(canvas, r, c, flux * (1 - fraction), sigma)
-        layer += gaussian_source(canvas, r, c, flux * fraction, width * sigma)
-        halos[name] = (float(fraction), float(width))
-    truth.update(halo_science=halos["science"], halo_template=halos["template"])
+    wing = rng.uniform(2.0, 3.5) * max(sigma_s, sigma_t)
+    template_share = rng.uniform(0.03, 0.2)
+    science_share = template_share + rng.choice([-1.0, 1.0]) * rng.uniform(0.05, 0.15)
+    if science_share < 0.0:
+        science_share = template_share + (template_share - science_share)
+    for share, layer, sigma, (r, c) in ((science_share, scene.static_science, sigma_s, (row, col)),
+                                        (template_share, scene.static_template, sigma_t,
+                                         (row + misregistration[0], col + misregistration[1]))):
+        layer += gaussian_source(canvas, r, c, flux * (1 - share), sigma)
+        layer += gaussian_source(canvas, r, c, flux * share, np.hypot(wing, sigma))
+    truth.update(halo_share_science=float(science_share), halo_share_template=float(template_share),
+                 halo_wing=float(wing))
 
 
 def _add_saturated_star(scene: _Scene, rng, centre, sigma_s, sigma_t, profile, truth) -> None:
-    """A star 1.2-10x above the full well at its peak, within 2.5 pixels of the centre, with
+    """A star 2-10x above the full well at its peak, within 2.5 pixels of the centre, with
     diffraction spikes along the rows and columns (in both images: they are the telescope's)."""
     canvas = scene.canvas
-    peak_over_saturation = _log_uniform(rng, 1.2, 10.0)
+    peak_over_saturation = _log_uniform(rng, 2.0, 10.0)
     flux = peak_over_saturation * profile.saturation * profile.gain * 2 * np.pi * sigma_s**2
     row, col = centre + rng.uniform(-2.5, 2.5, size=2)
     dr, dc = rng.normal(0.0, 0.1, size=2)  # the template's misregistration, drawn into its star
