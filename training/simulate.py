@@ -55,7 +55,8 @@ Rubin alerts; shapes in `training.artifacts`), each at the stamp centre:
   clipped core, charge bled along the readout column in science and template, and, in
   half of them, the saturated pixels masked (NaN, the stamp centre included) as ZTF does;
 * ``ghost`` — a pupil ghost: a large (0.8 to 3 stamps across), soft, low-surface-
-  brightness annulus whose band crosses the centre, in the science only;
+  brightness annulus whose band crosses the centre, in the science (or, for a quarter,
+  the template) only;
 * ``trail`` — a satellite or aircraft trail: a straight streak across the whole stamp
   through the centre, PSF-wide or up to three times wider, continuous or glinting, in
   the science only;
@@ -374,7 +375,15 @@ def simulate_triplet(profile: SurveyProfile, rng: np.random.Generator, kind: str
         _add_saturated_star(scene, rng, centre, sigma_s, sigma_t, profile, truth)
         scale_error = 1.0 + rng.normal(0.0, 0.03)
     elif kind == "ghost":
-        scene.artifact_science += _ghost(rng, canvas, centre, sigma_s, pixel_noise_adu, truth)
+        ghost = _ghost(rng, canvas, centre, sigma_s, pixel_noise_adu, truth)
+        # Mostly the science exposure's; a template coadd keeps the ghosts of its exposures too
+        # (real Rubin templates show their arcs), a negative ghost in the difference.
+        if rng.random() < 0.75:
+            scene.artifact_science += ghost
+            truth["ghost_in"] = "science"
+        else:
+            scene.artifact_template += ghost * zero_point_ratio
+            truth["ghost_in"] = "template"
     elif kind == "banding":
         _add_banding(scene, rng, centre, sigma_s, sigma_t, background_var, pixel_noise_adu, zero_point_ratio,
                      truth)
@@ -568,13 +577,16 @@ def _add_star_with_halo(scene: _Scene, rng, row, col, flux, sigma_s, sigma_t, mi
     science_share = template_share + rng.choice([-1.0, 1.0]) * rng.uniform(0.05, 0.15)
     if science_share < 0.0:
         science_share = template_share + (template_share - science_share)
-    for share, layer, sigma, (r, c) in ((science_share, scene.static_science, sigma_s, (row, col)),
-                                        (template_share, scene.static_template, sigma_t,
-                                         (row + misregistration[0], col + misregistration[1]))):
-        layer += gaussian_source(canvas, r, c, flux * (1 - share), sigma)
+    # a slightly elliptical science core: the lumpy, clover-leaf inside of real rings
+    q, pa = rng.uniform(0.9, 1.0), rng.uniform(0, np.pi)
+    for share, layer, sigma, (r, c), core_q in ((science_share, scene.static_science, sigma_s, (row, col), q),
+                                                (template_share, scene.static_template, sigma_t,
+                                                 (row + misregistration[0], col + misregistration[1]), 1.0)):
+        # same peak as a round core (axes sigma / sqrt(q), sigma * sqrt(q)): a clover leaf, no excess
+        layer += gaussian_source(canvas, r, c, flux * (1 - share), sigma / np.sqrt(core_q), core_q, pa)
         layer += gaussian_source(canvas, r, c, flux * share, np.hypot(wing, sigma))
     truth.update(halo_share_science=float(science_share), halo_share_template=float(template_share),
-                 halo_wing=float(wing))
+                 halo_wing=float(wing), psf_axis_ratio=q)
 
 
 def _add_saturated_star(scene: _Scene, rng, centre, sigma_s, sigma_t, profile, truth) -> None:
