@@ -52,7 +52,7 @@ Rubin alerts; shapes in `training.artifacts`), each at the stamp centre:
 * ``star_dipole`` — a very bright star misregistered by a fraction of a pixel
   (0.1-0.5), with a slightly elliptical science PSF: a strong, asymmetric dipole;
 * ``saturated_star`` — a star far above the full well, with diffraction spikes: a
-  clipped core, charge bled along the readout column in science and template, and, in
+  clipped core, charge bled along the readout axis in science and template, and, in
   half of them, the saturated pixels masked (NaN, the stamp centre included) as ZTF does;
 * ``ghost`` — a pupil ghost: a large (0.8 to 3 stamps across), soft, low-surface-
   brightness annulus whose band crosses the centre, in the science (or, for a quarter,
