@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from training.profiles import PROFILES, RUBIN, ZTF, get_profile
-from training.simulate import (BLOB_SNR_RANGE, BOGUS_KINDS, KINDS, MARGIN, NOISE_SNR_RANGE, SimulatorConfig,
-                               filtered_snr, gaussian_blur, psf_match, simulate, simulate_triplet)
+from training.simulate import (BLOB_SNR_RANGE, BOGUS_KINDS, KINDS, MARGIN, NOISE_SNR_RANGE, TRAIL_SNR_RANGE,
+                               SimulatorConfig, filtered_snr, gaussian_blur, psf_match, simulate, simulate_triplet)
 
 N_DRAWS = 25
 
@@ -277,3 +277,254 @@ def test_fading_reals_have_a_template_star_and_noise_dips_do_not():
     assert dips, "some noise peaks are negative"
     for t in dips:
         assert centre_box(t.truth["model_template"], t).max() < faint(t)
+
+
+# ------------------------------------------------------------------ artifacts of real streams
+def stamp_radius(t, profile, position):
+    """Distance of every stamp pixel from ``position`` (canvas coordinates)."""
+    y, x = np.mgrid[0:profile.stamp_size, 0:profile.stamp_size]
+    return np.hypot(y - (position[0] - MARGIN), x - (position[1] - MARGIN))
+
+
+def saturated_run(full, pixel, axis):
+    """Length of the unbroken run of ``full`` pixels through ``pixel`` along ``axis``."""
+    line = full[:, pixel[1]] if axis == 0 else full[pixel[0], :]
+    start = end = pixel[axis]
+    if not line[start]:
+        return 0
+    while start > 0 and line[start - 1]:
+        start -= 1
+    while end < len(line) - 1 and line[end + 1]:
+        end += 1
+    return end - start + 1
+
+
+def sky_residual(t, profile, name):
+    """What of the science or template canvas is not its sky and noiseless sky objects: its
+    noise plus whatever artifact it holds (ADU, science zero point). NaN on sky objects, whose
+    photon noise is not the sky's."""
+    truth, gain = t.truth, profile.gain
+    if name == "science":
+        residual = truth["science_canvas"] - (truth["sky_science"] + truth["model_science"]) / gain
+    else:
+        residual = truth["template_canvas"] / truth["zero_point_ratio"] \
+            - (truth["sky_template"] + truth["model_template"]) / gain
+    on_objects = np.maximum(truth["model_science"], truth["model_template"]) > 0.5 * np.sqrt(truth["sky_science"])
+    return np.where(on_objects, np.nan, residual)
+
+
+def matched_snr(image, layer):
+    """How strongly ``image`` holds ``layer``: its matched-filter SNR against the image's own noise."""
+    finite = np.isfinite(image)
+    values, weights = image[finite] - np.median(image[finite]), layer[finite]
+    noise = 1.4826 * np.median(np.abs(values - np.median(values)))
+    return float((values * weights).sum() / (noise * np.sqrt((weights**2).sum())))
+
+
+@pytest.mark.parametrize("kind", ["star_ring", "star_dipole", "saturated_star", "ghost", "trail", "banding",
+                                  "scattered_light"])
+def test_artifact_kinds_are_bogus_and_deterministic_by_seed(kind):
+    a = simulate_triplet(RUBIN, np.random.default_rng([5, 1]), kind)
+    b = simulate_triplet(RUBIN, np.random.default_rng([5, 1]), kind)
+    c = simulate_triplet(RUBIN, np.random.default_rng([5, 2]), kind)
+    assert a.label == 0 and a.kind == kind
+    for name in ("science", "template", "difference"):
+        np.testing.assert_array_equal(a.images[name], b.images[name])
+    assert not np.array_equal(np.nan_to_num(a.images["difference"]), np.nan_to_num(c.images["difference"]))
+
+
+@pytest.mark.parametrize("profile", [ZTF, RUBIN], ids=lambda p: p.name)
+def test_star_rings_are_a_core_in_a_ring_of_the_other_sign_on_a_bright_template_star(profile):
+    checked = 0
+    for t in draws("star_ring", profile=profile, n=40):
+        truth = t.truth
+        assert truth["halo_share_science"] != truth["halo_share_template"]
+        # a bright star in the template, where the detection is
+        star = centre_box(truth["model_template"], t).max()
+        assert star > 50 * np.sqrt(truth["sky_template"])
+        if truth["saturated"] or truth["template_canvas"].max() >= profile.saturation:
+            continue  # a clipped core is `saturated_star`'s business
+        r = stamp_radius(t, profile, truth["star_position"])
+        # matched, core and halo have these widths; their difference changes sign at `zero`
+        core_sigma = max(truth["sigma_science"], truth["sigma_template"])
+        halo_sigma = np.hypot(truth["halo_wing"], core_sigma)
+        a, b = core_sigma**2, halo_sigma**2
+        zero = np.sqrt(2 * a * b * np.log(b / a) / (b - a))
+        diff, noise = t.images["difference"], truth["pixel_noise_adu"]
+        core, ring = diff[r < core_sigma], diff[(r > zero + 0.5 * core_sigma) & (r < zero + 1.5 * halo_sigma)]
+        core, ring = core[np.isfinite(core)], ring[np.isfinite(ring)]  # some are cut at the CCD edge
+        expected = np.sign(truth["halo_share_template"] - truth["halo_share_science"])
+        core_snr = core.mean() / noise * np.sqrt(core.size)
+        if abs(core_snr) < 50:
+            continue  # too faint a star for its ring to stand out of the noise
+        assert np.sign(core_snr) == expected
+        assert np.sign(ring.mean()) == -expected and abs(ring.mean()) > 3 * noise / np.sqrt(ring.size)
+        checked += 1
+    assert checked >= 5
+
+
+@pytest.mark.parametrize("profile", [ZTF, RUBIN], ids=lambda p: p.name)
+def test_star_dipoles_are_sub_pixel_misregistrations_with_lobes_on_either_side(profile):
+    for t in draws("star_dipole", profile=profile, n=20):
+        truth = t.truth
+        assert 0.1 <= truth["misregistration"] <= 0.5 and truth["psf_axis_ratio"] < 1.0
+        assert centre_box(truth["model_template"], t).max() > 50 * np.sqrt(truth["sky_template"])
+        if truth["saturated"] or truth["template_canvas"].max() >= profile.saturation:
+            continue
+        diff, noise = np.nan_to_num(t.images["difference"]), truth["pixel_noise_adu"]
+        sigma = max(truth["sigma_science"], truth["sigma_template"])
+        star_peak = truth["flux"] / profile.gain / (2 * np.pi * sigma**2)
+        if star_peak * truth["misregistration"] / sigma < 20 * noise:
+            continue  # too faint a star for its shift to stand out of the noise
+        assert diff.max() > 5 * noise and diff.min() < -5 * noise
+        # the science star is where the template's is not: the positive lobe lies opposite the shift
+        near = stamp_radius(t, profile, truth["star_position"]) < 3 * sigma
+        y, x = np.mgrid[0:profile.stamp_size, 0:profile.stamp_size]
+        lobes = [np.where(near, np.clip(sign * diff, 0, None), 0.0) for sign in (1, -1)]
+        positive, negative = (np.array([(w * y).sum(), (w * x).sum()]) / w.sum() for w in lobes)
+        assert np.dot(negative - positive, truth["misregistration_vector"]) > 0
+
+
+@pytest.mark.parametrize("profile", [ZTF, RUBIN], ids=lambda p: p.name)
+def test_saturated_stars_have_clipped_cores_bleed_trails_and_masks(profile):
+    masked = unmasked = 0
+    for t in draws("saturated_star", profile=profile, n=20):
+        truth = t.truth
+        assert truth["saturated"] and truth["peak_over_saturation"] >= 2.0
+        science = truth["science_canvas"]
+        full = science >= profile.saturation
+        assert np.nanmax(science) == profile.saturation  # clipped at the full well
+        # the charge bled along the readout axis: the saturated region is longer along it (a star
+        # just above the full well has little charge to spill)
+        star = tuple(int(round(v)) for v in truth["star_position"])
+        along, across = (saturated_run(full, star, axis) for axis in (truth["bleed_axis"], 1 - truth["bleed_axis"]))
+        assert along >= 1 and across >= 1
+        if truth["peak_over_saturation"] > 4:
+            assert along > across
+        star = tuple(v - MARGIN for v in star)
+        if truth["masked"]:
+            assert all(np.isnan(t.images[n][star]) for n in ("science", "template", "difference"))
+            masked += 1
+        else:
+            assert t.images["science"][star] == np.float32(profile.saturation)
+            unmasked += 1
+    assert masked and unmasked
+
+
+@pytest.mark.parametrize("profile", [ZTF, RUBIN], ids=lambda p: p.name)
+def test_ghosts_are_large_faint_annuli_across_the_centre_in_one_image_only(profile):
+    seen = set()
+    for t in draws("ghost", profile=profile, n=20):
+        truth = t.truth
+        holder, other = ("science", "template") if truth["ghost_in"] == "science" else ("template", "science")
+        seen.add(holder)
+        layer = truth["artifact_science"] if holder == "science" else \
+            truth["artifact_template"] / truth["zero_point_ratio"]
+        assert not np.any(truth[f"artifact_{other}"])
+        ghost = crop(layer, profile.stamp_size)
+        # an annulus: bright in its band, dark in its hole and outside, larger than the PSF
+        outer, inner, softness = truth["ghost_outer"], truth["ghost_inner"], truth["ghost_softness"]
+        assert outer >= 0.4 * profile.stamp_size and inner < outer - 2 * softness
+        assert softness >= truth["sigma_science"]
+        peak = truth["ghost_brightness_adu"]
+        r = stamp_radius(t, profile, truth["ghost_centre"])
+        band = (r > inner + softness) & (r < outer - softness)
+        assert band.any() and np.allclose(ghost[band], peak)
+        assert np.all(ghost[r > outer + softness] == 0.0)
+        assert np.all(ghost[r < inner - softness] <= truth["ghost_fill"] * peak + 1e-9)
+        # the detection is on the band; faint per pixel
+        assert centre_box(layer, t, half=0).item() == pytest.approx(peak)
+        assert 0.5 <= peak / truth["pixel_noise_adu"] <= 4.0
+        # in that image, not in the other
+        assert abs(matched_snr(sky_residual(t, profile, other), layer)) < 4
+        if peak > truth["pixel_noise_adu"]:
+            assert matched_snr(sky_residual(t, profile, holder), layer) > 5
+    assert seen == {"science", "template"}
+
+
+@pytest.mark.parametrize("profile", [ZTF, RUBIN], ids=lambda p: p.name)
+def test_trails_are_straight_streaks_across_the_stamp_in_the_science_only(profile):
+    for t in draws("trail", profile=profile, n=15):
+        truth = t.truth
+        layer = truth["injected_science"]
+        angle, (row, col) = truth["trail_angle"], truth["trail_point"]
+        centre = truth["centre"]
+        # through (within a pixel of) the detection
+        assert abs(-(centre - col) * np.sin(angle) + (centre - row) * np.cos(angle)) <= 1.0 + 1e-9
+        assert truth["trail_sigma"] >= truth["sigma_science"]
+        # straight: every pixel above half its peak lies within its half width of the line
+        size = profile.stamp_size
+        stamp = crop(layer, size)
+        y, x = np.mgrid[MARGIN:MARGIN + size, MARGIN:MARGIN + size]
+        across = -(x - col) * np.sin(angle) + (y - row) * np.cos(angle)
+        along = (x - col) * np.cos(angle) + (y - row) * np.sin(angle)
+        bright = stamp > 0.5 * truth["amplitude_adu"]  # the profile peaks at the amplitude, on the line
+        assert np.abs(across[bright]).max() <= np.sqrt(2 * np.log(2)) * truth["trail_sigma"] + 1e-6
+        if truth["glint_period"] == 0:
+            # and across the whole stamp: a chord through the centre is at least a side long
+            assert np.ptp(along[bright]) >= size - 2
+        # in the science, and not in the template
+        assert not np.any(truth["artifact_template"])
+        assert abs(matched_snr(sky_residual(t, profile, "template"), layer)) < 4
+        assert matched_snr(sky_residual(t, profile, "science"), layer) > 4
+        assert TRAIL_SNR_RANGE[0] - 0.1 <= truth["target_snr"] <= TRAIL_SNR_RANGE[1]
+
+
+@pytest.mark.parametrize("profile", [ZTF, RUBIN], ids=lambda p: p.name)
+def test_banding_is_constant_along_rows_or_columns_and_shows_in_the_difference(profile):
+    seen = set()
+    for t in draws("banding", profile=profile, n=20):
+        truth = t.truth
+        layer = truth["artifact_science"] if truth["banding"] == "science" else truth["artifact_template"]
+        other = truth["artifact_template"] if truth["banding"] == "science" else truth["artifact_science"]
+        assert not np.any(other)
+        lines = layer if truth["banding_axis"] == "rows" else layer.T  # rows of `lines` are the bands
+        b = truth["boundary"]
+        for segment in (lines[:, :b], lines[:, b:]):  # constant along a line on each side of the boundary
+            assert np.allclose(segment, segment[:, :1])
+        banded = lines[:, :b] if truth["banded_side"] != "right" else lines[:, b:]
+        assert np.std(banded[:, 0]) > 0  # and changing from line to line
+        seen.add((truth["banding"], truth["banding_axis"]))
+        if truth["banding"] == "science" and truth["banding_rms"] > 1.5 * truth["pixel_noise_adu"]:
+            diff = difference_canvas(t, profile)
+            diff = diff if truth["banding_axis"] == "rows" else diff.T
+            part = diff[:, :b] if truth["banded_side"] != "right" else diff[:, b:]
+            # line means vary far more along the bands' axis than across it
+            assert np.var(np.median(part, axis=1)) > 2 * np.var(np.median(part, axis=0))
+    assert {("science", "rows"), ("science", "columns")} <= seen and any(w == "template" for w, _ in seen)
+
+
+@pytest.mark.parametrize("profile", [ZTF, RUBIN], ids=lambda p: p.name)
+def test_scattered_light_is_smooth_large_scale_and_in_the_science_only(profile):
+    for t in draws("scattered_light", profile=profile, n=15):
+        truth = t.truth
+        layer = truth["artifact_science"]
+        assert not np.any(truth["artifact_template"])
+        span = layer.max() - layer.min()
+        assert span == pytest.approx(abs(truth["amplitude_adu"]))
+        # smooth: its curvature from pixel to pixel is tiny against its range over the canvas
+        laplacian = layer[2:, 1:-1] + layer[:-2, 1:-1] + layer[1:-1, 2:] + layer[1:-1, :-2] - 4 * layer[1:-1, 1:-1]
+        assert np.abs(laplacian).max() < 0.02 * span
+        # large-scale: it spans the stamp, not a PSF-sized spot
+        stamp = crop(layer, profile.stamp_size)
+        assert np.ptp(stamp) > 0.1 * span
+        if np.ptp(stamp) > 10 * truth["pixel_noise_adu"]:
+            # and it shows in the difference: medians over 7x7 blocks (robust to the residuals of
+            # saturated field stars) follow it
+            diff = t.images["difference"]
+            blocks = [(slice(r, r + 7), slice(c, c + 7)) for r in range(0, 28, 7) for c in range(0, 28, 7)]
+            blocks = [b for b in blocks if np.isfinite(diff[b]).any()]  # not beyond a CCD edge
+            medians = [np.nanmedian(diff[b]) for b in blocks]
+            assert np.corrcoef(medians, [stamp[b].mean() for b in blocks])[0, 1] > 0.8
+
+
+def test_default_mixes_have_noise_peaks_and_the_artifacts_of_real_streams():
+    from training.config import builtin_config, load_config
+    from training.simulate import DEFAULT_BOGUS_WEIGHTS
+
+    artifacts = ("noise", "star_ring", "star_dipole", "saturated_star", "ghost", "trail", "banding",
+                 "scattered_light")
+    for weights in [DEFAULT_BOGUS_WEIGHTS] + [load_config(builtin_config(s)).simulator.bogus_weights
+                                              for s in ("ztf", "rubin")]:
+        assert set(weights) == set(BOGUS_KINDS)
+        assert all(weights[k] > 0 for k in artifacts)

@@ -42,6 +42,31 @@ Bogus (label 0), each at the stamp centre, where a pipeline would have detected 
   than that, no shape can be told from noise: those are the ``noise`` kind's business),
   with no template counterpart.
 
+The artifact families that dominate real streams (seen on the stamps of real ZTF and
+Rubin alerts; shapes in `training.artifacts`), each at the stamp centre:
+
+* ``star_ring`` — a bright star whose PSF has wings (a core plus a halo, as a Moffat
+  profile has) that differ between science and template: no Gaussian matching kernel
+  can match both, so the difference keeps a core and a ring of the opposite sign (a
+  positive core in a negative ring, or a "doughnut": a negative core in a positive ring);
+* ``star_dipole`` — a very bright star misregistered by a fraction of a pixel
+  (0.1-0.5), with a slightly elliptical science PSF: a strong, asymmetric dipole;
+* ``saturated_star`` — a star far above the full well, with diffraction spikes: a
+  clipped core, charge bled along the readout axis in science and template, and, in
+  half of them, the saturated pixels masked (NaN, the stamp centre included) as ZTF does;
+* ``ghost`` — a pupil ghost: a large (0.8 to 3 stamps across), soft, low-surface-
+  brightness annulus whose band crosses the centre, in the science (or, for a quarter,
+  the template) only;
+* ``trail`` — a satellite or aircraft trail: a straight streak across the whole stamp
+  through the centre, PSF-wide or up to three times wider, continuous or glinting, in
+  the science only;
+* ``banding`` — a readout pattern in the science (or, for a quarter, the template):
+  offsets constant along rows or columns in bands of 1-4 lines, on one or both sides of
+  an amplifier boundary with a step across it, often beside a bright star;
+* ``scattered_light`` — a smooth glow in the science exposure (a bright star's far
+  halo, a diffuse patch, a gradient), positive or, where the background was
+  over-subtracted, negative.
+
 Stamps cut at the CCD edge are not only bogus: a fraction of every class has a NaN
 region (like truncated ZTF cutouts), so that "has NaN" alone never means bogus.
 Everything is deterministic: sample ``i`` of a data set with seed ``s`` is drawn from
@@ -56,30 +81,41 @@ from typing import Mapping
 import numpy as np
 
 from service.contract import RAW_IMAGES
+from training import artifacts
 from training.profiles import SurveyProfile
 
 FWHM_PER_SIGMA = 2.0 * np.sqrt(2.0 * np.log(2.0))
 
 REAL_KINDS = ("point_source",)
-BOGUS_KINDS = ("cosmic_ray", "bad_pixel", "bad_column", "dipole", "bright_star", "edge", "noise", "blob")
+BOGUS_KINDS = ("cosmic_ray", "bad_pixel", "bad_column", "dipole", "bright_star", "edge", "noise", "blob",
+               "star_ring", "star_dipole", "saturated_star", "ghost", "trail", "banding", "scattered_light")
 KINDS = REAL_KINDS + BOGUS_KINDS
 
-#: Default share of each bogus kind among bogus stamps.
+#: Default share of each bogus kind among bogus stamps: the detector classics, the
+#: threshold-level noise peaks that are the commonest bogus of any stream, and the
+#: bright-star residuals, ghosts, trails, banding and scattered light of real alerts.
 DEFAULT_BOGUS_WEIGHTS: dict[str, float] = {
-    "cosmic_ray": 0.21, "bad_pixel": 0.14, "bad_column": 0.12,
-    "dipole": 0.19, "bright_star": 0.17, "edge": 0.13, "noise": 0.01, "blob": 0.03,
+    "cosmic_ray": 0.12, "bad_pixel": 0.07, "bad_column": 0.06, "dipole": 0.08, "bright_star": 0.06,
+    "edge": 0.06, "noise": 0.12, "blob": 0.04, "star_ring": 0.07, "star_dipole": 0.07,
+    "saturated_star": 0.05, "ghost": 0.05, "trail": 0.05, "banding": 0.05, "scattered_light": 0.05,
 }
-# Why so few noise peaks: a noise peak at SNR 3-5 and a real source seen at SNR 3-5 are
-# the same image (see `_noise_peak`), so every noise peak in the mix costs accuracy on faint
-# reals and the reverse. Measured (test accuracy): Rubin pilots, 48k stamps: noise 0.05 +
-# blob 0.05 gave 0.966 (ECE 0.005), 0.08 + 0.08 gave 0.960; default configs with 0.02 + 0.04:
-# ZTF 0.971, Rubin 0.976; with 0.01 + 0.03: ZTF 0.976, Rubin 0.979. Issue 2's 98% bar leaves
-# no room, so the default models' configs set noise to 0; raise it for a stream-like prior.
+# A noise peak at SNR 3-5 and a real source seen at SNR 3-5 are the same image (see
+# `_noise_peak`): every noise peak in the mix costs accuracy on faint simulated reals, and
+# the reverse (measured for the 1.0.0 models: Rubin pilots, 48k stamps, noise 0.05 + blob
+# 0.05 gave test accuracy 0.966, 0.01 + 0.03 gave 0.979). Real streams are full of them,
+# so the default mix has them anyway: accuracy on real alerts comes before the synthetic one.
 
 #: PSF-filtered difference SNR of a ``noise`` peak: a Gaussian tail truncated to this range.
 NOISE_SNR_RANGE = (3.0, 5.0)
 #: PSF-filtered difference SNR of a ``blob``, drawn log-uniformly.
 BLOB_SNR_RANGE = (5.0, 30.0)
+#: Peak surface brightness of a ``ghost``, in units of the science's pixel noise, log-uniform:
+#: ghosts are faint per pixel and seen by their size.
+GHOST_BRIGHTNESS_RANGE = (0.5, 4.0)
+#: PSF-filtered difference SNR at the centre of a ``trail``, log-uniform.
+TRAIL_SNR_RANGE = (4.0, 150.0)
+#: Kinds whose amplitude is set by the difference's PSF-filtered SNR at the centre.
+TARGETED_KINDS = ("noise", "blob", "trail")
 
 #: Margin, in pixels, of the canvas around the stamp, so that the periodic FFT
 #: convolution of `psf_match` never wraps signal into the stamp.
@@ -307,9 +343,58 @@ def simulate_triplet(profile: SurveyProfile, rng: np.random.Generator, kind: str
         scale_error = 1.0 + rng.uniform(-0.08, 0.08)
         template_shift = tuple(rng.normal(0.0, 0.15, size=2))
         truth.update(flux=flux)
+    elif kind == "star_ring":
+        flux = flux_for_snr(_log_uniform(rng, 300, 10000), sigma_s, background_var)
+        dr, dc = rng.uniform(-0.5, 0.5, size=2)
+        # A good registration (lobes, not a dipole), drawn into the template star itself: a Fourier
+        # shift of a bright, barely sampled star rings, which real templates do not.
+        misregistration = tuple(rng.normal(0.0, 0.03, size=2))
+        _add_star_with_halo(scene, rng, centre + dr, centre + dc, flux, sigma_s, sigma_t, misregistration, truth)
+        # Kernel and scaling are fitted on stars like this one and nearly right; the wings the
+        # kernel cannot match make the ring.
+        kernel_offset = rng.normal(0.0, 0.03) * min(sigma_s, sigma_t)
+        scale_error = 1.0 + rng.normal(0.0, 0.005)
+        truth.update(flux=flux, misregistration=float(np.hypot(*misregistration)),
+                     star_position=(centre + dr, centre + dc))
+    elif kind == "star_dipole":
+        flux = flux_for_snr(_log_uniform(rng, 300, 10000), sigma_s, background_var)
+        dr, dc = rng.uniform(-0.5, 0.5, size=2)
+        # A slightly elliptical science PSF (guiding, optics) against a round template one: the
+        # two lobes differ, as real bright-star dipoles' do.
+        q, pa = rng.uniform(0.85, 0.97), rng.uniform(0, np.pi)
+        scene.static_science += gaussian_source(canvas, centre + dr, centre + dc, flux, sigma_s, q, pa)
+        shift = rng.uniform(0.1, 0.5)
+        angle = rng.uniform(0, 2 * np.pi)
+        # misregistered in the template star itself, not by a Fourier shift (see `star_ring`)
+        scene.static_template += gaussian_source(canvas, centre + dr + shift * np.sin(angle),
+                                                 centre + dc + shift * np.cos(angle), flux, sigma_t)
+        scale_error = 1.0 + rng.normal(0.0, 0.01)
+        truth.update(flux=flux, misregistration=shift, psf_axis_ratio=q, star_position=(centre + dr, centre + dc),
+                     misregistration_vector=(shift * np.sin(angle), shift * np.cos(angle)))
+    elif kind == "saturated_star":
+        _add_saturated_star(scene, rng, centre, sigma_s, sigma_t, profile, truth)
+        scale_error = 1.0 + rng.normal(0.0, 0.03)
+    elif kind == "ghost":
+        ghost = _ghost(rng, canvas, centre, sigma_s, pixel_noise_adu, truth)
+        # Mostly the science exposure's; a template coadd keeps the ghosts of its exposures too
+        # (real Rubin templates show their arcs), a negative ghost in the difference.
+        if rng.random() < 0.75:
+            scene.artifact_science += ghost
+            truth["ghost_in"] = "science"
+        else:
+            scene.artifact_template += ghost * zero_point_ratio
+            truth["ghost_in"] = "template"
+    elif kind == "banding":
+        _add_banding(scene, rng, centre, sigma_s, sigma_t, background_var, pixel_noise_adu, zero_point_ratio,
+                     truth)
+    elif kind == "scattered_light":
+        layer, flavour = artifacts.scattered_light(canvas, rng)
+        amplitude = _log_uniform(rng, 1.0, 30.0) * pixel_noise_adu * (1.0 if rng.random() < 0.75 else -1.0)
+        scene.artifact_science += amplitude * layer
+        truth.update(scattered_light=flavour, amplitude_adu=float(amplitude))
     elif kind == "edge":
         pass  # the glow is added once the edge is placed, below
-    # `noise` and `blob` are placed once the difference is known, below: their amplitude is
+    # `TARGETED_KINDS` are placed once the difference is known, below: their amplitude is
     # set by the difference's PSF-filtered SNR at the centre.
 
     # --- place a CCD edge (NaN beyond it): always for `edge`, sometimes for the others
@@ -328,6 +413,8 @@ def simulate_triplet(profile: SurveyProfile, rng: np.random.Generator, kind: str
     science_e = rng.poisson(science_e).astype(np.float64) + rng.normal(0.0, profile.read_noise, science_e.shape)
     science = science_e / profile.gain + scene.artifact_science
     science[scene.dead_science] = rng.uniform(0.0, 0.05) * sky_s / profile.gain
+    if kind == "saturated_star":
+        science = artifacts.bleed(science, profile.saturation, truth["bleed_axis"])
     saturated = science >= profile.saturation
     science = np.minimum(science, profile.saturation)
 
@@ -338,16 +425,21 @@ def simulate_triplet(profile: SurveyProfile, rng: np.random.Generator, kind: str
     template_e = sky_t + static_t
     template_e = template_e + rng.normal(0.0, 1.0, template_e.shape) * np.sqrt(
         np.maximum(template_e + profile.read_noise**2, 0.0) / depth)
-    template = np.minimum(template_e / profile.gain * zero_point_ratio + scene.artifact_template,
-                          profile.saturation)
+    template = template_e / profile.gain * zero_point_ratio + scene.artifact_template
+    if kind == "saturated_star":
+        template = artifacts.bleed(template, profile.saturation, truth["bleed_axis"])
+        if truth["masked"]:  # the pipeline masks saturated pixels and their neighbours in all three
+            masked = _dilate(saturated | (template >= profile.saturation), 1 + int(max(sigma_s, sigma_t)))
+            nan_mask |= masked[MARGIN:MARGIN + size, MARGIN:MARGIN + size]
+    template = np.minimum(template, profile.saturation)
 
     # --- difference: skies off, template to the science zero point, PSF-matched, subtracted
     science_sub = science - sky_s / profile.gain
     template_sub = (template / zero_point_ratio - sky_t / profile.gain) * scale_error
     difference, match = psf_match(science_sub, template_sub, sigma_s, sigma_t, kernel_offset)
-    if kind in ("noise", "blob"):
-        bump = _noise_peak(rng, canvas, centre, sigma_s, truth) if kind == "noise" else \
-            _blob(rng, canvas, centre, sigma_s, truth)
+    if kind in TARGETED_KINDS:
+        bump = {"noise": _noise_peak, "blob": _blob, "trail": _trail}[kind](
+            rng, canvas, centre, sigma_s, truth)
         target = truth["target_snr"]
         # Everything is linear: find the amplitude that puts the centre's filtered SNR at `target`.
         unit_difference, _ = psf_match(bump, np.zeros_like(bump), sigma_s, sigma_t, kernel_offset)
@@ -356,9 +448,11 @@ def simulate_triplet(profile: SurveyProfile, rng: np.random.Generator, kind: str
         before = filtered_snr(difference, sigma_d)
         unit_filtered = gaussian_blur(unit_difference, sigma_d)
         noise_f = before["noise"]
-        # The robust noise of the map moves a little once the feature is in it: a few fixed-point
-        # steps make the *final* stamp's filtered SNR the target.
-        for _ in range(3):
+        # The robust noise of the map moves a little once a peak is in it: a few fixed-point
+        # steps make the *final* stamp's filtered SNR the target. A bright trail covers enough
+        # of the stamp to inflate that estimate: its SNR is in units of the noise without it
+        # (a pipeline's variance plane).
+        for _ in range(3 if kind in ("noise", "blob") else 1):
             amplitude = (target * noise_f - before["filtered"][c, c]) / unit_filtered[c, c]
             after = before["filtered"] + amplitude * unit_filtered
             noise_f = 1.4826 * float(np.median(np.abs(after - np.median(after))))
@@ -366,6 +460,7 @@ def simulate_triplet(profile: SurveyProfile, rng: np.random.Generator, kind: str
         science_sub = science - sky_s / profile.gain
         difference, match = psf_match(science_sub, template_sub, sigma_s, sigma_t, kernel_offset)
         truth.update(amplitude_adu=float(amplitude), snr_before=float(before["snr"][c, c]),
+                     noise_before=before["noise"], injected_science=amplitude * bump,
                      filtered_snr=float(filtered_snr(difference, sigma_d)["snr"][c, c]))
     truth.update(match=match, kernel_offset=kernel_offset, scale_error=scale_error,
                  template_shift=template_shift, saturated=bool(saturated[MARGIN:-MARGIN, MARGIN:-MARGIN].any()),
@@ -435,6 +530,117 @@ def _blob(rng, canvas, centre, sigma_s, truth) -> np.ndarray:
     s = _log_uniform(rng, *BLOB_SNR_RANGE)
     truth.update(target_snr=s, injected_flux=0.0, blob=shape, blob_major=float(major), blob_minor=float(major * q))
     return gaussian_source(canvas, centre + dr, centre + dc, 1.0, major, q, rng.uniform(0, np.pi))
+
+
+def _ghost(rng, canvas, centre, sigma_s, noise_adu, truth) -> np.ndarray:
+    """A pupil ghost (ADU) whose band crosses the centre: 0.8-3 stamps across, soft-edged."""
+    size = canvas - 2 * MARGIN
+    outer = _log_uniform(rng, 0.4, 1.5) * size
+    softness = max(sigma_s, 0.06 * outer)
+    inner = max(min(rng.uniform(0.5, 0.8) * outer, outer - 4 * softness), 0.0)
+    fill = 0.0 if rng.random() < 0.5 else rng.uniform(0.0, 0.3)
+    distance = rng.uniform(inner + softness, outer - softness)
+    angle = rng.uniform(0, 2 * np.pi)
+    row, col = centre + distance * np.sin(angle), centre + distance * np.cos(angle)
+    brightness = _log_uniform(rng, *GHOST_BRIGHTNESS_RANGE) * noise_adu
+    truth.update(ghost_centre=(row, col), ghost_outer=float(outer), ghost_inner=float(inner),
+                 ghost_softness=float(softness), ghost_fill=float(fill), ghost_brightness_adu=float(brightness))
+    return brightness * artifacts.annulus(canvas, row, col, outer, inner, softness, fill)
+
+
+def _trail(rng, canvas, centre, sigma_s, truth) -> np.ndarray:
+    """A streak through (within a pixel of) the centre, PSF-wide or up to 3x wider, maybe glinting."""
+    width = sigma_s * (1.0 if rng.random() < 0.5 else rng.uniform(1.0, 3.0))
+    angle = rng.uniform(0, np.pi)
+    offset = rng.uniform(-1.0, 1.0)
+    row, col = centre + offset * np.cos(angle), centre - offset * np.sin(angle)
+    period = rng.uniform(4.0, 12.0) * width if rng.random() < 0.25 else 0.0
+    s = _log_uniform(rng, *TRAIL_SNR_RANGE)
+    truth.update(target_snr=s, injected_flux=0.0, trail_angle=float(angle), trail_sigma=float(width),
+                 trail_point=(row, col), glint_period=float(period))
+    return artifacts.trail(canvas, row, col, angle, width, period)
+
+
+def _add_star_with_halo(scene: _Scene, rng, row, col, flux, sigma_s, sigma_t, misregistration, truth) -> None:
+    """A star whose PSF is a core plus a halo (a Moffat-like wing): the halo is a wing 2-3.5
+    cores wide seen through each image's seeing, and holds a share of the flux that differs by
+    5-15 points between science and template (the wings change with the seeing, the optics,
+    the focus); the template's star is off by ``misregistration``.
+
+    The Gaussian kernel that matches the cores matches the halos' widths too, not their
+    shares: the residual is the share difference times (core - halo), a core of the sign of
+    (template share - science share) in a ring of the other.
+    """
+    canvas = scene.canvas
+    wing = rng.uniform(2.0, 3.5) * max(sigma_s, sigma_t)
+    template_share = rng.uniform(0.03, 0.2)
+    science_share = template_share + rng.choice([-1.0, 1.0]) * rng.uniform(0.05, 0.15)
+    if science_share < 0.0:
+        science_share = template_share + (template_share - science_share)
+    # a slightly elliptical science core: the lumpy, clover-leaf inside of real rings
+    q, pa = rng.uniform(0.9, 1.0), rng.uniform(0, np.pi)
+    for share, layer, sigma, (r, c), core_q in ((science_share, scene.static_science, sigma_s, (row, col), q),
+                                                (template_share, scene.static_template, sigma_t,
+                                                 (row + misregistration[0], col + misregistration[1]), 1.0)):
+        # same peak as a round core (axes sigma / sqrt(q), sigma * sqrt(q)): a clover leaf, no excess
+        layer += gaussian_source(canvas, r, c, flux * (1 - share), sigma / np.sqrt(core_q), core_q, pa)
+        layer += gaussian_source(canvas, r, c, flux * share, np.hypot(wing, sigma))
+    truth.update(halo_share_science=float(science_share), halo_share_template=float(template_share),
+                 halo_wing=float(wing), psf_axis_ratio=q)
+
+
+def _add_saturated_star(scene: _Scene, rng, centre, sigma_s, sigma_t, profile, truth) -> None:
+    """A star 2-10x above the full well at its peak, within 2.5 pixels of the centre, with
+    diffraction spikes along the rows and columns (in both images: they are the telescope's)."""
+    canvas = scene.canvas
+    peak_over_saturation = _log_uniform(rng, 2.0, 10.0)
+    flux = peak_over_saturation * profile.saturation * profile.gain * 2 * np.pi * sigma_s**2
+    row, col = centre + rng.uniform(-2.5, 2.5, size=2)
+    dr, dc = rng.normal(0.0, 0.1, size=2)  # the template's misregistration, drawn into its star
+    spike_flux = _log_uniform(rng, 0.003, 0.03) * flux
+    spike_length = rng.uniform(4.0, 12.0)
+    for layer, sigma, (r, c) in ((scene.static_science, sigma_s, (row, col)),
+                                 (scene.static_template, sigma_t, (row + dr, col + dc))):
+        layer += gaussian_source(canvas, r, c, flux, sigma)
+        for angle in (0.0, np.pi / 2):
+            layer += gaussian_source(canvas, r, c, spike_flux, spike_length * sigma, 1.0 / spike_length, angle)
+    truth.update(flux=flux, peak_over_saturation=peak_over_saturation, star_position=(row, col),
+                 bleed_axis=int(rng.integers(2)), masked=bool(rng.random() < 0.5))
+
+
+def _add_banding(scene: _Scene, rng, centre, sigma_s, sigma_t, background_var, noise_adu, zero_point_ratio,
+                 truth) -> None:
+    """A readout pattern along rows or columns, in the science (3/4) or the template, half of
+    the time beside a bright star (whose readout often triggers it) that subtracts cleanly."""
+    canvas = scene.canvas
+    amplitude = _log_uniform(rng, 0.5, 4.0) * noise_adu
+    layer, pattern = artifacts.banding(canvas, rng, amplitude)
+    axis = "rows" if rng.random() < 0.5 else "columns"
+    if axis == "columns":
+        layer = layer.T
+    where = "science" if rng.random() < 0.75 else "template"
+    if where == "science":
+        scene.artifact_science += layer
+    else:
+        scene.artifact_template += layer * zero_point_ratio
+    if rng.random() < 0.5:
+        row, col = centre + rng.uniform(-6.0, 6.0, size=2)
+        flux = flux_for_snr(_log_uniform(rng, 100, 5000), sigma_s, background_var)
+        _add_static_star(scene, canvas, row, col, flux, sigma_s, sigma_t)
+    truth.update(banding=where, banding_axis=axis, banding_rms=float(amplitude), **pattern)
+
+
+def _dilate(mask: np.ndarray, radius: int) -> np.ndarray:
+    """Grow a boolean mask by ``radius`` pixels (a square structuring element)."""
+    out = mask.copy()
+    for _ in range(radius):
+        grown = out.copy()
+        grown[1:] |= out[:-1]
+        grown[:-1] |= out[1:]
+        grown[:, 1:] |= grown[:, :-1].copy()
+        grown[:, :-1] |= grown[:, 1:].copy()
+        out = grown
+    return out
 
 
 def _shift(image: np.ndarray, shift: tuple[float, float]) -> np.ndarray:
