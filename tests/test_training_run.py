@@ -22,6 +22,7 @@ from service.contract import StampContract, assemble  # noqa: E402
 from service.model import Scorer  # noqa: E402
 from training.config import from_dict  # noqa: E402
 from training.data import DataError, read_alerts, read_chunk, write_chunks  # noqa: E402
+from training.model import load_weights  # noqa: E402
 from training.profiles import ZTF  # noqa: E402
 from training.simulate import simulate  # noqa: E402
 from training.train import augment, lr_factor, train  # noqa: E402
@@ -285,9 +286,14 @@ def test_defaults_trains_both_stages_and_publishes_each_survey(tmp_path, monkeyp
         for stage in ("simulation", "adapted"):
             assert (tmp_path / "runs" / f"default-{survey}" / stage / "checkpoints").is_dir()
         folder = tmp_path / "models" / survey
-        assert {p.name for p in folder.iterdir()} == {"model.onnx", "model_card.json", "history.png", "roc.png",
-                                                       "det.png", "real_roc.png"}
+        assert {p.name for p in folder.iterdir()} == {"model.onnx", "weights.pt", "model_card.json", "history.png",
+                                                       "roc.png", "det.png", "real_roc.png"}
         scorer = Scorer(folder, device="cpu")
+        # the shipped torch weights give the ONNX file's scores (gradient explanations use them)
+        stamps = np.random.default_rng(0).normal(size=(4, *scorer.contract.input_shape)).astype(np.float32)
+        with torch.no_grad():
+            torch_scores = load_weights(folder / "weights.pt")(torch.from_numpy(stamps)).numpy()
+        np.testing.assert_allclose(torch_scores, scorer.score(stamps), atol=1e-5)
         card = scorer.card.raw
         assert scorer.card.survey == survey and card["data"]["source"] == "alerts"
         assert card["training"]["finetuned_from"].endswith("simulation")

@@ -25,7 +25,7 @@ import torch
 
 from service.contract import ONNX_INPUT, ONNX_OUTPUT
 from service.model import CARD_FILE, MODEL_FILE
-from training.model import RealBogusNet, ScoringGraph
+from training.model import WEIGHTS_FILE, RealBogusNet, ScoringGraph, save_weights
 
 log = logging.getLogger(__name__)
 # The ONNX optimiser logs every initializer it deduplicates at INFO: noise in a training log.
@@ -88,6 +88,7 @@ def export_onnx(net: RealBogusNet, path: Path, check_stamps: np.ndarray, opset: 
         tmp.unlink(missing_ok=True)
         raise
     os.replace(tmp, path)
+    save_weights(graph, path.parent / WEIGHTS_FILE)
     summary.update(size_mb=round(size_mb, 3), opset=opset)
     return summary
 
@@ -201,7 +202,7 @@ def publish(run_dir: Path, target: Path, extra: tuple[str, ...] = ()) -> Path:
     """Copy a run's model, card and plots (and the ``extra`` files) into ``target`` (e.g. ``models/ztf``)."""
     target = Path(target)
     target.mkdir(parents=True, exist_ok=True)
-    for name in (MODEL_FILE, CARD_FILE, *PLOTS, *extra):
+    for name in (MODEL_FILE, WEIGHTS_FILE, CARD_FILE, *PLOTS, *extra):
         src = Path(run_dir) / name
         if not src.exists():
             raise ExportError(f"{src}: missing, cannot publish the run")

@@ -280,3 +280,22 @@ class ScoringGraph(nn.Module):
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+#: The torch weights shipped beside ``model.onnx``: what gradient-based explanations need.
+WEIGHTS_FILE = "weights.pt"
+
+
+def save_weights(graph: ScoringGraph, path) -> None:
+    """The exported graph's weights, architecture, contract and temperature, for `load_weights`."""
+    torch.save({"state_dict": graph.net.state_dict(), "arch": graph.net.arch.to_dict(),
+                "contract": graph.net.contract.to_dict(),
+                "temperature": float(1.0 / graph.inverse_temperature)}, path)
+
+
+def load_weights(path) -> ScoringGraph:
+    """The `ScoringGraph` saved by `save_weights`: raw stamps -> the same score as the ONNX file."""
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    net = RealBogusNet(StampContract.from_dict(saved["contract"]), ArchConfig(**saved["arch"]))
+    net.load_state_dict(saved["state_dict"])
+    return ScoringGraph(net, saved["temperature"]).eval()
