@@ -92,7 +92,7 @@ def compare(alerts: Sequence[real.RealAlert], scores: np.ndarray, threshold: flo
     return out
 
 
-def evaluate(spec: Sequence[str | Path], out: str | Path | None = None, models: Mapping[str, str | Path] = (),
+def evaluate(spec: Sequence[str | Path], out: str | Path | None = None, models: Mapping[str, str | Path] | None = None,
              label_tables: Sequence[str | Path] = (), label_from: Sequence[str] = ("drb",),
              label_threshold: float = 0.5, split: str = "all", holdout: tuple[float, float] = (0.15, 0.15),
              threshold: float | None = None, device: str = "cpu") -> dict:
@@ -134,7 +134,7 @@ def evaluate(spec: Sequence[str | Path], out: str | Path | None = None, models: 
     plotted = {}
     for survey in sorted({a.survey for a in alerts}):
         group = [a for a in alerts if a.survey == survey]
-        model = Path(models.get(survey) or models_dir() / survey)
+        model = Path((models or {}).get(survey) or models_dir() / survey)
         scores, kept, stamp_failures, identity = score_alerts(group, model, device)
         t = identity["threshold"] if threshold is None else threshold
         result = {"model": identity, "threshold": t, "unscorable": len(stamp_failures),

@@ -1,0 +1,114 @@
+"""`rbstream evaluate` and the labelled real alerts it reads (`training.real`), on the shared real alerts."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import EYE_LABELS, MODELS_DIR, REAL_DATA, REPO
+from training import real
+
+pytest.importorskip("sklearn")
+pytest.importorskip("matplotlib")
+
+RBSTREAM = [sys.executable, "-m", "service.cli"]
+
+
+@pytest.fixture(scope="module")
+def rubin_alerts():
+    alerts, failures = real.read_alerts(real.alert_files(REAL_DATA / "rubin"))
+    assert not failures
+    return alerts
+
+
+def test_object_split_is_stable_and_keeps_each_object_in_one_split(rubin_alerts):
+    splits = real.by_split(rubin_alerts)
+    objects = {name: {a.object_id for a in group} for name, group in splits.items()}
+    assert not objects["train"] & objects["test"] and not objects["valid"] & objects["test"]
+    assert not objects["train"] & objects["valid"]
+    assert sum(len(g) for g in splits.values()) == len(rubin_alerts)
+    # a hash of the id alone: the same answer whatever else is in the set
+    assert real.by_split(rubin_alerts[::-1])["test"] == splits["test"][::-1]
+    shares = [real.object_split("ztf", f"ZTF{i:08d}") for i in range(4000)]
+    assert abs(shares.count("test") / 4000 - 0.15) < 0.03
+
+
+def test_csv_labels_take_precedence_over_survey_scores_and_unsure_leaves_unlabelled(tmp_path, rubin_alerts):
+    a, b, c = rubin_alerts[:3]
+    (tmp_path / "labels.csv").write_text(f"diaSourceId,label,family\n{a.candidate_id},bogus,ghost\n"
+                                         f"{b.candidate_id},unsure,\n")
+    table = real.read_label_table(tmp_path / "labels.csv")
+    real.assign_labels([a, b, c], [table], ["reliability"], (0.2, 0.8))
+    assert (a.label, a.label_source, a.family) == (0, "labels.csv", "ghost")
+    assert b.label is None  # unsure in the CSV: not replaced by the survey's score
+    expected = 1 if c.survey_scores["reliability"] >= 0.8 else 0 if c.survey_scores["reliability"] < 0.2 else None
+    assert c.label == expected and c.label_source == ("reliability" if expected is not None else None)
+
+
+def test_a_labels_csv_can_name_files_instead_of_ids(tmp_path, rubin_alerts):
+    alert = rubin_alerts[0]
+    (tmp_path / "labels.csv").write_text(f"file,label\nrubin/{alert.file.name},real\n")
+    real.assign_labels([alert], [real.read_label_table(tmp_path / "labels.csv")])
+    assert alert.label == 1
+
+
+def test_bad_labels_are_refused_with_the_line(tmp_path):
+    (tmp_path / "labels.csv").write_text("candid,label\n1,real\n2,maybe\n")
+    with pytest.raises(real.LabelError, match="labels.csv:3: label 'maybe'"):
+        real.read_label_table(tmp_path / "labels.csv")
+
+
+def test_evaluate_writes_the_report_and_plots_with_the_survey_score_beside_ours(tmp_path):
+    """ZTF alerts labelled by drb, plus an undecodable file that is counted with its reason."""
+    folder = tmp_path / "alerts"
+    folder.mkdir()
+    files = sorted((REAL_DATA / "ztf").glob("*.avro"))[:120]
+    for path in files:
+        (folder / path.name).write_bytes(path.read_bytes())
+    (folder / "broken.avro").write_bytes(b"Obj\x01 not an alert")
+    out = tmp_path / "report"
+    result = subprocess.run(RBSTREAM + ["evaluate", str(folder), "--labels", "none", "--label-from", "drb",
+                                        "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["files"] == len(files) + 1 and report["undecodable"] == 1
+    assert report["undecodable_examples"][0][0] == "broken.avro"
+    ztf = report["surveys"]["ztf"]
+    assert ztf["model"]["name"] == json.loads((MODELS_DIR / "ztf" / "model_card.json").read_text())["name"]
+    # the numbers are those of scikit-learn on the same scores and drb labels
+    from sklearn.metrics import roc_auc_score
+
+    from service.model import Scorer
+
+    alerts, _ = real.read_alerts(files)
+    labelled = [a for a in alerts if "drb" in a.survey_scores]
+    labels = np.array([a.survey_scores["drb"] >= 0.5 for a in labelled])
+    scorer = Scorer(MODELS_DIR / "ztf", device="cpu")
+    scores = scorer.score(real.stamps(labelled, scorer.contract)[0])
+    assert ztf["n_labelled"] == len(labelled)
+    assert ztf["ours"]["roc_auc"] == pytest.approx(roc_auc_score(labels, scores), abs=1e-6)
+    assert ztf["survey_scores"]["rb"]["theirs"]["n"] == len(labelled)
+    assert ztf["survey_scores"]["drb"]["ours_on_same"]["accuracy"] == pytest.approx(
+        np.mean((scores >= scorer.threshold) == labels), abs=1e-9)
+    for name in ("roc_ztf.png", "reliability_ztf.png", "histogram_ztf.png", "disagreements_ztf.png", "report.md"):
+        assert (out / name).stat().st_size > 1000, name
+    assert "drb (survey)" in (out / "report.md").read_text()
+
+
+def test_evaluate_on_the_held_out_rubin_split_uses_the_eye_labels(tmp_path, rubin_alerts):
+    from training.evaluate import evaluate
+
+    report = evaluate([REAL_DATA / "rubin"], tmp_path, label_tables=[EYE_LABELS], label_from=(), split="test")
+    rubin = report["surveys"]["rubin"]
+    test = real.by_split(rubin_alerts)["test"]
+    table = real.read_label_table(EYE_LABELS)
+    expected = [table.get(a) for a in test]
+    assert rubin["n_alerts"] == len(test)
+    assert rubin["n_labelled"] == sum(1 for e in expected if e is not None and e[0] is not None)
+    assert set(rubin["label_sources"]) == {"eye_labels.csv"}
+    bogus = sum(1 for e in expected if e is not None and e[0] == 0)
+    assert sum(v["n"] for v in rubin["scored_real_by_family"].values()) == bogus
