@@ -85,13 +85,13 @@ def _defaults(args) -> int:
             shutil.rmtree(root)  # a fresh run: stale checkpoints must not be resumed by accident
         stages = {"simulation_only": root / "simulation"}
         card = train(load_config(builtin_config(survey), _overrides(args)), stages["simulation_only"],
-                     resume=stages["simulation_only"] if args.resume else None)
+                     resume=_resumable(stages["simulation_only"], args))
         adapt_config = adaptation_config(survey)
         if adapt_config is not None:
             stages["adapted"] = root / "adapted"
             config = load_config(adapt_config, {**_overrides(args),
                                                 "finetune": {"from": str(stages["simulation_only"])}})
-            card = train(config, stages["adapted"], resume=stages["adapted"] if args.resume else None)
+            card = train(config, stages["adapted"], resume=_resumable(stages["adapted"], args))
             card.update(side_by_side(config, stages, stages["adapted"]))
             write_card(card, stages["adapted"])
         final = list(stages.values())[-1]
@@ -99,6 +99,11 @@ def _defaults(args) -> int:
         _summary(card, target)
     print(f"default models {', '.join(surveys)} trained in {time.time() - started:.0f} s")
     return 0
+
+
+def _resumable(run_dir: Path, args) -> Path | None:
+    """``run_dir`` when ``--resume`` was asked and it holds a checkpoint (a stage not begun starts afresh)."""
+    return run_dir if args.resume and (run_dir / "checkpoints").is_dir() else None
 
 
 def _summary(card: dict, where: Path) -> None:

@@ -148,6 +148,9 @@ TABLES: dict[str, dict[str, Key]] = {
         "rehearsal": Key("int", 0, "source = alerts: simulated stamps ([simulator]) mixed into the training split, "
                          "so that fine-tuning does not forget what simulations teach", check=lambda v: v >= 0,
                          accepted="an integer >= 0"),
+        "rehearsal_valid": Key("int", 0, "source = alerts: simulated stamps added to the validation split (early "
+                               "stopping and calibration), when the labelled alerts there lack a class",
+                               check=lambda v: v >= 0, accepted="an integer >= 0"),
         "balance": Key("bool", False, "source = alerts: repeat the rarer class of real training alerts until both "
                        "are as frequent"),
         "real_repeat": Key("int", 1, "source = alerts: how many times each real training alert is shown per epoch",

@@ -247,6 +247,11 @@ def alerts(config, contract: StampContract, progress: bool = False) -> dict[str,
         rehearsal.kinds = np.array([f"simulated {k}" for k in rehearsal.kinds])
         train = _concat([train, rehearsal])
     splits["train"] = train
+    if d["rehearsal_valid"]:
+        # too few labelled alerts of one class to validate and calibrate on: add simulated ones
+        simulated_valid = _simulate(config, contract, d["rehearsal_valid"], seed=config.seed * 10 + 4)
+        simulated_valid.kinds = np.array([f"simulated {k}" for k in simulated_valid.kinds])
+        splits["valid"] = _concat([splits["valid"], simulated_valid])
     return splits
 
 
@@ -308,7 +313,8 @@ def load_datasets(config, contract: StampContract, progress: bool = False) -> tu
             if source == "chunks" else {k: config.table("data")[k] for k in ("alerts", "labels", "triplets")}
         if source == "alerts":
             where.update({k: config.table("data")[k] for k in (
-                "label_from", "weak_label_bands", "split", "holdout", "rehearsal", "balance", "real_repeat")})
+                "label_from", "weak_label_bands", "split", "holdout", "rehearsal", "rehearsal_valid", "balance",
+                "real_repeat")})
             where["kinds"] = {split: dict(Counter(d.kinds.tolist())) for split, d in splits.items()}
     for split, d in splits.items():
         if len(d) == 0:

@@ -322,8 +322,9 @@ def train(config: TrainConfig, run_dir: str | Path, resume: str | Path | None = 
     threshold = float(config.table("export")["threshold"])
     calibration = None
     if config.table("export")["calibration"] == "temperature":
-        population = (f"the validation split of data.source = {data_info['source']}: {len(valid_set)} samples, "
-                      f"{valid_set.labels.mean():.1%} real")
+        simulated = 0 if valid_set.kinds is None else sum(str(k).startswith("simulated") for k in valid_set.kinds)
+        population = (f"the validation split of data.source = {data_info['source']}: {len(valid_set)} samples "
+                      f"({simulated} of them simulated), {valid_set.labels.mean():.1%} real")
         try:
             calibration = calibrate(predict(net, valid_x, normalised), valid_set.labels, population)
         except CalibrationError as exc:
