@@ -301,6 +301,9 @@ def test_defaults_trains_both_stages_and_publishes_each_survey(tmp_path, monkeyp
         # the test split is whole objects that training never saw
         train_objects = {a.object_id for a in real_split(survey, "train")}
         assert not train_objects & {a.object_id for a in real_split(survey, "test")}
+        roc = card["real_validation"]["roc"]
+        assert len(roc["fpr"]) == len(roc["tpr"]) == len(roc["thresholds"]) and roc["fpr"][-1] == 1.0
+        assert sum(card["real_validation"]["score_histogram"]["counts"]) == card["real_validation"]["n"]
         for stage in ("simulation_only", "adapted"):
             assert card["real_test"][stage]["n_labelled"] > 0
             assert card["synthetic_test"][stage]["n"] == TINY["N_test"]

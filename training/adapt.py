@@ -10,7 +10,9 @@ then scores, with the exported ONNX files, on the same held-out data:
 * the synthetic test set of stage 1, so that what simulations teach is seen not to be lost.
 
 The result goes into the adapted model's card (``real_test``, ``synthetic_test``) and a
-ROC plot (``real_roc.png``).
+ROC plot (``real_roc.png``). The card also gets ``real_validation``: the adapted model's
+ROC points and score distribution on the real validation split, for operators to set a
+threshold by error rate and to watch the score distribution of a stream drift.
 """
 
 from __future__ import annotations
@@ -29,13 +31,30 @@ EVALUATION_THRESHOLD = 0.5
 REAL_ROC = "real_roc.png"
 
 
-def real_test_split(config) -> list[real.RealAlert]:
-    """The real test split of an ``alerts`` config, with evaluation labels."""
+def real_splits(config) -> dict[str, list[real.RealAlert]]:
+    """The real alerts of an ``alerts`` config by object split, with evaluation labels."""
     d = config.table("data")
     found, _ = real.read_alerts(real.alert_files(d["alerts"]), d["survey_format"])
     tables = [real.read_label_table(d["labels"])] if d["labels"] else []
     real.assign_labels(found, tables, d["label_from"], (EVALUATION_THRESHOLD, EVALUATION_THRESHOLD))
-    return real.by_split(found, tuple(d["holdout"]))["test"]
+    return real.by_split(found, tuple(d["holdout"]))
+
+
+def validation_reference(alerts: list[real.RealAlert], scores: np.ndarray, bins: int = 20) -> dict:
+    """What operating the model needs from the real validation split: its ROC points (to set a
+    threshold by error rate) and the distribution of its scores (to watch a stream drift from it)."""
+    from training.report import roc_curve
+
+    labels = np.array([-1 if a.label is None else a.label for a in alerts])
+    keep = labels >= 0
+    out = {"n": len(alerts), "n_labelled": int(keep.sum()),
+           "score_histogram": {"edges": np.linspace(0, 1, bins + 1).tolist(),
+                               "counts": np.histogram(scores, bins=bins, range=(0, 1))[0].tolist()}}
+    if len(set(labels[keep])) == 2:
+        fpr, tpr, thresholds = roc_curve(labels[keep], scores[keep])
+        out["roc"] = {"fpr": fpr.tolist(), "tpr": tpr.tolist(),
+                      "thresholds": np.minimum(thresholds, 1.0).tolist()}
+    return out
 
 
 def side_by_side(config, stages: dict[str, Path], out: Path) -> dict:
@@ -53,7 +72,8 @@ def side_by_side(config, stages: dict[str, Path], out: Path) -> dict:
     from training.data import _simulate
 
     threshold = float(config.table("export")["threshold"])
-    test = real_test_split(config)
+    splits = real_splits(config)
+    test = splits["test"]
     synthetic = _simulate(config, config.contract, config.N_test, seed=config.seed * 10 + 2)
     real_test: dict = {"labels": f"human labels, then {list(config.table('data')['label_from']) or 'none'} "
                                  f">= {EVALUATION_THRESHOLD}", "alerts": len(test)}
@@ -66,7 +86,9 @@ def side_by_side(config, stages: dict[str, Path], out: Path) -> dict:
         synthetic_scores = _onnx_scores(Path(run) / MODEL_FILE, synthetic.stamps)
         synthetic_test[name] = metrics(synthetic.labels, synthetic_scores, threshold, synthetic.kinds)
     plot_stages(curves, out / REAL_ROC, config.survey)
-    return {"real_test": real_test, "synthetic_test": synthetic_test}
+    scores, kept, _, _ = score_alerts(splits["valid"], Path(stages["adapted"]) / MODEL_FILE)
+    return {"real_test": real_test, "synthetic_test": synthetic_test,
+            "real_validation": validation_reference(kept, scores)}
 
 
 def _onnx_scores(path: Path, stamps: np.ndarray) -> np.ndarray:
