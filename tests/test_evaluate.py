@@ -100,11 +100,13 @@ def test_evaluate_writes_the_report_and_plots_with_the_survey_score_beside_ours(
 
 
 def test_evaluate_on_the_held_out_rubin_split_uses_the_eye_labels(tmp_path, rubin_alerts):
-    from training.evaluate import evaluate
+    from training.evaluate import evaluate, held_out
 
     report = evaluate([REAL_DATA / "rubin"], tmp_path, label_tables=[EYE_LABELS], label_from=(), split="test")
     rubin = report["surveys"]["rubin"]
-    test = real.by_split(rubin_alerts)["test"]
+    holdout = held_out(MODELS_DIR / "rubin", None)  # the shares the shipped model was trained with
+    assert rubin["holdout"] == list(holdout)
+    test = real.by_split(rubin_alerts, holdout)["test"]
     table = real.read_label_table(EYE_LABELS)
     expected = [table.get(a) for a in test]
     assert rubin["n_alerts"] == len(test)

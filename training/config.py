@@ -23,7 +23,7 @@ from typing import Any, Callable
 from service.contract import CHANNELS, StampContract
 from training.model import ACTIVATIONS, ARCHITECTURES, ArchConfig, canonical_activation
 from training.profiles import PROFILES, get_profile
-from training.real import WEAK_LABELS
+from training.real import DEFAULT_HOLDOUT, WEAK_LABELS
 from training.simulate import BOGUS_KINDS, SimulatorConfig
 
 
@@ -142,7 +142,7 @@ TABLES: dict[str, dict[str, Key]] = {
                                 accepted="[low, high], 0 <= low <= high <= 1"),
         "split": Key("choice", "object", "source = alerts: hold out whole objects (object) or alerts at random "
                      "(random, by N_valid/N_test)", ("object", "random")),
-        "holdout": Key("float_list", [0.15, 0.15], "source = alerts, split = object: share of objects held out for "
+        "holdout": Key("float_list", list(DEFAULT_HOLDOUT), "source = alerts, split = object: share of objects held out for "
                        "validation and test", check=lambda v: len(v) == 2 and all(x > 0 for x in v) and sum(v) < 1,
                        accepted="[valid, test], each > 0, sum < 1"),
         "rehearsal": Key("int", 0, "source = alerts: simulated stamps ([simulator]) mixed into the training split, "

@@ -94,7 +94,7 @@ def compare(alerts: Sequence[real.RealAlert], scores: np.ndarray, threshold: flo
 
 def evaluate(spec: Sequence[str | Path], out: str | Path | None = None, models: Mapping[str, str | Path] | None = None,
              label_tables: Sequence[str | Path] = (), label_from: Sequence[str] = ("drb",),
-             label_threshold: float = 0.5, split: str = "all", holdout: tuple[float, float] = (0.15, 0.15),
+             label_threshold: float = 0.5, split: str = "all", holdout: tuple[float, float] | None = None,
              threshold: float | None = None, device: str = "cpu") -> dict:
     """Evaluate models on alert files and write the report.
 
@@ -114,6 +114,8 @@ def evaluate(spec: Sequence[str | Path], out: str | Path | None = None, models: 
         A survey score at or above it is real.
     split : ``all``, ``train``, ``valid`` or ``test``
         Keep only the alerts of this object split (`training.real.object_split`).
+    holdout : (valid, test), optional
+        The split's shares; default: those the model was trained with (`held_out`).
     threshold : float, optional
         Our score at or above it is real; default: each model card's threshold.
     """
@@ -123,9 +125,7 @@ def evaluate(spec: Sequence[str | Path], out: str | Path | None = None, models: 
     alerts, failures = real.read_alerts(files)
     tables = [real.read_label_table(p) for p in label_tables]
     real.assign_labels(alerts, tables, label_from, (label_threshold, label_threshold))
-    if split != "all":
-        alerts = [a for a in alerts if real.object_split(a.survey, a.object_id or str(a.candidate_id), holdout) == split]
-    report: dict = {"files": len(files), "split": split, "holdout": list(holdout),
+    report: dict = {"files": len(files), "split": split, "holdout": None if holdout is None else list(holdout),
                     "labels": {"tables": [str(p) for p in label_tables], "label_from": list(label_from),
                                "label_threshold": label_threshold},
                     "surveys": {}, "undecodable": len(failures),
@@ -135,15 +135,32 @@ def evaluate(spec: Sequence[str | Path], out: str | Path | None = None, models: 
     for survey in sorted({a.survey for a in alerts}):
         group = [a for a in alerts if a.survey == survey]
         model = Path((models or {}).get(survey) or models_dir() / survey)
+        if split != "all":
+            group = [a for a in group if real.object_split(a.survey, a.object_id or str(a.candidate_id),
+                                                           held_out(model, holdout)) == split]
         scores, kept, stamp_failures, identity = score_alerts(group, model, device)
         t = identity["threshold"] if threshold is None else threshold
-        result = {"model": identity, "threshold": t, "unscorable": len(stamp_failures),
+        result = {"model": identity, "threshold": t, "holdout": list(held_out(model, holdout)),
+                  "unscorable": len(stamp_failures),
                   "unscorable_examples": stamp_failures[:20], **compare(kept, scores, t)}
         report["surveys"][survey] = result
         plotted[survey] = (kept, scores, t)
     if out is not None:
         write_report(report, plotted, Path(out))
     return report
+
+
+def held_out(model: Path, holdout: tuple[float, float] | None) -> tuple[float, float]:
+    """``holdout`` if given, else the one the model was trained with (its card), else the default."""
+    from service.model import CARD_FILE, ModelCard, ModelError
+
+    if holdout is not None:
+        return tuple(holdout)
+    try:
+        card = ModelCard.read((model.parent if model.suffix == ".onnx" else model) / CARD_FILE)
+    except ModelError:
+        return real.DEFAULT_HOLDOUT
+    return tuple(card.raw.get("data", {}).get("holdout") or real.DEFAULT_HOLDOUT)
 
 
 def _reason_kind(reason: str) -> str:
@@ -342,6 +359,9 @@ def add_arguments(parser) -> None:
                         help="a survey score at or above this is a real label (default 0.5)")
     parser.add_argument("--split", choices=("all", *real.SPLITS), default="all",
                         help="only the alerts of this object split (the split training holds out is 'test')")
+    parser.add_argument("--holdout", type=float, nargs=2, default=None, metavar=("VALID", "TEST"),
+                        help="with --split: the shares of objects held out (default: the model card's, else "
+                             "0.15 0.15)")
     parser.add_argument("--threshold", type=float, default=None,
                         help="our score at or above this is real (default: the model card's threshold)")
     parser.add_argument("--out", type=Path, default=Path("evaluation"), help="report folder (default evaluation/)")
@@ -374,7 +394,8 @@ def main(args) -> int:
         tables = [Path(p) for p in args.labels if p.lower() != "none"]
     try:
         report = evaluate(args.alerts, args.out, _models(args.model), tables, args.label_from,
-                          args.label_threshold, args.split, threshold=args.threshold, device=args.device)
+                          args.label_threshold, args.split, args.holdout, threshold=args.threshold,
+                          device=args.device)
     except real.LabelError as exc:
         print(f"rbstream evaluate: {exc}", file=sys.stderr)
         return 2

@@ -44,6 +44,8 @@ BOGUS_VALUES = {"0", "bogus", "false", "no", "b"}
 UNSURE_VALUES = {"unsure", "?", "skip", ""}
 ID_COLUMNS = ("candid", "diaSourceId", "candidate_id", "id")
 SPLITS = ("train", "valid", "test")
+#: Shares of objects held out for validation and test, unless a config says otherwise.
+DEFAULT_HOLDOUT = (0.15, 0.15)
 
 
 class LabelError(ValueError):
@@ -99,10 +101,6 @@ class RealAlert:
     label: int | None = None
     label_source: str | None = None
     family: str | None = None
-
-    @property
-    def split(self) -> str:
-        return object_split(self.survey, self.object_id or str(self.candidate_id))
 
 
 def survey_scores(survey: str, record: Mapping) -> dict[str, float]:
@@ -206,7 +204,7 @@ def assign_labels(alerts: Sequence[RealAlert], tables: Sequence[LabelTable] = ()
 
 
 # --------------------------------------------------------------------------- splits
-def object_split(survey: str, object_id: str, holdout: tuple[float, float] = (0.15, 0.15)) -> str:
+def object_split(survey: str, object_id: str, holdout: tuple[float, float] = DEFAULT_HOLDOUT) -> str:
     """``train``, ``valid`` or ``test`` for an object, from a stable hash of its survey and id.
 
     ``holdout`` is the (validation, test) share of objects.
@@ -217,7 +215,7 @@ def object_split(survey: str, object_id: str, holdout: tuple[float, float] = (0.
     return "test" if u < test else "valid" if u < test + valid else "train"
 
 
-def by_split(alerts: Sequence[RealAlert], holdout: tuple[float, float] = (0.15, 0.15)) -> dict[str, list[RealAlert]]:
+def by_split(alerts: Sequence[RealAlert], holdout: tuple[float, float] = DEFAULT_HOLDOUT) -> dict[str, list[RealAlert]]:
     out: dict[str, list[RealAlert]] = {s: [] for s in SPLITS}
     for alert in alerts:
         out[object_split(alert.survey, alert.object_id or str(alert.candidate_id), holdout)].append(alert)
