@@ -66,6 +66,10 @@ from service.schemas import (
 
 #: Surveys `decode_message` accepts for its ``survey`` argument.
 SURVEYS = ("auto", "ztf", "rubin")
+#: The survey's own real/bogus scores an alert may carry, in its detection record (ZTF
+#: ``candidate``, Rubin ``diaSource``), best first: braai's ``drb``, then the random forest's ``rb``.
+SURVEY_SCORES: Mapping[str, tuple[str, ...]] = {"ztf": ("drb", "rb"), "rubin": ("reliability",)}
+DETECTION_RECORD: Mapping[str, str] = {"ztf": "candidate", "rubin": "diaSource"}
 
 #: Alert field of each raw image (same names in ZTF and Rubin alerts).
 CUTOUT_FIELDS: Mapping[str, str] = {
@@ -676,7 +680,7 @@ def _ztf_alert(record: dict) -> Alert:
         images=images,
         centre=ztf_source_position(images["difference"].shape, candidate),
         record=record,
-        **_survey_score(candidate, ("drb", "rb")),
+        **_survey_score(candidate, SURVEY_SCORES["ztf"]),
     )
 
 
@@ -709,7 +713,7 @@ def _rubin_alert(record: dict) -> Alert:
         images=_read_cutouts(record, label),
         centre=None,
         record=record,
-        **_survey_score(source, ("reliability",)),
+        **_survey_score(source, SURVEY_SCORES["rubin"]),
     )
 
 

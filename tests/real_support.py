@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import csv
-import os
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO
-
-REAL_DATA = Path(os.environ.get("RBSTREAM_REAL_DATA", REPO.parent / "shared" / "real"))
+from conftest import REAL_DATA
 
 
 def real_files() -> list[Path]:

@@ -351,8 +351,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--labels", action="append", default=None, metavar="CSV",
                         help="labels CSV (candid/diaSourceId/id or file, label real/bogus/unsure[, family]); "
                              "repeatable, first wins; default: the project's eye labels; 'none' for no CSV")
-    parser.add_argument("--label-from", nargs="*", default=["drb"], choices=sorted(
-                        {n for scores in real.SURVEY_SCORES.values() for n in scores}), metavar="SCORE",
+    parser.add_argument("--label-from", nargs="*", default=["drb"], choices=real.WEAK_LABELS, metavar="SCORE",
                         help="survey scores used as labels where no CSV labels an alert, first present first "
                              "(drb, rb, reliability; default drb; none: give the flag alone)")
     parser.add_argument("--label-threshold", type=float, default=0.5,

@@ -29,15 +29,12 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
+from service.alerts import DETECTION_RECORD, SURVEY_SCORES, DecodeError, decode_message
+
 log = logging.getLogger(__name__)
 
-#: The survey scores an alert may carry, by survey: field of the record and what it is.
-SURVEY_SCORES = {
-    "ztf": {"drb": ("candidate", "drb"), "rb": ("candidate", "rb")},
-    "rubin": {"reliability": ("diaSource", "reliability")},
-}
 #: Every survey score that can serve as a weak label.
-WEAK_LABELS = tuple(name for scores in SURVEY_SCORES.values() for name in scores)
+WEAK_LABELS = tuple(name for names in SURVEY_SCORES.values() for name in names)
 #: Label values accepted in a labels CSV.
 REAL_VALUES = {"1", "real", "true", "yes", "r"}
 BOGUS_VALUES = {"0", "bogus", "false", "no", "b"}
@@ -104,20 +101,17 @@ class RealAlert:
 
 
 def survey_scores(survey: str, record: Mapping) -> dict[str, float]:
-    """The survey's own real/bogus scores carried by an alert record (those present and finite)."""
-    out = {}
-    for name, (parent, key) in SURVEY_SCORES.get(survey, {}).items():
-        holder = record.get(parent)
-        value = holder.get(key) if isinstance(holder, Mapping) else None
-        if value is not None and np.isfinite(value):
-            out[name] = float(value)
-    return out
+    """Every real/bogus score of the survey's own that an alert record carries (present and finite)."""
+    detection = record.get(DETECTION_RECORD[survey])
+    if not isinstance(detection, Mapping):
+        return {}
+    values = {name: detection.get(name) for name in SURVEY_SCORES[survey]}
+    return {name: float(v) for name, v in values.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)}
 
 
 def read_alerts(files: Iterable[Path], survey: str = "auto") -> tuple[list[RealAlert], list[tuple[str, str]]]:
     """Decode every file; returns the alerts and the ``(file, reason)`` of those that failed."""
-    from service.alerts import DecodeError, decode_message
-
     alerts, failures = [], []
     for path in files:
         path = Path(path)
