@@ -115,7 +115,7 @@ def plot_stages(curves: dict, path: Path, survey: str) -> None:
         RocCurveDisplay.from_predictions(labels[keep], scores[keep], ax=ax, name=f"rbstream, {name}")
         if not survey_drawn:
             for score in sorted({n for a in alerts for n in a.survey_scores}):
-                has = keep & np.array([score in a.survey_scores for a in alerts])
+                has = keep & np.array([score in a.survey_scores and a.label_source != score for a in alerts])
                 if len(set(labels[has])) == 2:
                     theirs = np.array([a.survey_scores.get(score, np.nan) for a in alerts])
                     RocCurveDisplay.from_predictions(labels[has], theirs[has], ax=ax, name=f"{score} (survey)",

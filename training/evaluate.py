@@ -59,8 +59,9 @@ def score_alerts(alerts: Sequence[real.RealAlert], model: str | Path, device: st
 def compare(alerts: Sequence[real.RealAlert], scores: np.ndarray, threshold: float) -> dict:
     """Metrics of ``scores`` and of every survey score, on the labelled alerts.
 
-    Each survey score is compared on the alerts that carry it, with ours on the same
-    alerts beside it (``ours_on_same``), so the two are judged on one population.
+    Each survey score is compared on the alerts that carry it and whose label it did not
+    give itself, with ours on the same alerts beside it (``ours_on_same``), so the two are
+    judged on one population by labels independent of both.
     """
     labels = np.array([a.label if a.label is not None else -1 for a in alerts])
     labelled = labels >= 0
@@ -70,7 +71,7 @@ def compare(alerts: Sequence[real.RealAlert], scores: np.ndarray, threshold: flo
                  "survey_scores": {}}
     names = sorted({n for a in alerts for n in a.survey_scores})
     for name in names:
-        has = np.array([name in a.survey_scores for a in alerts]) & labelled
+        has = np.array([name in a.survey_scores and a.label_source != name for a in alerts]) & labelled
         theirs = np.array([a.survey_scores.get(name, np.nan) for a in alerts])
         if has.any():
             out["survey_scores"][name] = {
@@ -219,9 +220,8 @@ def markdown(report: dict) -> str:
                   f"({r['label_sources']}); our threshold {r['threshold']:g}, the survey's 0.5.", "",
                   METRIC_HEADER, metric_row("ours (all labelled)", r["ours"])]
         for name, pair in r["survey_scores"].items():
-            circular = " — also the label" if name in report["labels"]["label_from"] else ""
-            lines += [metric_row(f"ours (alerts with {name})", pair["ours_on_same"]),
-                      metric_row(f"{name} (survey){circular}", pair["theirs"])]
+            lines += [metric_row(f"ours (alerts with {name}, not labelled by it)", pair["ours_on_same"]),
+                      metric_row(f"{name} (survey)", pair["theirs"])]
         for name, bands in r.get("mean_score_by_survey_score", {}).items():
             lines += ["", f"Our mean score by {name}: " + ", ".join(
                 f"{band}: {b['mean_ours']:.3f} (n={b['n']})" for band, b in bands.items())]
@@ -251,7 +251,7 @@ def plot_roc(alerts, scores, labels, path: Path, survey: str) -> None:
     if len(set(labels[labelled])) == 2:
         RocCurveDisplay.from_predictions(labels[labelled], scores[labelled], ax=ax, name="rbstream (all labelled)")
         for name in sorted({n for a in alerts for n in a.survey_scores}):
-            has = np.array([name in a.survey_scores for a in alerts]) & labelled
+            has = np.array([name in a.survey_scores and a.label_source != name for a in alerts]) & labelled
             if len(set(labels[has])) == 2:
                 theirs = np.array([a.survey_scores.get(name, np.nan) for a in alerts])
                 RocCurveDisplay.from_predictions(labels[has], scores[has], ax=ax, name=f"rbstream (with {name})")

@@ -7,7 +7,7 @@ Labels, in order of precedence:
 
 1. a labels CSV (human labels, such as ``training/labels/eye_labels.csv``), matched by
    alert id (``candid``, ``diaSourceId`` or ``id``) or by file name; ``label`` is
-   real/bogus (1/0, true/false) or ``unsure``, which leaves the alert unlabelled;
+   real/bogus (1/0, true/false) or ``unsure``, which is no label;
 2. the alert's own survey score (``label_from``: ``drb``, ``rb``, ``reliability``, the
    first one the alert carries), read as a weak label: at or above the upper band edge
    real, below the lower edge bogus, in between unlabelled.
@@ -175,8 +175,8 @@ def assign_labels(alerts: Sequence[RealAlert], tables: Sequence[LabelTable] = ()
     Parameters
     ----------
     tables : sequence of LabelTable
-        Human labels, first table first. An ``unsure`` there leaves the alert unlabelled
-        even when it carries a survey score.
+        Human labels, first table first. An ``unsure`` there is no label: the survey score
+        (if any) still labels the alert, since it is then the best information there is.
     label_from : sequence of str
         Survey scores to fall back on, first present first (``drb``, ``rb``, ``reliability``).
     bands : (low, high)
@@ -186,7 +186,8 @@ def assign_labels(alerts: Sequence[RealAlert], tables: Sequence[LabelTable] = ()
     low, high = bands
     for alert in alerts:
         alert.label = alert.label_source = alert.family = None
-        found = next(((t.source, hit) for t in tables if (hit := t.get(alert)) is not None), None)
+        found = next(((t.source, hit) for t in tables if (hit := t.get(alert)) is not None and hit[0] is not None),
+                     None)
         if found is not None:
             alert.label_source, (alert.label, alert.family) = found
             continue
