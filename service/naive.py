@@ -15,7 +15,7 @@ import warnings
 import fastavro
 import numpy as np
 
-from service.alerts import CUTOUT_FIELDS
+from service.alerts import CUTOUT_FIELDS, NEGATIVE_DETECTION
 
 
 def naive_decode(message: bytes) -> dict[str, np.ndarray]:
@@ -44,4 +44,7 @@ def naive_decode(message: bytes) -> dict[str, np.ndarray]:
             warnings.simplefilter("ignore")
             with fits.open(io.BytesIO(data)) as hdus:
                 images[name] = np.asarray(hdus[0].data, dtype=np.float32)
+    candidate = record.get("candidate")
+    if isinstance(candidate, dict) and str(candidate.get("isdiffpos", "t")).lower() in NEGATIVE_DETECTION:
+        images["difference"] = np.negative(images["difference"])  # the same contract as the fast path
     return images

@@ -162,7 +162,8 @@ def test_a_message_that_crashes_the_decoder_kills_only_an_isolated_worker(broker
             if message is poison:
                 (letter,) = letters[offset]
                 reason = letter.headers[pipeline.HEADER_REASON]
-                assert "decoder crashed" in reason and "SIGSEGV" in reason, reason
+                # a stack overflow in C: SIGSEGV, or an abort of the worker (how it dies varies)
+                assert "decoder crashed" in reason and ("SIGSEGV" in reason or "exited with status" in reason), reason
                 assert letter.headers[pipeline.HEADER_REASON_KIND] == "decode"
                 assert offset not in scores
             else:
