@@ -13,8 +13,9 @@ Three methods (`METHODS`):
     by Captum's ``Saliency`` on the model's torch weights (`service.gradients`).
 ``integrated-gradients``
     Captum's ``IntegratedGradients`` (Sundararajan et al. 2017) from a configurable
-    baseline with a configurable number of steps; the result carries its completeness
-    error, sum(attributions) - (score(x) - score(baseline)), the method's own check.
+    baseline with a configurable number of steps, on a path refined where the score
+    changes fast (`service.gradients.integrated_gradients`); the result carries its
+    completeness error, sum(attributions) - (score(x) - score(baseline)), the method's own check.
 
 The exported graph normalises in-graph, so attributions are with respect to the raw
 pixels (ADU) the service receives: a map's units are "score per ADU" (saliency) or
@@ -61,7 +62,7 @@ class GradientOptions:
     """Integrated gradients: the baseline (`service.gradients.BASELINES`) and the number of steps."""
 
     baseline: str = "blur"
-    steps: int = 64
+    steps: int = 256
 
     def __post_init__(self):
         from service.gradients import BASELINES

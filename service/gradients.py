@@ -121,9 +121,22 @@ def make_baseline(stamps: np.ndarray, kind: str) -> np.ndarray:
     return np.where(finite, baseline, np.nan).astype(np.float32)
 
 
-def integrated_gradients(graph, stamps: np.ndarray, baseline: str | np.ndarray = "blur", steps: int = 64
-                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Captum's ``IntegratedGradients`` (Gauss-Legendre, ``steps`` points) from ``baseline``.
+#: Gauss-Legendre points per piece of the path when integrated gradients refine it.
+SEGMENT_STEPS = 16
+
+
+def integrated_gradients(graph, stamps: np.ndarray, baseline: str | np.ndarray = "blur", steps: int = 256,
+                         refine: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Captum's ``IntegratedGradients`` from ``baseline``, with ``steps`` gradient evaluations per stamp.
+
+    The model's score is a calibrated sigmoid: along the path from a sourceless baseline it
+    often jumps from ~0 to ~1 over a small fraction of the way, which a fixed rule of 64
+    points misses (completeness errors of 0.1-0.3 on real ZTF alerts; 0.01-0.09 with 1024).
+    With ``refine``, integrated gradients being additive along the path, the path is cut
+    into pieces, each integrated by Captum with `SEGMENT_STEPS` Gauss-Legendre points, and
+    the piece with the largest completeness error is halved until ``steps`` are spent; the
+    sum over pieces is the attribution. Without it (or with fewer than ``2 * SEGMENT_STEPS``
+    steps) Captum integrates the whole path with ``steps`` points.
 
     Parameters
     ----------
@@ -140,22 +153,54 @@ def integrated_gradients(graph, stamps: np.ndarray, baseline: str | np.ndarray =
     baseline_scores : ndarray
         ``[n]``: score(baseline).
     """
-    torch = _torch()
-    from captum.attr import IntegratedGradients
-
     stamps = np.ascontiguousarray(stamps, dtype=np.float32)
     base = make_baseline(stamps, baseline) if isinstance(baseline, str) else np.asarray(baseline, dtype=np.float32)
     if base.shape != stamps.shape:
         raise ExplainError(f"baseline of shape {base.shape} for stamps of shape {stamps.shape}")
     # Masked in the stamp -> masked in the baseline: the path never un-masks a pixel.
     base = np.where(np.isfinite(stamps), base, np.nan).astype(np.float32)
-    inputs = torch.from_numpy(stamps).requires_grad_(True)
-    maps = IntegratedGradients(graph).attribute(inputs, baselines=torch.from_numpy(base), n_steps=steps,
-                                                internal_batch_size=max(1, len(stamps)) * steps)
-    maps = _clean(maps.detach().numpy(), stamps)
+    if refine and steps >= 2 * SEGMENT_STEPS:
+        maps = np.stack([_refined(graph, stamps[i:i + 1], base[i:i + 1], steps) for i in range(len(stamps))])
+    else:
+        maps = _captum_ig(graph, stamps, base, steps)
+    maps = _clean(maps, stamps)
     baseline_scores = score(graph, base)
     errors = maps.reshape(len(maps), -1).astype(np.float64).sum(-1) - (score(graph, stamps) - baseline_scores)
     return maps, errors, baseline_scores
+
+
+def _captum_ig(graph, stamps: np.ndarray, base: np.ndarray, steps: int) -> np.ndarray:
+    torch = _torch()
+    from captum.attr import IntegratedGradients
+
+    inputs = torch.from_numpy(np.ascontiguousarray(stamps, dtype=np.float32)).requires_grad_(True)
+    maps = IntegratedGradients(graph).attribute(inputs, baselines=torch.from_numpy(np.ascontiguousarray(base)),
+                                                n_steps=steps, internal_batch_size=len(stamps) * steps)
+    # NaN (masked) pixels: gradient 0 times NaN; they carry nothing.
+    return np.nan_to_num(maps.detach().numpy(), nan=0.0)
+
+
+def _refined(graph, stamp: np.ndarray, base: np.ndarray, steps: int) -> np.ndarray:
+    """Integrated gradients of one stamp ``[1, ...]`` over a path cut where the completeness error is largest."""
+    def point(t: float) -> np.ndarray:
+        return (base + np.float32(t) * (stamp - base)).astype(np.float32)
+
+    def piece(a: float, b: float):
+        start, end = point(a), point(b)
+        maps = _captum_ig(graph, end, start, SEGMENT_STEPS)[0]
+        ends = score(graph, np.concatenate([start, end]))
+        return maps, abs(float(maps.astype(np.float64).sum()) - float(ends[1] - ends[0]))
+
+    pieces = {(0.0, 1.0): piece(0.0, 1.0)}
+    for _ in range(steps // SEGMENT_STEPS - 1):
+        (a, b), _ = max(pieces.items(), key=lambda item: item[1][1])
+        if (b - a) < 1e-6:
+            break
+        del pieces[(a, b)]
+        middle = (a + b) / 2.0
+        pieces[(a, middle)] = piece(a, middle)
+        pieces[(middle, b)] = piece(middle, b)
+    return np.sum([maps for maps, _ in pieces.values()], axis=0)
 
 
 def _fill_masked(stamps: np.ndarray) -> np.ndarray:
