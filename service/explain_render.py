@@ -96,7 +96,7 @@ def render_png(stamp: np.ndarray, explanations: Mapping[str, Explanation], meta:
                                transform=axes[row][-1].transAxes, ha="right", va="top", fontsize=6)
     figure.suptitle(f"{describe(meta)}\nmodel {first.model} {first.model_version}", fontsize=8)
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=80)
+    figure.savefig(buffer, format="png", dpi=80, bbox_inches="tight")
     plt.close(figure)
     return buffer.getvalue()
 
