@@ -88,6 +88,8 @@ class ApiSettings:
         The HTTP server's guards against slow or malformed clients (`service.http_server`).
     scan_alerts : str, optional
         Folder of alert files the scanning page (``GET /scan``) queues.
+    scan_topic, scan_bootstrap_servers, scan_recent
+        Or: the last ``scan_recent`` alerts of this Kafka topic (the stream's input) are the queue.
     scan_labels_dir : str
         Folder of the scanning page's labels (``labels.sqlite``, ``labels.csv``).
     """
@@ -107,6 +109,9 @@ class ApiSettings:
     keep_alive_timeout_s: float = KEEP_ALIVE_S
     max_header_bytes: int = 16 * 1024
     scan_alerts: str | None = None
+    scan_topic: str | None = None
+    scan_bootstrap_servers: str | None = None
+    scan_recent: int = 200
     scan_labels_dir: str = "scan-labels"
 
 
@@ -285,7 +290,7 @@ def _add_explanation_routes(app: FastAPI, classify_service, scorers: Mapping, se
     app.state.explainer = Explainer(scorers, device=settings.device)
     add_explain_route(app, classify_service, app.state.explainer, settings,
                       {**_ERRORS, **(_AUTH_ERRORS if auth.enabled else {})})
-    add_scan_routes(app, app.state.explainer, scorers, settings.scan_alerts, settings.scan_labels_dir)
+    add_scan_routes(app, app.state.explainer, scorers, settings)
 
 
 def body_is_raw(request: Request) -> bool:
@@ -729,6 +734,13 @@ def add_arguments(parser) -> None:
                         help="most bytes of request line and headers; 400 beyond (env RBSTREAM_API_MAX_HEADER_BYTES)")
     parser.add_argument("--scan-alerts", default=env("RBSTREAM_SCAN_ALERTS"), metavar="DIR",
                         help="folder of alert files the scanning page GET /scan queues (env RBSTREAM_SCAN_ALERTS)")
+    parser.add_argument("--scan-topic", default=env("RBSTREAM_SCAN_TOPIC"), metavar="TOPIC",
+                        help="instead of --scan-alerts: queue the last --scan-recent alerts of this Kafka topic "
+                             "(env RBSTREAM_SCAN_TOPIC)")
+    parser.add_argument("--scan-bootstrap-servers", default=env("RBSTREAM_SCAN_BOOTSTRAP_SERVERS", "localhost:9092"),
+                        metavar="HOST:PORT", help="broker of --scan-topic (env RBSTREAM_SCAN_BOOTSTRAP_SERVERS)")
+    parser.add_argument("--scan-recent", type=int, default=int(env("RBSTREAM_SCAN_RECENT", defaults.scan_recent)),
+                        help="how many of the topic's last alerts the queue holds (env RBSTREAM_SCAN_RECENT)")
     parser.add_argument("--scan-labels-dir", default=env("RBSTREAM_SCAN_LABELS_DIR", defaults.scan_labels_dir),
                         metavar="DIR", help="folder of the scanning page's labels: labels.sqlite and labels.csv, "
                                             "the CSV training reads (env RBSTREAM_SCAN_LABELS_DIR)")
@@ -743,7 +755,9 @@ def settings_from_args(args) -> ApiSettings:
                        limits=limits_from_args(args), max_concurrent_decodes=args.max_concurrent_decodes,
                        header_timeout_s=args.header_timeout_s, body_timeout_s=args.body_timeout_s,
                        keep_alive_timeout_s=args.keep_alive_timeout_s, max_header_bytes=args.max_header_bytes,
-                       scan_alerts=args.scan_alerts, scan_labels_dir=args.scan_labels_dir)
+                       scan_alerts=args.scan_alerts, scan_topic=args.scan_topic,
+                       scan_bootstrap_servers=args.scan_bootstrap_servers, scan_recent=args.scan_recent,
+                       scan_labels_dir=args.scan_labels_dir)
 
 
 def main(args) -> int:

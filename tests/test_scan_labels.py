@@ -66,7 +66,7 @@ def test_the_export_is_read_by_training(tmp_path):
         items = client.get("/scan/api/queue").json()["items"]
         assert len(items) == 2
         for item, label in zip(items, ("real", "bogus")):
-            answer = client.post("/scan/api/labels", json={"index": item["index"], "label": label, "labeller": "ann",
+            answer = client.post("/scan/api/labels", json={"key": item["key"], "label": label, "labeller": "ann",
                                                            "family": "noise peak" if label == "bogus" else ""})
             assert answer.status_code == 200, answer.text
         exported = client.get("/scan/api/labels.csv").text
@@ -82,11 +82,13 @@ def test_labelling_refuses_bad_requests_and_unknown_candidates(tmp_path):
     alerts.mkdir()
     shutil.copy(ztf_fits_files()[0], alerts)
     with make_client(scan_alerts=str(alerts), scan_labels_dir=str(tmp_path / "labels")) as client:
-        assert client.post("/scan/api/labels", json={"index": 5, "label": "real", "labeller": "a"}).status_code == 404
-        answer = client.post("/scan/api/labels", json={"index": 0, "label": "maybe", "labeller": "a"})
+        (item,) = client.get("/scan/api/queue").json()["items"]
+        unknown = client.post("/scan/api/labels", json={"key": "ztf:5", "label": "real", "labeller": "a"})
+        assert unknown.status_code == 404 and "ztf:5" in unknown.json()["detail"]
+        answer = client.post("/scan/api/labels", json={"key": item["key"], "label": "maybe", "labeller": "a"})
         assert answer.status_code == 422 and "accepted" in answer.json()["detail"]
-        assert client.post("/scan/api/labels", json={"index": 0, "label": "real"}).status_code == 422
-        assert client.get("/scan/api/candidate/3").status_code == 404
+        assert client.post("/scan/api/labels", json={"key": item["key"], "label": "real"}).status_code == 422
+        assert client.get("/scan/api/candidate/ztf:3").status_code == 404
 
 
 def test_the_page_is_served_whole_and_offline():
@@ -95,3 +97,48 @@ def test_the_page_is_served_whole_and_offline():
     assert page.status_code == 200 and "text/html" in page.headers["content-type"]
     # Nothing fetched from elsewhere: no external script, style or font.
     assert "http://" not in page.text and "https://" not in page.text
+
+
+@pytest.mark.kafka
+def test_the_queue_can_be_the_last_alerts_of_the_stream(broker, tmp_path):
+    """The last N alerts of the topic the consumer scores, newest included after a refresh; the consumer's
+    own offsets untouched (no commits)."""
+    from confluent_kafka import Producer
+
+    from streaming import create_topic, unique
+
+    topic = unique("scan-alerts")
+    create_topic(broker.bootstrap_servers, topic)
+    producer = Producer({"bootstrap.servers": broker.bootstrap_servers})
+    files = ztf_fits_files()[:4]
+    for path in files[:3]:
+        producer.produce(topic, path.read_bytes())
+    producer.flush(10)
+    settings = dict(scan_topic=topic, scan_bootstrap_servers=broker.bootstrap_servers, scan_recent=2,
+                    scan_labels_dir=str(tmp_path / "labels"))
+    with make_client(**settings) as client:
+        first = client.get("/scan/api/queue").json()
+        assert "last 2 alerts" in first["source"]
+        ids = [item["id"] for item in first["items"]]
+        from api_support import decoded
+
+        assert ids == [str(decoded(p).candidate_id) for p in files[1:3]]
+        producer.produce(topic, files[3].read_bytes())
+        producer.flush(10)
+        assert [i["id"] for i in client.get("/scan/api/queue").json()["items"]] == ids  # no refresh: same queue
+        refreshed = [i["id"] for i in client.get("/scan/api/queue?refresh=true").json()["items"]]
+        assert refreshed == [str(decoded(p).candidate_id) for p in files[2:4]]
+        # A candidate shown before the refresh can still be labelled: labels go by key, not position.
+        answer = client.post("/scan/api/labels", json={"key": first["items"][0]["key"], "label": "real",
+                                                       "labeller": "ann"})
+        assert answer.status_code == 200, answer.text
+
+
+def test_an_unreachable_stream_is_a_clear_503(tmp_path):
+    from service.broker import free_port
+
+    settings = dict(scan_topic="alerts", scan_bootstrap_servers=f"127.0.0.1:{free_port('127.0.0.1')}",
+                    scan_labels_dir=str(tmp_path / "labels"))
+    with make_client(**settings) as client:
+        answer = client.get("/scan/api/queue")
+    assert answer.status_code == 503 and "cannot read the scanning queue" in answer.json()["detail"]
