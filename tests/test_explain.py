@@ -4,7 +4,6 @@ real detections, and the completeness of integrated gradients."""
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
