@@ -166,3 +166,32 @@ def test_the_token_protects_explain():
         assert post(c, "/explain", json_body=good_request()).status_code == 401
         answer = post(c, "/explain", json_body=good_request(), headers={"authorization": "Bearer s3cret"})
         assert answer.status_code == 200, answer.text
+
+
+def test_classify_is_answered_while_an_explanation_runs():
+    """An explanation runs off the event loop: a /classify sent after a long /explain is answered
+    while the explanation is still running (were it on the loop, /classify would wait for it)."""
+    import asyncio
+
+    import httpx
+
+    from api_support import real_scorers
+    from service.api import ApiSettings, create_app
+
+    app = create_app(real_scorers(), ApiSettings(), auth=TokenAuth())
+    body = good_request()
+    body["candidates"] *= 4  # window 3, stride 1: ~10,000 occluded stamps
+
+    async def scenario():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=600) as client:
+            explaining = asyncio.create_task(client.post("/explain?window=3&stride=1", json=body))
+            await asyncio.sleep(0.2)  # let the explanation start
+            classified = await client.post("/classify", json=good_request())
+            still_running = not explaining.done()
+            explained = await explaining
+        return classified, still_running, explained
+
+    classified, still_running, explained = asyncio.run(scenario())
+    assert classified.status_code == 200 and still_running
+    assert explained.status_code == 200 and len(explained.json()["results"]) == 4
