@@ -1,6 +1,6 @@
 """Draw `docs/explain_<method>.png`: one picture per explanation method on a real ZTF alert.
 
-The alert is a real point source on a galaxy (eye-labelled real in
+The alert is a clean positive PSF residual on a variable star (eye-labelled real in
 ``training/labels/eye_labels.csv``); the pictures are what ``rbstream explain`` writes,
 one method each. Run from the repository root, with the shared real alerts beside it::
 

@@ -177,7 +177,10 @@ def add_scan_routes(app: FastAPI, explainer, scorers: Mapping, settings) -> None
         return app.state.labels
 
     async def candidate_of(key: str) -> Candidate:
-        candidate = await run_in_threadpool(queue.get, key)
+        try:
+            candidate = await run_in_threadpool(queue.get, key)
+        except OSError as exc:  # the stream's broker unreachable
+            raise ApiError(503, f"cannot read the scanning queue from {queue.source}: {exc}") from None
         if candidate is None:
             raise ApiError(404, f"no candidate {key!r} in the queue")
         return candidate
