@@ -123,9 +123,10 @@ def add_explain_route(app: FastAPI, classifier, explainer: Explainer, settings, 
         stride: Annotated[int, Query(ge=1, le=64, description="Occlusion: step of the patch, pixels.")] = 2,
         occlusion_baseline: Annotated[Literal["median", "zero", "masked"], Query(
             description="Occlusion: what the patch is replaced by.")] = "median",
-        baseline: Annotated[Literal["blur", "noise", "zero"], Query(
-            description="Integrated gradients: the baseline stamp.")] = "blur",
-        steps: Annotated[int, Query(ge=2, le=1024, description="Integrated gradients: steps.")] = 64,
+        baseline: Annotated[Literal["noise", "blur", "zero"], Query(
+            description="Integrated gradients: the baseline stamp.")] = "noise",
+        steps: Annotated[int, Query(ge=2, le=1024, description="Integrated gradients: gradient evaluations "
+                                                                "per candidate.")] = 512,
     ):
         """Attribution maps of each candidate's raw pixels: the same bodies as `POST /classify`
         (JSON stamps, or the bytes of an alert), the same limits and errors."""

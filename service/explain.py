@@ -61,8 +61,8 @@ class OcclusionOptions:
 class GradientOptions:
     """Integrated gradients: the baseline (`service.gradients.BASELINES`) and the number of steps."""
 
-    baseline: str = "blur"
-    steps: int = 256
+    baseline: str = "noise"
+    steps: int = 512
 
     def __post_init__(self):
         from service.gradients import BASELINES

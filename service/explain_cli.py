@@ -35,9 +35,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stride", type=int, default=2, help="occlusion: step of the patch, pixels")
     parser.add_argument("--occlusion-baseline", default="median", choices=OCCLUSION_BASELINES,
                         help="occlusion: what a patch is replaced by (the image's median, 0, or masked)")
-    parser.add_argument("--baseline", default="blur", choices=("blur", "noise", "zero"),
-                        help="integrated gradients: the baseline stamp")
-    parser.add_argument("--steps", type=int, default=64, help="integrated gradients: integration steps")
+    parser.add_argument("--baseline", default="noise", choices=("noise", "blur", "zero"),
+                        help="integrated gradients: the baseline stamp (noise: each image's sky and noise, no source)")
+    parser.add_argument("--steps", type=int, default=512,
+                        help="integrated gradients: gradient evaluations per alert")
 
 
 def alert_paths(inputs) -> tuple[list[Path], bool]:
