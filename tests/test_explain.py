@@ -196,7 +196,7 @@ def test_attribution_of_simulated_real_sources_concentrates_at_the_source(survey
     rng = np.random.default_rng(11)
     triplets = [simulate_triplet(profile, rng, "point_source") for _ in range(24)]
     stamps = np.stack([assemble(t.images, scorer.contract) for t in triplets])
-    kept = np.flatnonzero(scorer.score(stamps) >= scorer.threshold)[:6]
+    kept = np.flatnonzero(scorer.score(stamps) >= scorer.threshold)[:5]
     assert len(kept) >= 5, "the model should score most simulated real sources real"
     middle = (scorer.contract.size - 1) / 2.0
     centres = [(middle + triplets[i].truth["offset"][0], middle + triplets[i].truth["offset"][1]) for i in kept]
@@ -206,7 +206,7 @@ def test_attribution_of_simulated_real_sources_concentrates_at_the_source(survey
     # flattens bright pixels, so the raw gradient is largest on the noise around the source, not on it
     # (the saturation that motivated integrated gradients; the README says how to read saliency).
     methods = ("occlusion", "integrated-gradients")
-    explained = explain_stamps(scorer, stamps[kept], methods, gradient_options=GradientOptions(steps=128))
+    explained = explain_stamps(scorer, stamps[kept], methods, gradient_options=GradientOptions(steps=64))
     for method in methods:
         mass = source_mass(np.stack([row[method].attributions for row in explained]), centres, radius)
         # A map without regard for the source would put ~`area` of its mass there.
@@ -222,7 +222,7 @@ def test_integrated_gradients_are_complete_within_tolerance(survey):
     from conftest import rubin_files
 
     scorer = shipped(survey)
-    files = (ztf_fits_files() if survey == "ztf" else rubin_files())[:3]
+    files = (ztf_fits_files() if survey == "ztf" else rubin_files())[:2]
     stamps = alert_stamps(scorer, files)
     explained = explain_stamps(scorer, stamps, ("integrated-gradients",))
     baselines = gradients.make_baseline(stamps, "noise")
