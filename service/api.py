@@ -7,6 +7,11 @@ Routes
     bodies (``application/avro`` / ``application/octet-stream``: a ZTF object container,
     a Rubin Confluent-wire-format message or container). Bad input is answered with
     400/413/415/422 and a message that names the candidate and the stamp.
+``POST /explain``
+    Attribution maps (occlusion, saliency, integrated gradients) for the same bodies
+    (`service.api_explain`).
+``GET /scan``
+    The scanning page: a queue of alerts to label (`service.scan`).
 ``GET /healthz``, ``GET /readyz``, ``GET /model``, ``GET /metrics``, and ``/docs``.
 
 Stamps of concurrent requests are scored together (`service.microbatch`), off the
@@ -81,6 +86,12 @@ class ApiSettings:
         that hostile bodies can claim at once.
     header_timeout_s, body_timeout_s, keep_alive_timeout_s, max_header_bytes
         The HTTP server's guards against slow or malformed clients (`service.http_server`).
+    scan_alerts : str, optional
+        Folder of alert files the scanning page (``GET /scan``) queues.
+    scan_topic, scan_bootstrap_servers, scan_recent
+        Or: the last ``scan_recent`` alerts of this Kafka topic (the stream's input) are the queue.
+    scan_labels_dir : str
+        Folder of the scanning page's labels (``labels.sqlite``, ``labels.csv``).
     """
 
     max_candidates: int = 512
@@ -97,6 +108,11 @@ class ApiSettings:
     body_timeout_s: float = 60.0
     keep_alive_timeout_s: float = KEEP_ALIVE_S
     max_header_bytes: int = 16 * 1024
+    scan_alerts: str | None = None
+    scan_topic: str | None = None
+    scan_bootstrap_servers: str | None = None
+    scan_recent: int = 200
+    scan_labels_dir: str = "scan-labels"
 
 
 class ApiError(Exception):
@@ -164,6 +180,7 @@ def create_app(scorers: Mapping | None = None, settings: ApiSettings | None = No
         yield
         for batcher in batchers.values():
             await batcher.aclose()
+        app.state.explainer.close()
 
     app = FastAPI(
         title="rbstream",
@@ -220,15 +237,13 @@ def create_app(scorers: Mapping | None = None, settings: ApiSettings | None = No
         the source exactly as for alerts read from Kafka, so a given alert gets the same score here
         and from the stream.
         """
-        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        is_raw = content_type in RAW_CONTENT_TYPES
-        if not is_raw and not (content_type in JSON_CONTENT_TYPES or content_type.endswith("+json")):
-            raise ApiError(415, f"unsupported content type {content_type!r}; send application/json, or a raw "
-                                f"alert as one of {sorted(RAW_CONTENT_TYPES)}")
+        is_raw = body_is_raw(request)
         body = await _read_body(request, settings.max_body_bytes)
         if is_raw:
             return await classify_service.classify_alert(body, survey)
         return await classify_service.classify_json(body)
+
+    _add_explanation_routes(app, classify_service, scorers, settings, auth)
 
     @app.get("/healthz", response_model=HealthResponse, tags=["operations"], summary="Liveness: the process serves")
     async def healthz() -> HealthResponse:
@@ -264,6 +279,28 @@ def create_app(scorers: Mapping | None = None, settings: ApiSettings | None = No
     app.add_middleware(HttpMetricsMiddleware, router=app.router)
     app.openapi = lambda: _openapi(app)
     return app
+
+
+def _add_explanation_routes(app: FastAPI, classify_service, scorers: Mapping, settings: ApiSettings,
+                            auth: TokenAuth) -> None:
+    """``POST /explain`` and the scanning page (``GET /scan``), parsing bodies as ``/classify`` does."""
+    from service.api_explain import Explainer, add_explain_route
+    from service.scan import add_scan_routes
+
+    app.state.explainer = Explainer(scorers, device=settings.device)
+    add_explain_route(app, classify_service, app.state.explainer, settings,
+                      {**_ERRORS, **(_AUTH_ERRORS if auth.enabled else {})})
+    add_scan_routes(app, app.state.explainer, scorers, settings)
+
+
+def body_is_raw(request: Request) -> bool:
+    """Whether the body is a raw alert (else JSON); `ApiError` 415 for any other content type."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    is_raw = content_type in RAW_CONTENT_TYPES
+    if not is_raw and not (content_type in JSON_CONTENT_TYPES or content_type.endswith("+json")):
+        raise ApiError(415, f"unsupported content type {content_type!r}; send application/json, or a raw "
+                            f"alert as one of {sorted(RAW_CONTENT_TYPES)}")
+    return is_raw
 
 
 class _Classifier:
@@ -615,7 +652,8 @@ def _openapi(app: FastAPI) -> dict:
     schema = get_openapi(title=app.title, version=app.version, summary=app.summary, description=app.description,
                          routes=app.routes, tags=[
                              {"name": "scoring", "description": "Real/bogus scores."},
-                             {"name": "operations", "description": "Probes, model cards, metrics."}])
+                             {"name": "operations", "description": "Probes, model cards, metrics."},
+                             {"name": "scanning", "description": "The scanning page and its labels."}])
     components = schema.setdefault("components", {}).setdefault("schemas", {})
     request_schema = ClassifyRequest.model_json_schema(ref_template="#/components/schemas/{model}")
     components.update(request_schema.pop("$defs", {}))
@@ -694,6 +732,18 @@ def add_arguments(parser) -> None:
     parser.add_argument("--max-header-bytes", type=int, default=int(env("RBSTREAM_API_MAX_HEADER_BYTES",
                                                                         defaults.max_header_bytes)),
                         help="most bytes of request line and headers; 400 beyond (env RBSTREAM_API_MAX_HEADER_BYTES)")
+    parser.add_argument("--scan-alerts", default=env("RBSTREAM_SCAN_ALERTS"), metavar="DIR",
+                        help="folder of alert files the scanning page GET /scan queues (env RBSTREAM_SCAN_ALERTS)")
+    parser.add_argument("--scan-topic", default=env("RBSTREAM_SCAN_TOPIC"), metavar="TOPIC",
+                        help="instead of --scan-alerts: queue the last --scan-recent alerts of this Kafka topic "
+                             "(env RBSTREAM_SCAN_TOPIC)")
+    parser.add_argument("--scan-bootstrap-servers", default=env("RBSTREAM_SCAN_BOOTSTRAP_SERVERS", "localhost:9092"),
+                        metavar="HOST:PORT", help="broker of --scan-topic (env RBSTREAM_SCAN_BOOTSTRAP_SERVERS)")
+    parser.add_argument("--scan-recent", type=int, default=int(env("RBSTREAM_SCAN_RECENT", defaults.scan_recent)),
+                        help="how many of the topic's last alerts the queue holds (env RBSTREAM_SCAN_RECENT)")
+    parser.add_argument("--scan-labels-dir", default=env("RBSTREAM_SCAN_LABELS_DIR", defaults.scan_labels_dir),
+                        metavar="DIR", help="folder of the scanning page's labels: labels.sqlite and labels.csv, "
+                                            "the CSV training reads (env RBSTREAM_SCAN_LABELS_DIR)")
     add_limit_arguments(parser)
 
 
@@ -704,7 +754,10 @@ def settings_from_args(args) -> ApiSettings:
                        models_dir=args.models_dir, model_paths=paths, device=args.device,
                        limits=limits_from_args(args), max_concurrent_decodes=args.max_concurrent_decodes,
                        header_timeout_s=args.header_timeout_s, body_timeout_s=args.body_timeout_s,
-                       keep_alive_timeout_s=args.keep_alive_timeout_s, max_header_bytes=args.max_header_bytes)
+                       keep_alive_timeout_s=args.keep_alive_timeout_s, max_header_bytes=args.max_header_bytes,
+                       scan_alerts=args.scan_alerts, scan_topic=args.scan_topic,
+                       scan_bootstrap_servers=args.scan_bootstrap_servers, scan_recent=args.scan_recent,
+                       scan_labels_dir=args.scan_labels_dir)
 
 
 def main(args) -> int:

@@ -26,8 +26,9 @@ TOKEN_FILE_ENV = "RBSTREAM_API_TOKEN_FILE"
 OPEN_PATHS_ENV = "RBSTREAM_API_OPEN_PATHS"
 
 #: Paths served without a token when one is configured.
+#: ``/scan`` is the scanning page's HTML and script only; its data (``/scan/api/*``) needs the token.
 DEFAULT_OPEN_PATHS: tuple[str, ...] = ("/healthz", "/readyz", "/metrics", "/docs", "/docs/oauth2-redirect",
-                                       "/openapi.json")
+                                       "/openapi.json", "/scan")
 
 
 class TokenAuth:

@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tail": ("service.tail", "print score records of a topic as JSON lines"),
     "broker": ("service.broker", "run the local Kafka-compatible broker (tansu) in the foreground"),
     "bench": ("service.bench", "benchmarks: decode, infer, e2e, api, all"),
+    "explain": ("service.explain_cli", "why a score: occlusion, saliency, integrated-gradients pictures and arrays"),
     "evaluate": ("training.evaluate", "judge models on real labelled alerts: metrics beside the survey's own score, plots"),
     "train": ("training.cli", "train a real-bogus model (TOML config or Deep-HiTS input.txt) and export ONNX"),
 }

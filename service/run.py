@@ -174,11 +174,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="show the service's INFO logs between the score lines (default: warnings only)")
 
 
-def _start_api(scorers, host: str, port: int, readiness_checks):
-    from service.api import create_app
+def _start_api(scorers, host: str, port: int, readiness_checks, bootstrap_servers: str | None = None):
+    from service.api import ApiSettings, create_app
     from service.http_server import ApiServer, server_config
 
-    app = create_app(scorers, readiness_checks=readiness_checks)
+    # The scanning page (/scan) queues the last alerts of the stream this run scores.
+    settings = ApiSettings(scan_topic=INPUT_TOPIC, scan_bootstrap_servers=bootstrap_servers) if bootstrap_servers \
+        else None
+    app = create_app(scorers, settings, readiness_checks=readiness_checks)
     server = ApiServer(server_config(app, host, port, log_level="warning", lifespan="on"))
     # In a thread uvicorn installs no signal handlers: Ctrl-C stays ours.
     thread = threading.Thread(target=server.run, name="api", daemon=True)
@@ -268,7 +271,7 @@ def main(args: argparse.Namespace) -> int:
             return True, f"broker {broker.bootstrap_servers} reachable"
 
         api_port = _pick_port(args.port, args.host, "API")
-        server, api_thread = _start_api(scorers, args.host, api_port, [broker_reachable])
+        server, api_thread = _start_api(scorers, args.host, api_port, [broker_reachable], broker.bootstrap_servers)
         url = f"http://{args.host}:{api_port}"
         print(f"  API    {url}  (POST /classify, /readyz, /model, docs {url}/docs)", flush=True)
         print(f"  metrics {url}/metrics", flush=True)
