@@ -731,7 +731,8 @@ def add_arguments(parser) -> None:
                         help="seconds an idle kept-alive connection stays open (env RBSTREAM_API_KEEP_ALIVE_TIMEOUT_S)")
     parser.add_argument("--max-header-bytes", type=int, default=int(env("RBSTREAM_API_MAX_HEADER_BYTES",
                                                                         defaults.max_header_bytes)),
-                        help="most bytes of request line and headers; 400 beyond (env RBSTREAM_API_MAX_HEADER_BYTES)")
+                        help="most bytes of request line and headers; 414 or 431 beyond "
+                             "(env RBSTREAM_API_MAX_HEADER_BYTES)")
     parser.add_argument("--scan-alerts", default=env("RBSTREAM_SCAN_ALERTS"), metavar="DIR",
                         help="folder of alert files the scanning page GET /scan queues (env RBSTREAM_SCAN_ALERTS)")
     parser.add_argument("--scan-topic", default=env("RBSTREAM_SCAN_TOPIC"), metavar="TOPIC",
