@@ -317,8 +317,7 @@ def plot_disagreements(alerts, scores, labels, path: Path, survey: str, n: int =
     worst = labelled[np.argsort(-np.abs(scores[labelled] - labels[labelled]), kind="stable")][:n]
     rows = max(len(worst), 1)
     fig, axes = plt.subplots(rows, 3, figsize=(6.6, 2.3 * rows), squeeze=False)
-    cmap = plt.get_cmap("gray").copy()
-    cmap.set_bad("tab:red")
+    cmap = plt.get_cmap("gray").with_extremes(bad="tab:red")
     for row, i in enumerate(worst):
         a = alerts[i]
         theirs = ", ".join(f"{k} {v:.2f}" for k, v in a.survey_scores.items()) or "no survey score"
