@@ -18,9 +18,9 @@ Sources (``[data] source``):
     ``train``, ``validate``, ``test`` (Deep-HiTS's ``chunks_train``... also accepted);
     ``"random"``: every chunk in the folder, pooled and split at random.
 ``alerts``
-    Avro alert files plus a CSV ``candid`` (ZTF) or ``diaSourceId`` (Rubin) and ``label``,
-    decoded with the service's own `service.alerts.decode_message` and
-    `service.contract.assemble`.
+    Real Avro alert files, labelled by a CSV and/or their own survey scores and split by
+    object (`training.real`), decoded with the service's own `service.alerts.decode_message`
+    and `service.contract.assemble`; simulated rehearsal stamps may join the training split.
 ``braai``
     braai-style ``.npy`` triplets ``[n, h, w, 3]`` (or ``[n, 3, h, w]``) plus a CSV with a
     ``label`` column, one row per triplet.
