@@ -35,3 +35,14 @@ def test_card_metrics_carry_calibration():
     m = metrics(labels, np.array([0.1, 0.4, 0.6, 0.9]), 0.5, np.array(["noise", "blob", "point_source"] * 1 + ["x"]))
     assert m["accuracy"] == 1.0 and m["brier"] == pytest.approx(np.mean([0.01, 0.16, 0.16, 0.01]))
     assert {"brier", "ece", "ece_bins"} <= set(m)
+
+
+def test_fpr_at_fnr_5pct_is_the_roc_point_that_keeps_95_percent_of_the_reals():
+    from sklearn.metrics import roc_curve
+
+    rng = np.random.default_rng(0)
+    labels = rng.random(2000) < 0.5
+    scores = 1 / (1 + np.exp(-rng.normal(labels * 1.5, 1)))
+    fpr, tpr, _ = roc_curve(labels, scores, drop_intermediate=False)
+    first = np.flatnonzero(1 - tpr <= 0.05)[0]
+    assert metrics(labels, scores, 0.5)["fpr_at_fnr_5pct"] == pytest.approx(fpr[first])

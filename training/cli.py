@@ -14,7 +14,8 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-#: Surveys whose default model `--defaults` trains (hits with --with-hits).
+#: Surveys whose default model `--defaults` trains (hits with --with-hits; each one's
+#: template+science model, ``<survey>-nodiff``, with --with-nodiff).
 DEFAULT_SURVEYS = ("ztf", "rubin")
 
 
@@ -29,8 +30,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", nargs="?", const=True, default=None, metavar="PATH",
                         help="resume from a checkpoint file or run folder (no PATH: the --out folder)")
     parser.add_argument("--with-hits", action="store_true", help="with --defaults: also train models/hits")
-    parser.add_argument("--surveys", nargs="+", choices=("ztf", "rubin", "hits"),
-                        help="with --defaults: only these surveys")
+    parser.add_argument("--with-nodiff", action="store_true",
+                        help="with --defaults: also the no-difference-image models (template and science only), "
+                             "models/<survey>-nodiff")
+    parser.add_argument("--surveys", nargs="+", choices=("ztf", "rubin", "hits", "ztf-nodiff", "rubin-nodiff"),
+                        help="with --defaults: only these default models")
     parser.add_argument("--models-dir", type=Path, default=None,
                         help="with --defaults: where to publish (default: the service's models/ folder)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (overrides the config)")
@@ -77,16 +81,18 @@ def _defaults(args) -> int:
     from training.train import train
 
     surveys = tuple(args.surveys or DEFAULT_SURVEYS + (("hits",) if args.with_hits else ()))
+    if args.with_nodiff:
+        surveys += tuple(f"{s}-nodiff" for s in surveys if s in DEFAULT_SURVEYS)
     models_dir = args.models_dir or DEFAULT_MODELS_DIR
     started = time.time()
-    for survey in surveys:
-        root = (args.out or Path("runs")) / f"default-{survey}"
+    for name in surveys:  # a survey, or a survey's no-diff model
+        root = (args.out or Path("runs")) / f"default-{name}"
         if root.exists() and not args.resume:
             shutil.rmtree(root)  # a fresh run: stale checkpoints must not be resumed by accident
         stages = {"simulation_only": root / "simulation"}
-        card = train(load_config(builtin_config(survey), _overrides(args)), stages["simulation_only"],
+        card = train(load_config(builtin_config(name), _overrides(args)), stages["simulation_only"],
                      resume=_resumable(stages["simulation_only"], args))
-        adapt_config = adaptation_config(survey)
+        adapt_config = adaptation_config(name)
         if adapt_config is not None:
             stages["adapted"] = root / "adapted"
             config = load_config(adapt_config, {**_overrides(args),
@@ -95,7 +101,7 @@ def _defaults(args) -> int:
             card.update(side_by_side(config, stages, stages["adapted"]))
             write_card(card, stages["adapted"])
         final = list(stages.values())[-1]
-        target = publish(final, Path(models_dir) / survey, extra=(REAL_ROC,) if "adapted" in stages else ())
+        target = publish(final, Path(models_dir) / name, extra=(REAL_ROC,) if "adapted" in stages else ())
         _summary(card, target)
     print(f"default models {', '.join(surveys)} trained in {time.time() - started:.0f} s")
     return 0

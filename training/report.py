@@ -56,12 +56,22 @@ def metrics(labels: np.ndarray, scores: np.ndarray, threshold: float, kinds: np.
         "fnr": fn / n_pos if n_pos else float("nan"),
         "threshold_at_fpr_1pct": t1,
         "fnr_at_fpr_1pct": float((scores[labels] < t1).mean()) if n_pos and n_neg else float("nan"),
+        "fpr_at_fnr_5pct": _fpr_at_fnr(labels, scores, 0.05),
     }
     out.update(calibration(labels, scores))
     if kinds is not None:
         out["accuracy_by_kind"] = {str(k): float((predicted[kinds == k] == labels[kinds == k]).mean())
                                    for k in sorted(set(np.asarray(kinds).tolist()))}
     return out
+
+
+def _fpr_at_fnr(labels: np.ndarray, scores: np.ndarray, fnr: float) -> float:
+    """The false-positive rate at the highest threshold that keeps at least ``1 - fnr`` of the reals."""
+    if labels.all() or not labels.any():
+        return float("nan")
+    real_scores = np.sort(scores[labels])
+    threshold = real_scores[int(np.floor(fnr * len(real_scores)))]
+    return float((scores[~labels] >= threshold).mean())
 
 
 def calibration(labels: np.ndarray, scores: np.ndarray, bins: int = 10) -> dict:
