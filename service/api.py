@@ -43,7 +43,7 @@ from starlette.routing import Match
 from service import metrics
 from service.api_models import (Candidate, ClassifyRequest, ClassifyResponse, ErrorResponse, HealthResponse,
                                 ModelsResponse, ReadinessCheck, ReadinessResponse, ScoreResult)
-from service.api_stamps import StampInputError, stamp_to_array
+from service.api_stamps import MaskedStampError, StampInputError, stamp_to_array
 from service.auth import BearerAuthMiddleware, TokenAuth
 from service.batch import fallback_key
 from service.contract import RAW_IMAGES, StampError, assemble
@@ -423,6 +423,10 @@ class _Classifier:
                 continue
             try:
                 images[name] = stamp_to_array(value, self.settings.limits.max_cutout_bytes)
+            except MaskedStampError as exc:
+                if name != "difference" or fallback is None:
+                    raise ApiError(422, f"{where}: stamp {name!r} {exc}", candidate=index, stamp=name) from None
+                continue  # an all-masked difference: left out, for the fallback model below
             except StampInputError as exc:
                 raise ApiError(422, f"{where}: stamp {name!r} {exc}", candidate=index, stamp=name) from None
         if candidate.negative_difference and "difference" in images:
