@@ -12,7 +12,7 @@ import pytest
 pytest.importorskip("torch")
 
 from conftest import ztf_fits_files  # noqa: E402
-from nodiff_support import WAYS, nodiff_model, ztf_without_difference  # noqa: E402
+from nodiff_support import WAYS, all_nan_fits_gz, nodiff_model, ztf_without_difference  # noqa: E402
 from service import records  # noqa: E402
 from service.model import ModelError, Scorer, load_fallbacks  # noqa: E402
 from service.pipeline import BatchProcessor, SourceMessage  # noqa: E402
@@ -85,8 +85,6 @@ def _nodiff_stamp(scorer, value):
 def test_an_alert_whose_science_is_masked_is_refused_even_with_a_fallback(scorers, nodiff):
     reader = fastavro.reader(io.BytesIO(ztf_fits_files()[0].read_bytes()))
     schema, (record,) = reader.writer_schema, list(reader)
-    from nodiff_support import all_nan_fits_gz
-
     record["cutoutScience"]["stampData"] = all_nan_fits_gz()
     out = io.BytesIO()
     fastavro.writer(out, schema, [record])
