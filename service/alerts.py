@@ -148,6 +148,10 @@ class Alert:
         None when the alert has none.
     survey_score_name : str or None
         Which score `survey_score` is: ``drb``, ``rb`` or ``reliability``.
+    unreadable : dict of str to str
+        Cutouts the alert does not carry (absent, null or empty), by name, with the reason a
+        model that needs them refuses the alert; only the difference may be missing (a model
+        of template and science scores such an alert), the others fail the decoding.
     """
 
     survey: str
@@ -159,6 +163,7 @@ class Alert:
     record: Mapping | None = field(default=None, repr=False)
     survey_score: float | None = None
     survey_score_name: str | None = None
+    unreadable: dict[str, str] = field(default_factory=dict)
 
 
 def decode_message(message: bytes, survey: str = "auto", schemas: SchemaStore | None = None,
@@ -667,8 +672,8 @@ def _ztf_alert(record: dict) -> Alert:
         raise DecodeError("decode", f"ZTF alert without a candid: null at the top level and in candidate{which}")
     jd = candidate.get("jd")
     label = f"ztf candid {candid}"
-    images = _read_cutouts(record, label)
-    if str(candidate.get("isdiffpos", "t")).lower() in NEGATIVE_DETECTION:
+    images, unreadable = _read_cutouts(record, label)
+    if "difference" in images and str(candidate.get("isdiffpos", "t")).lower() in NEGATIVE_DETECTION:
         # ZTF cuts a negative detection out of the template-minus-science image; the stamp
         # contract's difference is science minus template, whatever the sign of the source.
         images["difference"] = np.negative(images["difference"])
@@ -678,8 +683,10 @@ def _ztf_alert(record: dict) -> Alert:
         object_id="" if object_id is None else str(object_id),
         observation_mjd=None if jd is None else float(jd) - MJD_OFFSET,
         images=images,
-        centre=ztf_source_position(images["difference"].shape, candidate),
+        # The cutouts of one alert share their shape; the science one is always there.
+        centre=ztf_source_position(images["science"].shape, candidate),
         record=record,
+        unreadable=unreadable,
         **_survey_score(candidate, SURVEY_SCORES["ztf"]),
     )
 
@@ -705,14 +712,16 @@ def _rubin_alert(record: dict) -> Alert:
     if mjd is None:
         mjd = source.get("midPointTai")  # schemas 3.0 and 4.0: the same quantity, older name
     label = f"rubin diaSourceId {source_id}"
+    images, unreadable = _read_cutouts(record, label)
     return Alert(
         survey="rubin",
         candidate_id=int(source_id),
         object_id=str(object_id),
         observation_mjd=None if mjd is None else float(mjd),
-        images=_read_cutouts(record, label),
+        images=images,
         centre=None,
         record=record,
+        unreadable=unreadable,
         **_survey_score(source, SURVEY_SCORES["rubin"]),
     )
 
@@ -726,22 +735,44 @@ def _survey_score(detection: Mapping, names: tuple[str, ...]) -> dict:
     return {}
 
 
-def _read_cutouts(record: dict, label: str) -> dict[str, np.ndarray]:
-    images = {}
+#: Cutouts an alert may lack and still be decoded: without a difference image, a model of
+#: template and science can score it; every model needs the other two.
+OPTIONAL_CUTOUTS = ("difference",)
+
+
+class _MissingCutout(Exception):
+    """A cutout field that is absent, null or empty: no image at all (not a broken one)."""
+
+
+def _read_cutouts(record: dict, label: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """``(images, unreadable)``: the cutouts by name, and the optional ones missing with why."""
+    images, unreadable = {}, {}
     for name, field_name in CUTOUT_FIELDS.items():
-        if field_name not in record:
-            raise DecodeError("cutout", f"{field_name} is absent from this alert's schema ({label})")
-        value = record[field_name]
-        where = field_name
-        if isinstance(value, dict):  # ZTF: a record {fileName, stampData}
-            where = f"{field_name}.stampData"
-            value = value.get("stampData")
-        if value is None:
-            raise DecodeError("cutout", f"{where} is missing (null) ({label})")
-        if not isinstance(value, bytes):
-            raise DecodeError("cutout", f"{where} is a {type(value).__name__}, not FITS bytes ({label})")
-        images[name] = read_cutout(value, where, context=f" ({label})")
-    return images
+        try:
+            images[name] = _read_cutout_field(record, field_name, label)
+        except _MissingCutout as exc:
+            if name not in OPTIONAL_CUTOUTS:
+                raise DecodeError("cutout", str(exc)) from None
+            unreadable[name] = str(exc)
+    return images, unreadable
+
+
+def _read_cutout_field(record: dict, field_name: str, label: str) -> np.ndarray:
+    if field_name not in record:
+        raise _MissingCutout(f"{field_name} is absent from this alert's schema ({label})")
+    value = record[field_name]
+    where = field_name
+    if isinstance(value, dict):  # ZTF: a record {fileName, stampData}
+        where = f"{field_name}.stampData"
+        value = value.get("stampData")
+    if value is None:
+        raise _MissingCutout(f"{where} is missing (null) ({label})")
+    if not isinstance(value, bytes):
+        raise DecodeError("cutout", f"{where} is a {type(value).__name__}, not FITS bytes ({label})")
+    if not value:
+        # The same words as read_cutout's, so that a refusal reads as it did before.
+        raise _MissingCutout(f"{where} is empty ({label})")
+    return read_cutout(value, where, context=f" ({label})")
 
 
 def read_cutout(data: bytes, where: str = "cutout", context: str = "", max_bytes: int | None = None) -> np.ndarray:

@@ -43,8 +43,9 @@ from starlette.routing import Match
 from service import metrics
 from service.api_models import (Candidate, ClassifyRequest, ClassifyResponse, ErrorResponse, HealthResponse,
                                 ModelsResponse, ReadinessCheck, ReadinessResponse, ScoreResult)
-from service.api_stamps import StampInputError, stamp_to_array
+from service.api_stamps import MaskedStampError, StampInputError, stamp_to_array
 from service.auth import BearerAuthMiddleware, TokenAuth
+from service.batch import fallback_key
 from service.contract import RAW_IMAGES, StampError, assemble
 from service.http_server import KEEP_ALIVE_S
 from service.limits import DEFAULT_LIMITS, DecodeLimits, add_limit_arguments, limits_from_args
@@ -79,6 +80,10 @@ class ApiSettings:
         Model of JSON requests that name no survey; None: ``ztf`` if loaded, else the only model.
     models_dir, model_paths, device
         Where `create_app` loads models from when it is given none (see `service.model.load_scorers`).
+    nodiff_model_paths : mapping of str to str
+        survey -> fallback model without the difference image (`service.model.load_fallbacks`):
+        it scores candidates and alerts whose difference is missing, empty or all masked, which
+        are refused (422) without one.
     limits : DecodeLimits
         What one raw alert body (or FITS stamp) may cost the decoder (`service.limits`).
     max_concurrent_decodes : int
@@ -101,6 +106,7 @@ class ApiSettings:
     default_survey: str | None = None
     models_dir: str | None = None
     model_paths: Mapping[str, str] = field(default_factory=dict)
+    nodiff_model_paths: Mapping[str, str] = field(default_factory=dict)
     device: str = "auto"
     limits: DecodeLimits = DEFAULT_LIMITS
     max_concurrent_decodes: int = 4
@@ -145,7 +151,7 @@ _AUTH_ERRORS = {401: {"model": ErrorResponse, "description": "Missing or wrong b
 
 def create_app(scorers: Mapping | None = None, settings: ApiSettings | None = None,
                readiness_checks: Iterable[ReadinessCheckFn] = (), auth: TokenAuth | None = None,
-               registry=None) -> FastAPI:
+               registry=None, fallbacks: Mapping | None = None) -> FastAPI:
     """Build the API around loaded models.
 
     Parameters
@@ -162,6 +168,9 @@ def create_app(scorers: Mapping | None = None, settings: ApiSettings | None = No
         (no token configured: open API).
     registry : prometheus_client.CollectorRegistry, optional
         Registry served on ``/metrics`` (default: the process's default registry).
+    fallbacks : mapping survey -> `service.model.Scorer`, optional
+        Models without the difference image, for what lacks a usable one; loaded from
+        ``settings.nodiff_model_paths`` when None.
     """
     settings = settings or ApiSettings()
     if scorers is None:
@@ -169,11 +178,17 @@ def create_app(scorers: Mapping | None = None, settings: ApiSettings | None = No
 
         scorers = load_scorers(settings.models_dir, explicit=settings.model_paths, device=settings.device)
     scorers = dict(scorers)
+    if fallbacks is None:
+        from service.model import load_fallbacks
+
+        fallbacks = load_fallbacks(settings.nodiff_model_paths, device=settings.device)
+    fallbacks = dict(fallbacks)
     auth = auth if auth is not None else TokenAuth.from_env()
     metrics.record_models(scorers)
-    batchers = {survey: MicroBatcher(scorer.score, max_batch=settings.max_batch,
-                                     max_wait_s=settings.max_wait_ms / 1000.0, on_batch=_batch_metrics, name=survey)
-                for survey, scorer in scorers.items()}
+    models = {**scorers, **{fallback_key(survey): scorer for survey, scorer in fallbacks.items()}}
+    batchers = {key: MicroBatcher(scorer.score, max_batch=settings.max_batch,
+                                  max_wait_s=settings.max_wait_ms / 1000.0, on_batch=_batch_metrics, name=key)
+                for key, scorer in models.items()}
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -190,11 +205,12 @@ def create_app(scorers: Mapping | None = None, settings: ApiSettings | None = No
         lifespan=lifespan,
     )
     app.state.scorers = scorers
+    app.state.fallbacks = fallbacks
     app.state.batchers = batchers
     app.state.settings = settings
     app.state.readiness_checks = list(readiness_checks)
     app.state.auth = auth
-    classify_service = _Classifier(scorers, batchers, settings)
+    classify_service = _Classifier(scorers, batchers, settings, fallbacks)
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
@@ -265,7 +281,10 @@ def create_app(scorers: Mapping | None = None, settings: ApiSettings | None = No
              responses=_AUTH_ERRORS if auth.enabled else None)
     async def model() -> ModelsResponse:
         return ModelsResponse(models={s: dict(sc.card.raw) for s, sc in scorers.items()},
-                              providers={s: sc.provider for s, sc in scorers.items()})
+                              providers={s: sc.provider for s, sc in scorers.items()},
+                              inputs={s: list(sc.contract.raw_inputs) for s, sc in scorers.items()},
+                              fallbacks={s: dict(sc.card.raw) for s, sc in fallbacks.items()},
+                              fallback_inputs={s: list(sc.contract.raw_inputs) for s, sc in fallbacks.items()})
 
     @app.get("/metrics", tags=["operations"], summary="Prometheus metrics (text exposition format)",
              response_class=Response, responses={200: {"content": {"text/plain": {}}}})
@@ -306,10 +325,12 @@ def body_is_raw(request: Request) -> bool:
 class _Classifier:
     """The work of ``POST /classify``: turning a body into stamps, batching, answering."""
 
-    def __init__(self, scorers: Mapping, batchers: Mapping[str, MicroBatcher], settings: ApiSettings):
+    def __init__(self, scorers: Mapping, batchers: Mapping[str, MicroBatcher], settings: ApiSettings,
+                 fallbacks: Mapping | None = None):
         from service.schemas import SchemaStore
 
         self.scorers, self.batchers, self.settings = scorers, batchers, settings
+        self.fallbacks = dict(fallbacks or {})
         self.schemas = SchemaStore.from_env(limits=settings.limits)
         self._decoding = asyncio.Semaphore(max(1, settings.max_concurrent_decodes))
 
@@ -321,12 +342,15 @@ class _Classifier:
         scores = await self._score_rows(prepared)
         _check_finite(scores, "candidate")
         results = []
-        for (survey, _, ident), score in zip(prepared, scores):
-            results.append(self._result(survey, ident, score))
+        for (key, _, ident), score in zip(prepared, scores):
+            results.append(self._result(key, ident, score))
         return ClassifyResponse(results=results)
 
     def _prepare_json(self, body: bytes) -> list[tuple[str, np.ndarray, object]]:
-        """(survey, model-ready stamp, id) per candidate, in order; `ApiError` naming what is wrong."""
+        """(model key, model-ready stamp, id) per candidate, in order; `ApiError` naming what is wrong.
+
+        The model key is the survey, or `service.batch.fallback_key` of it for a candidate its
+        fallback model scores."""
         if not body.strip():
             raise ApiError(400, "empty body; send JSON with `candidates` (see /docs)")
         try:
@@ -345,7 +369,8 @@ class _Classifier:
         for index, candidate in enumerate(request.candidates):
             survey = candidate.survey or default_survey
             ident = candidate.id if candidate.id is not None else index
-            prepared.append((survey, self._candidate_stamp(index, candidate, survey), ident))
+            key, stamp = self._candidate_stamp(index, candidate, survey)
+            prepared.append((key, stamp, ident))
         return prepared
 
     def _validate(self, document) -> ClassifyRequest:
@@ -374,14 +399,20 @@ class _Classifier:
             return "ztf"
         return next(iter(self.scorers))
 
-    def _candidate_stamp(self, index: int, candidate: Candidate, survey: str) -> np.ndarray:
+    def _candidate_stamp(self, index: int, candidate: Candidate, survey: str) -> tuple[str, np.ndarray]:
         where = f"candidate {index}" + (f" (id {candidate.id!r})" if candidate.id is not None else "")
         scorer = self.scorers.get(survey)
         if scorer is None:
             raise ApiError(422, f"{where}: no model loaded for survey {survey!r}; loaded: {sorted(self.scorers)}",
                            candidate=index)
+        fallback = self.fallbacks.get(survey)
+        key = survey
         needed = scorer.contract.raw_inputs
         missing = [name for name in needed if getattr(candidate, name) is None]
+        if missing == ["difference"] and fallback is not None:
+            scorer, key, fallback = fallback, fallback_key(survey), None
+            needed = scorer.contract.raw_inputs
+            missing = [name for name in needed if getattr(candidate, name) is None]
         if missing:
             raise ApiError(422, f"{where}: missing stamp(s) {missing}; the {survey} model "
                                 f"{scorer.card.name} needs {list(needed)}", candidate=index, stamp=missing[0])
@@ -392,6 +423,10 @@ class _Classifier:
                 continue
             try:
                 images[name] = stamp_to_array(value, self.settings.limits.max_cutout_bytes)
+            except MaskedStampError as exc:
+                if name != "difference" or fallback is None:
+                    raise ApiError(422, f"{where}: stamp {name!r} {exc}", candidate=index, stamp=name) from None
+                continue  # an all-masked difference: left out, for the fallback model below
             except StampInputError as exc:
                 raise ApiError(422, f"{where}: stamp {name!r} {exc}", candidate=index, stamp=name) from None
         if candidate.negative_difference and "difference" in images:
@@ -403,10 +438,23 @@ class _Classifier:
             raise ApiError(422, f"{where}: stamps differ in shape ({listed}); the cutouts of one candidate must "
                                 "have the same shape", candidate=index)
         try:
-            return assemble(images, scorer.contract, centre=candidate.centre,
-                            min_side=self.settings.limits.min_stamp_side)
+            return key, assemble(images, scorer.contract, centre=candidate.centre,
+                                 min_side=self.settings.limits.min_stamp_side)
         except StampError as exc:
+            if fallback is not None and set(exc.cutouts) == {"difference"}:
+                # An empty or all-masked difference: the fallback model does without it.
+                return self._fallback_stamp(index, where, images, candidate, survey)
             stamp = next((name for name in needed if repr(name) in str(exc)), None)
+            raise ApiError(422, f"{where}: {exc}", candidate=index, stamp=stamp) from None
+
+    def _fallback_stamp(self, index: int, where: str, images: dict, candidate: Candidate,
+                        survey: str) -> tuple[str, np.ndarray]:
+        scorer = self.fallbacks[survey]
+        try:
+            return fallback_key(survey), assemble(images, scorer.contract, centre=candidate.centre,
+                                                  min_side=self.settings.limits.min_stamp_side)
+        except StampError as exc:
+            stamp = next((name for name in scorer.contract.raw_inputs if repr(name) in str(exc)), None)
             raise ApiError(422, f"{where}: {exc}", candidate=index, stamp=stamp) from None
 
     # ---- raw alert bodies --------------------------------------------------------------------------
@@ -417,10 +465,11 @@ class _Classifier:
             batches = await run_in_threadpool(self._prepare_alert, body, survey)
         results = []
         for batch in batches:
-            scores = await self.batchers[batch.survey].score(batch.stamps)
+            key = fallback_key(batch.survey) if batch.fallback else batch.survey
+            scores = await self.batchers[key].score(batch.stamps)
             _check_finite(scores, "alert")
             self._observe_scores(batch.survey, scores)
-            results.extend(self._result(batch.survey, alert.candidate_id, score, object_id=alert.object_id,
+            results.extend(self._result(key, alert.candidate_id, score, object_id=alert.object_id,
                                         survey_score=alert.survey_score, survey_score_name=alert.survey_score_name)
                            for alert, score in zip(batch.alerts, scores))
         return ClassifyResponse(results=results)
@@ -431,7 +480,8 @@ class _Classifier:
         from service.batch import prepare
 
         contracts = {name: scorer.contract for name, scorer in self.scorers.items()}
-        batches, failures = prepare([body], contracts, survey=survey, schemas=self.schemas)
+        fallbacks = {name: scorer.contract for name, scorer in self.fallbacks.items()}
+        batches, failures = prepare([body], contracts, survey=survey, schemas=self.schemas, fallbacks=fallbacks)
         if failures:
             reasons = "; ".join(f"({failure.kind}): {failure.reason}" for failure in failures[:5])
             raise ApiError(422, f"alert body cannot be decoded {reasons}")
@@ -448,15 +498,15 @@ class _Classifier:
     async def _score_rows(self, prepared: Sequence[tuple[str, np.ndarray, object]]) -> np.ndarray:
         """Scores of each row, in order; rows of each survey go to that survey's batcher together."""
         scores = np.empty(len(prepared), dtype=np.float32)
-        by_survey: dict[str, list[int]] = {}
-        for i, (survey, _, _) in enumerate(prepared):
-            by_survey.setdefault(survey, []).append(i)
-        surveys = list(by_survey)
-        stacks = [np.stack([prepared[i][1] for i in by_survey[s]]) for s in surveys]
-        parts = await asyncio.gather(*(self.batchers[s].score(stack) for s, stack in zip(surveys, stacks)))
-        for survey, part in zip(surveys, parts):
-            scores[by_survey[survey]] = part
-            self._observe_scores(survey, part)
+        by_model: dict[str, list[int]] = {}
+        for i, (key, _, _) in enumerate(prepared):
+            by_model.setdefault(key, []).append(i)
+        keys = list(by_model)
+        stacks = [np.stack([prepared[i][1] for i in by_model[k]]) for k in keys]
+        parts = await asyncio.gather(*(self.batchers[k].score(stack) for k, stack in zip(keys, stacks)))
+        for key, part in zip(keys, parts):
+            scores[by_model[key]] = part
+            self._observe_scores(self._model(key)[0], part)
         return scores
 
     @staticmethod
@@ -465,14 +515,22 @@ class _Classifier:
         for value in scores:
             histogram.observe(float(value))
 
-    def _result(self, survey: str, ident, score: float, object_id: str | None = None,
+    def _model(self, key: str):
+        """(survey, scorer) of a model key: a survey, or `service.batch.fallback_key` of one."""
+        for survey, scorer in self.fallbacks.items():
+            if key == fallback_key(survey):
+                return survey, scorer
+        return key, self.scorers[key]
+
+    def _result(self, key: str, ident, score: float, object_id: str | None = None,
                 survey_score: float | None = None, survey_score_name: str | None = None) -> ScoreResult:
-        card = self.scorers[survey].card
+        survey, scorer = self._model(key)
+        card = scorer.card
         score = float(score)
         return ScoreResult(id=ident, object_id=object_id, survey=survey, score=score,
                            label="real" if score >= card.threshold else "bogus", threshold=card.threshold,
                            model=card.name, model_version=card.version, survey_score=survey_score,
-                           survey_score_name=survey_score_name)
+                           survey_score_name=survey_score_name, model_inputs=list(card.contract.raw_inputs))
 
 
 def _check_finite(scores: np.ndarray, what: str) -> None:
@@ -693,6 +751,12 @@ def add_arguments(parser) -> None:
                         help="ZTF model folder or .onnx, instead of <models-dir>/ztf (env RBSTREAM_MODEL_ZTF)")
     parser.add_argument("--model-rubin", default=env("RBSTREAM_MODEL_RUBIN"), metavar="PATH",
                         help="Rubin model folder or .onnx (env RBSTREAM_MODEL_RUBIN)")
+    parser.add_argument("--nodiff-model-ztf", default=env("RBSTREAM_NODIFF_MODEL_ZTF"), metavar="PATH",
+                        help="fallback ZTF model without the difference image (e.g. trained on template and "
+                             "science): scores what lacks a usable difference, refused (422) without it "
+                             "(env RBSTREAM_NODIFF_MODEL_ZTF)")
+    parser.add_argument("--nodiff-model-rubin", default=env("RBSTREAM_NODIFF_MODEL_RUBIN"), metavar="PATH",
+                        help="the same for Rubin (env RBSTREAM_NODIFF_MODEL_RUBIN)")
     parser.add_argument("--device", default=env("RBSTREAM_DEVICE", "auto"), choices=("auto", "cpu", "cuda", "tensorrt"),
                         help="inference device (env RBSTREAM_DEVICE)")
     defaults = ApiSettings()
@@ -750,9 +814,11 @@ def add_arguments(parser) -> None:
 
 def settings_from_args(args) -> ApiSettings:
     paths = {s: p for s, p in (("ztf", args.model_ztf), ("rubin", args.model_rubin)) if p}
+    nodiff_paths = {s: p for s, p in (("ztf", args.nodiff_model_ztf), ("rubin", args.nodiff_model_rubin)) if p}
     return ApiSettings(max_candidates=args.max_candidates, max_body_bytes=args.max_body_bytes,
                        max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, default_survey=args.default_survey,
-                       models_dir=args.models_dir, model_paths=paths, device=args.device,
+                       models_dir=args.models_dir, model_paths=paths, nodiff_model_paths=nodiff_paths,
+                       device=args.device,
                        limits=limits_from_args(args), max_concurrent_decodes=args.max_concurrent_decodes,
                        header_timeout_s=args.header_timeout_s, body_timeout_s=args.body_timeout_s,
                        keep_alive_timeout_s=args.keep_alive_timeout_s, max_header_bytes=args.max_header_bytes,

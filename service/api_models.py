@@ -121,11 +121,16 @@ class ScoreResult(BaseModel):
                           "`diaSource.reliability`); null when the alert has none.")
     survey_score_name: Literal["drb", "rb", "reliability"] | None = Field(
         None, description="Which survey score `survey_score` is.")
+    model_inputs: list[str] | None = Field(
+        None, description="The raw images the model that gave the score took (its model card's "
+                          "`input.raw_inputs`): `[\"template\", \"science\", \"difference\"]` for a triplet model, "
+                          "`[\"template\", \"science\"]` for the fallback model without the difference image, "
+                          "which scores what has no usable difference when one is configured.")
 
     model_config = ConfigDict(json_schema_extra={"examples": [
         {"id": "ZTF18abcdefg-1", "object_id": None, "survey": "ztf", "score": 0.93, "label": "real",
          "threshold": 0.5, "model": "rbcnn-ztf", "model_version": "1.0.0", "survey_score": None,
-         "survey_score_name": None}]})
+         "survey_score_name": None, "model_inputs": ["template", "science", "difference"]}]})
 
 
 class ClassifyResponse(BaseModel):
@@ -166,3 +171,11 @@ class ModelsResponse(BaseModel):
 
     models: dict[str, dict] = Field(..., description="survey -> the whole model card (`model_card.json`).")
     providers: dict[str, str] = Field(..., description="survey -> ONNX Runtime execution provider.")
+    inputs: dict[str, list[str]] = Field(
+        default_factory=dict, description="survey -> the raw images its model takes, in order.")
+    fallbacks: dict[str, dict] = Field(
+        default_factory=dict, description="survey -> the model card of its fallback model without the difference "
+                                          "image (`--nodiff-model-<survey>`), which scores what has no usable "
+                                          "difference; absent surveys refuse such input.")
+    fallback_inputs: dict[str, list[str]] = Field(
+        default_factory=dict, description="survey -> the raw images its fallback model takes.")

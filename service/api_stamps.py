@@ -26,6 +26,10 @@ class StampInputError(ValueError):
     """A stamp of a request that cannot be turned into a 2-D image; the message says why."""
 
 
+class MaskedStampError(StampInputError):
+    """A well-formed stamp with no finite pixel: an empty image rather than a broken one."""
+
+
 def stamp_to_array(value, max_cutout_bytes: int | None = None) -> np.ndarray:
     """Pixels of one JSON stamp (2-D array or base64 FITS) as a float32 2-D array.
 
@@ -43,7 +47,7 @@ def stamp_to_array(value, max_cutout_bytes: int | None = None) -> np.ndarray:
         raise StampInputError(
             f"must be a base64 FITS string or a 2-D array of numbers, got a JSON {_json_type(value)}")
     if not np.isfinite(image).any():
-        raise StampInputError(f"has no finite pixel (all {image.size} are NaN, null or infinite)")
+        raise MaskedStampError(f"has no finite pixel (all {image.size} are NaN, null or infinite)")
     return image
 
 

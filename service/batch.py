@@ -74,12 +74,16 @@ class SurveyBatch:
         Input message index of each alert (repeated when a message holds several alerts).
     stamps : ndarray
         float32, C-contiguous, shape ``[len(alerts), *contract.input_shape]``.
+    fallback : bool
+        The alerts the survey's fallback model scores (their difference image is missing or
+        unusable; see `prepare`'s ``fallbacks``), not its main model.
     """
 
     survey: str
     alerts: list[Alert] = field(default_factory=list)
     indices: list[int] = field(default_factory=list)
     stamps: np.ndarray = field(default_factory=lambda: np.empty((0, 0, 0, 0), dtype=np.float32))
+    fallback: bool = False
 
     def __len__(self) -> int:
         return len(self.alerts)
@@ -92,6 +96,7 @@ def prepare(
     schemas: SchemaStore | None = None,
     workers: int | None = None,
     isolate: bool = False,
+    fallbacks: Mapping[str, StampContract] | None = None,
 ) -> tuple[dict[str, SurveyBatch], list[Failure]]:
     """Decode messages and assemble each survey's model input.
 
@@ -117,17 +122,23 @@ def prepare(
         however small the batch; a message whose worker dies is a `Failure` (kind
         ``decode``) and the worker is replaced. For streams that may carry messages able
         to crash the decoding libraries.
+    fallbacks : mapping of str to StampContract, optional
+        The contract of a survey's fallback model, one that needs no difference image: an
+        alert whose difference cutout is missing (absent, null, empty) or unusable (too
+        small, all masked, constant) is assembled for it instead of failing. Without one,
+        such an alert fails as it always did.
 
     Returns
     -------
     batches : dict of str to SurveyBatch
-        One per survey with at least one decodable alert.
+        One per survey with at least one decodable alert, keyed by survey; the alerts of a
+        fallback model in a batch of their own, keyed by `fallback_key` of the survey.
     failures : list of Failure
         Sorted by message index.
     """
     # Cutouts are cropped as they are decoded to what the largest model needs: a message of
     # many records with huge images never holds more than one record's full images.
-    crop = max((contract.size for contract in contracts.values()), default=None)
+    crop = max((contract.size for contract in (*contracts.values(), *(fallbacks or {}).values())), default=None)
     min_side = (schemas.limits if schemas is not None else DEFAULT_LIMITS).min_stamp_side
     if isolate:
         decoded = _decode_isolated(messages, survey, schemas, max(1, int(workers or 1)), crop)
@@ -146,18 +157,22 @@ def prepare(
                 continue
             by_survey.setdefault(alert.survey, []).append((index, alert))
 
+    fallbacks = dict(fallbacks or {})
     batches: dict[str, SurveyBatch] = {}
     for name, items in by_survey.items():
         contract = contracts[name]
         stamps = np.empty((len(items), *contract.input_shape), dtype=np.float32)
         batch = SurveyBatch(survey=name)
+        spare: list[tuple[int, Alert]] = []
         row = 0
         for index, alert in items:
             try:
                 assemble(alert.images, contract, alert.centre, out=stamps[row], min_side=min_side)
             except StampError as exc:
-                which = f"{alert.survey} {_id_name(alert)} {alert.candidate_id}"
-                failures.append(Failure(index, "cutout", f"{exc} ({which})"))
+                if name in fallbacks and _difference_at_fault(exc, fallbacks[name]):
+                    spare.append((index, alert))
+                    continue
+                failures.append(Failure(index, "cutout", _stamp_reason(alert, exc)))
                 continue
             batch.alerts.append(alert)
             batch.indices.append(index)
@@ -165,8 +180,45 @@ def prepare(
         # A prefix of a C-contiguous array is C-contiguous: no copy when some alerts failed.
         batch.stamps = stamps[:row]
         batches[name] = batch
+        if spare:
+            batches[fallback_key(name)] = _assemble_batch(name, spare, fallbacks[name], min_side, failures)
     failures.sort(key=lambda f: f.index)
     return batches, failures
+
+
+def fallback_key(survey: str) -> str:
+    """Key in `prepare`'s batches of the alerts ``survey``'s fallback model scores."""
+    return f"{survey}/fallback"
+
+
+def _difference_at_fault(exc: StampError, fallback: StampContract) -> bool:
+    """Whether only the difference image kept an alert from its model, and ``fallback`` does without it."""
+    return bool(exc.cutouts) and set(exc.cutouts) <= {"difference"} and "difference" not in fallback.raw_inputs
+
+
+def _stamp_reason(alert: Alert, exc: StampError) -> str:
+    missing = [name for name in exc.cutouts if name in alert.unreadable]
+    if missing:
+        # The cutout was missing from the alert itself: say so as the decoder always has.
+        return alert.unreadable[missing[0]]
+    return f"{exc} ({alert.survey} {_id_name(alert)} {alert.candidate_id})"
+
+
+def _assemble_batch(survey: str, items: list[tuple[int, Alert]], contract: StampContract, min_side: int,
+                    failures: list[Failure]) -> SurveyBatch:
+    """The fallback model's batch of ``items``; those it cannot score either join ``failures``."""
+    stamps = np.empty((len(items), *contract.input_shape), dtype=np.float32)
+    batch = SurveyBatch(survey=survey, fallback=True)
+    for index, alert in items:
+        try:
+            assemble(alert.images, contract, alert.centre, out=stamps[len(batch)], min_side=min_side)
+        except StampError as exc:
+            failures.append(Failure(index, "cutout", _stamp_reason(alert, exc)))
+            continue
+        batch.alerts.append(alert)
+        batch.indices.append(index)
+    batch.stamps = stamps[:len(batch)]
+    return batch
 
 
 def _id_name(alert: Alert) -> str:

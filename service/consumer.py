@@ -57,6 +57,10 @@ CONSUME_OPTIONS: tuple[Option, ...] = COMMON_OPTIONS + (
     Option("model", [], "model folder (or its model.onnx) to use instead of the default; SURVEY=PATH "
            "for one survey, or PATH alone (survey read from its model card); repeatable", kind="list",
            metavar="[SURVEY=]PATH"),
+    Option("nodiff_model_ztf", None, "fallback ZTF model without the difference image (e.g. trained on template "
+           "and science): scores the alerts whose difference cutout is missing, empty or all masked, which are "
+           "dead-lettered without it", metavar="PATH"),
+    Option("nodiff_model_rubin", None, "the same for Rubin alerts", metavar="PATH"),
     Option("models_dir", None, "folder with one model per survey (<dir>/ztf, <dir>/rubin); default models/",
            metavar="DIR"),
     Option("batch_size", 256, "most alerts per batch", type=positive_int, metavar="N"),
@@ -129,6 +133,16 @@ def load_models(settings: Mapping[str, Any]):
                         device=settings["device"], surveys=surveys)
 
 
+def load_fallback_models(settings: Mapping[str, Any]):
+    """The fallback models without a difference image the settings name (``nodiff_model_<survey>``)."""
+    from service.model import SURVEYS, load_fallbacks
+
+    survey = settings.get("survey", "auto")
+    surveys = SURVEYS if survey == "auto" else (survey,)
+    paths = {s: settings[f"nodiff_model_{s}"] for s in surveys if settings.get(f"nodiff_model_{s}")}
+    return load_fallbacks(paths, device=settings.get("device", "auto"))
+
+
 def schema_store(settings: Mapping[str, Any]):
     """The `service.schemas.SchemaStore` for the settings (registry URL, Rubin schema version)."""
     from service.schemas import SchemaStore
@@ -197,17 +211,23 @@ class AlertConsumer:
     on_batch : callable, optional
         Called with each batch's delivered `Outgoing` messages after its commit (``rbstream run``
         prints them).
+    fallbacks : mapping of str to service.model.Scorer, optional
+        Models without a difference image, for the alerts whose difference cutout is missing
+        or unusable; default: those the settings name (`load_fallback_models`).
     """
 
     def __init__(self, settings: Mapping[str, Any], scorers: Mapping[str, Any],
-                 on_batch: Callable[[list[Outgoing]], None] | None = None):
+                 on_batch: Callable[[list[Outgoing]], None] | None = None,
+                 fallbacks: Mapping[str, Any] | None = None):
         self.settings = dict(settings)
         self.scorers = dict(scorers)
+        self.fallbacks = dict(load_fallback_models(self.settings) if fallbacks is None else fallbacks)
         self.on_batch = on_batch
         self.processor = BatchProcessor(self.scorers, record_encoder(self.settings), survey=self.settings["survey"],
                                         schemas=schema_store(self.settings), workers=self.settings.get("decode_workers"),
                                         republish_alert=bool(self.settings.get("republish_alert")),
-                                        isolate=bool(self.settings.get("decode_isolation")))
+                                        isolate=bool(self.settings.get("decode_isolation")),
+                                        fallbacks=self.fallbacks)
         if self.settings.get("max_schema_depth") == 0 and not self.settings.get("decode_isolation"):
             log.warning("max_schema_depth=0 turns the recursion and depth checks off: a recursive schema "
                         "can crash this process; use it only with --decode-isolation")
@@ -630,10 +650,11 @@ def main(args: argparse.Namespace) -> int:
     try:
         settings = resolve(args, CONSUME_OPTIONS)
         scorers = load_models(settings)
+        fallbacks = load_fallback_models(settings)
     except (SettingsError, ModelError) as exc:
         log.error("%s", exc)
         return 2
-    consumer = AlertConsumer(settings, scorers)
+    consumer = AlertConsumer(settings, scorers, fallbacks=fallbacks)
     if settings.get("metrics_port"):
         serve_probes(consumer, settings["metrics_port"])
         log.info("metrics on http://0.0.0.0:%d/metrics, probes on /healthz and /readyz", settings["metrics_port"])

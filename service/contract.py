@@ -60,7 +60,15 @@ ONNX_OUTPUT = "score"
 
 
 class StampError(ValueError):
-    """A stamp that cannot be turned into model input (wrong shape, nothing finite...)."""
+    """A stamp that cannot be turned into model input (wrong shape, nothing finite...).
+
+    ``cutouts`` names the cutouts at fault (empty when unknown), so that a caller can tell
+    an unusable difference image, which a model without one can still score, from the rest.
+    """
+
+    def __init__(self, message: str, cutouts: Sequence[str] = ()):
+        super().__init__(message)
+        self.cutouts = tuple(cutouts)
 
 
 @dataclass(frozen=True)
@@ -251,12 +259,12 @@ def assemble(
     raw_inputs = contract.raw_inputs
     missing = [name for name in raw_inputs if name not in images or images[name] is None]
     if missing:
-        raise StampError(f"missing cutout(s) {missing}; this model needs {list(raw_inputs)}")
+        raise StampError(f"missing cutout(s) {missing}; this model needs {list(raw_inputs)}", missing)
     for name in raw_inputs:
         shape = np.shape(images[name])
         if len(shape) == 2 and min(shape) < min_side:
             raise StampError(f"cutout {name!r} is {shape[0]}x{shape[1]} pixels; at least {min_side}x{min_side} "
-                             "are needed to score it (min_stamp_side)")
+                             "are needed to score it (min_stamp_side)", (name,))
     if out is None:
         out = np.empty(contract.input_shape, dtype=np.float32)
     finite = []
@@ -264,9 +272,9 @@ def assemble(
         fit_stamp(images[name], contract.size, centre, out=out[i])
         finite.append(out[i][np.isfinite(out[i])])
         if not finite[i].size:
-            raise StampError(f"cutout {name!r} has no finite pixel near the source (all masked)")
+            raise StampError(f"cutout {name!r} has no finite pixel near the source (all masked)", (name,))
     for name, values in zip(raw_inputs, finite):
         if values.min() == values.max():
             raise StampError(f"cutout {name!r} is constant near the source (every pixel {float(values[0]):g}): "
-                             "nothing to score")
+                             "nothing to score", (name,))
     return out

@@ -231,3 +231,24 @@ def load_scorers(models_root: str | Path | None = None, explicit: Mapping[str, s
     if not scorers:
         raise ModelError(f"no model found for {list(surveys)} under {root}; run `make train`")
     return scorers
+
+
+def load_fallbacks(paths: Mapping[str, str | Path], device: str = "auto") -> dict[str, Scorer]:
+    """The fallback model of each survey in ``paths``: one that needs no difference image.
+
+    It scores the alerts whose difference cutout is missing or unusable, which the main
+    model refuses (`service.batch.prepare`'s ``fallbacks``). A model that takes the
+    difference, or that was trained for another survey, is refused here rather than at the
+    first such alert.
+    """
+    fallbacks = {}
+    for survey, path in paths.items():
+        scorer = Scorer(path, device=device)
+        if "difference" in scorer.contract.raw_inputs:
+            raise ModelError(f"fallback model for {survey} at {path} takes the difference image "
+                             f"(inputs {list(scorer.contract.raw_inputs)}); a fallback for alerts without one "
+                             "must not, e.g. one trained with [input] channels = [\"template\", \"science\"]")
+        if scorer.card.survey != survey:
+            raise ModelError(f"fallback model for {survey} at {path} is a {scorer.card.survey} model")
+        fallbacks[survey] = scorer
+    return fallbacks

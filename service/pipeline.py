@@ -175,13 +175,18 @@ class BatchProcessor:
         Publish the original alert with an ``rbstream`` score field instead of a score record.
     isolate : bool
         Decode in worker processes that may crash (`service.batch.prepare`'s ``isolate``).
+    fallbacks : mapping of str to service.model.Scorer, optional
+        A survey's model without a difference image, which scores that survey's alerts whose
+        difference cutout is missing or unusable (else refused as ``cutout``).
     """
 
     def __init__(self, scorers: Mapping[str, Any], encoder: records.RecordEncoder, survey: str = "auto",
                  schemas: Any = None, workers: int | None = None, republish_alert: bool = False,
-                 isolate: bool = False):
+                 isolate: bool = False, fallbacks: Mapping[str, Any] | None = None):
         self.scorers = dict(scorers)
         self.contracts = {name: scorer.contract for name, scorer in self.scorers.items()}
+        self.fallbacks = dict(fallbacks or {})
+        self.fallback_contracts = {name: scorer.contract for name, scorer in self.fallbacks.items()}
         self.encoder = encoder
         self.survey = survey
         self.schemas = schemas
@@ -196,11 +201,11 @@ class BatchProcessor:
         from service.batch import prepare
 
         return prepare([m.value for m in messages], self.contracts, survey=self.survey, schemas=self.schemas,
-                       workers=self.workers, isolate=self.isolate)
+                       workers=self.workers, isolate=self.isolate, fallbacks=self.fallback_contracts)
 
     def score(self, batch) -> tuple[np.ndarray | None, str | None]:
         """Scores of one survey's batch, or ``(None, reason)`` when inference fails."""
-        scorer = self.scorers.get(batch.survey)
+        scorer = self.scorer_of(batch)
         if scorer is None:
             return None, f"no model loaded for survey {batch.survey!r}"
         try:
@@ -212,14 +217,21 @@ class BatchProcessor:
             return None, f"model returned {len(scores)} scores for {len(batch.alerts)} alerts"
         return scores, None
 
-    def score_message(self, alert, score: float, source: SourceMessage, scored_at: datetime) -> Outgoing:
-        """The output message of one scored alert (score record, or annotated alert)."""
-        card = self.scorers[alert.survey].card
+    def scorer_of(self, batch):
+        """The model that scores ``batch``: its survey's fallback model, or its main one."""
+        return (self.fallbacks if batch.fallback else self.scorers).get(batch.survey)
+
+    def score_message(self, alert, score: float, source: SourceMessage, scored_at: datetime,
+                      scorer=None) -> Outgoing:
+        """The output message of one scored alert (score record, or annotated alert) by ``scorer``
+        (default: the survey's main model)."""
+        card = (scorer or self.scorers[alert.survey]).card
         record = records.score_record(survey=alert.survey, candidate_id=alert.candidate_id,
                                       object_id=alert.object_id, score=score, threshold=card.threshold,
                                       model_name=card.name, model_version=card.version,
                                       observation_mjd=alert.observation_mjd, scored_at=scored_at,
-                                      survey_score=alert.survey_score, survey_score_name=alert.survey_score_name)
+                                      survey_score=alert.survey_score, survey_score_name=alert.survey_score_name,
+                                      model_inputs=card.contract.raw_inputs)
         headers = [(HEADER_SURVEY, alert.survey.encode())] + source.provenance()
         key = record["object_id"].encode() if record["object_id"] else None
         return Outgoing(kind="score", key=key, value=b"", headers=headers, source=source, survey=alert.survey,
@@ -313,8 +325,10 @@ class BatchProcessor:
         for survey, batch in batches.items():
             if len(batch.alerts) == 0:
                 continue
-            outcome.batch_sizes[survey] = len(batch.alerts)
+            survey = batch.survey
+            outcome.batch_sizes[survey] = outcome.batch_sizes.get(survey, 0) + len(batch.alerts)
             scores, error = self.score(batch)
+            scorer = self.scorer_of(batch)
             for position, (alert, index) in enumerate(zip(batch.alerts, batch.indices)):
                 index = int(index)
                 if error is None and not np.isfinite(scores[position]):
@@ -325,7 +339,8 @@ class BatchProcessor:
                     rejected.setdefault(index, dead_letter(messages[index], "inference", error_here, survey))
                     continue
                 scored.append((index, position,
-                               self.score_message(alert, float(scores[position]), messages[index], scored_at)))
+                               self.score_message(alert, float(scores[position]), messages[index], scored_at,
+                                                  scorer)))
         outcome.inference_seconds = time.perf_counter() - start
         # Publish in input order so that the records of one object keep their order.
         scored.sort(key=lambda item: (item[0], item[1]))

@@ -76,11 +76,13 @@ def label_for(score: float, threshold: float) -> str:
 def score_record(*, survey: str, candidate_id: int, object_id: str, score: float, threshold: float,
                  model_name: str, model_version: str, observation_mjd: float | None,
                  scored_at: datetime | None = None, survey_score: float | None = None,
-                 survey_score_name: str | None = None) -> dict:
+                 survey_score_name: str | None = None, model_inputs: Sequence[str] | None = None) -> dict:
     """One score record, as a dict that follows ``score_record.avsc``.
 
     ``survey_score`` / ``survey_score_name`` are the survey's own score of the alert
     (`service.alerts.Alert.survey_score`), published beside ours; None when it has none.
+    ``model_inputs`` are the raw images the scoring model took (its contract's
+    ``raw_inputs``, e.g. ``["template", "science"]`` for a model without the difference).
     """
     score = float(score)
     return {
@@ -96,6 +98,7 @@ def score_record(*, survey: str, candidate_id: int, object_id: str, score: float
         "scored_at": scored_at or datetime.now(timezone.utc),
         "survey_score": None if survey_score is None else float(survey_score),
         "survey_score_name": None if survey_score is None else survey_score_name,
+        "model_inputs": None if model_inputs is None else [str(name) for name in model_inputs],
     }
 
 

@@ -314,11 +314,27 @@ def ztf_sample() -> tuple[dict, dict]:
 
 @pytest.mark.parametrize("field_name", list(CUTOUT_FIELDS.values()))
 def test_missing_cutout_is_a_cutout_error(field_name):
+    from service.batch import prepare
+    from service.contract import StampContract
+
     schema, record = ztf_sample()
     record[field_name] = None
-    with pytest.raises(DecodeError) as caught:
-        decode_message(write_container(schema, [record]))
-    assert caught.value.kind == "cutout" and field_name in caught.value.reason and "null" in caught.value.reason
+    batches, (failure,) = prepare([write_container(schema, [record])], {"ztf": StampContract()})
+    assert not sum(len(batch) for batch in batches.values())
+    assert failure.kind == "cutout" and field_name in failure.reason and "null" in failure.reason
+
+
+@pytest.mark.parametrize("empty", [False, True], ids=["null", "empty"])
+def test_an_alert_without_a_difference_decodes_and_says_why_it_lacks_one(empty):
+    schema, record = ztf_sample()
+    if empty:
+        record["cutoutDifference"]["stampData"] = b""
+    else:
+        record["cutoutDifference"] = None
+    (alert,) = decode_message(write_container(schema, [record]))
+    assert sorted(alert.images) == ["science", "template"]
+    assert alert.unreadable["difference"].startswith("cutoutDifference")
+    assert ("empty" if empty else "null") in alert.unreadable["difference"]
 
 
 @pytest.mark.parametrize(
