@@ -197,14 +197,14 @@ def _fmt(value, digits: int = 3) -> str:
 
 def metric_row(name: str, m: Mapping | None) -> str:
     if not m:
-        return f"| {name} | – | – | – | – | – | – | – | – |"
+        return f"| {name} | – | – | – | – | – | – | – | – | – |"
     return (f"| {name} | {m['n']} ({m['n_real']} real) | {_fmt(m['roc_auc'])} | {_fmt(m['accuracy'])} | "
-            f"{_fmt(m['fpr'])} | {_fmt(m['fnr'])} | {_fmt(m['threshold_at_fpr_1pct'])} | {_fmt(m['ece'])} | "
-            f"{_fmt(m['brier'])} |")
+            f"{_fmt(m['fpr'])} | {_fmt(m['fnr'])} | {_fmt(m['threshold_at_fpr_1pct'])} | "
+            f"{_fmt(m['fpr_at_fnr_5pct'])} | {_fmt(m['ece'])} | {_fmt(m['brier'])} |")
 
 
-METRIC_HEADER = ("| score | alerts | AUC | accuracy | FPR | FNR | threshold at FPR 1% | ECE | Brier |\n"
-                 "|---|---|---|---|---|---|---|---|---|")
+METRIC_HEADER = ("| score | alerts | AUC | accuracy | FPR | FNR | threshold at FPR 1% | FPR at FNR 5% | ECE | Brier |\n"
+                 "|---|---|---|---|---|---|---|---|---|---|")
 
 
 def markdown(report: dict) -> str:
