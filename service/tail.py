@@ -19,7 +19,6 @@ import argparse
 import base64
 import json
 import logging
-import sys
 import time
 from datetime import datetime
 from typing import Any, Callable, Mapping

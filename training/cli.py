@@ -51,7 +51,7 @@ def _overrides(args) -> dict:
 
 
 def main(args: argparse.Namespace) -> int:
-    from training.config import ConfigError, builtin_config, load_config
+    from training.config import ConfigError, load_config
     from training.data import DataError
 
     try:

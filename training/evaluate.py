@@ -120,7 +120,7 @@ def evaluate(spec: Sequence[str | Path], out: str | Path | None = None, models: 
     threshold : float, optional
         Our score at or above it is real; default: each model card's threshold.
     """
-    from service.model import MODEL_FILE, models_dir
+    from service.model import models_dir
 
     files = [f for s in spec for f in real.alert_files(s)]
     alerts, failures = real.read_alerts(files)
@@ -391,9 +391,8 @@ def main(args) -> int:
     else:
         tables = [Path(p) for p in args.labels if p.lower() != "none"]
     try:
-        report = evaluate(args.alerts, args.out, _models(args.model), tables, args.label_from,
-                          args.label_threshold, args.split, args.holdout, threshold=args.threshold,
-                          device=args.device)
+        evaluate(args.alerts, args.out, _models(args.model), tables, args.label_from, args.label_threshold,
+                 args.split, args.holdout, threshold=args.threshold, device=args.device)
     except real.LabelError as exc:
         print(f"rbstream evaluate: {exc}", file=sys.stderr)
         return 2
