@@ -23,7 +23,7 @@ import numpy as np
 
 from service.model import MODEL_FILE
 from training import real
-from training.evaluate import compare, score_alerts
+from training.evaluate import compare, judged_by, score_alerts
 from training.report import metrics
 
 #: A survey score at or above this is a real label, when judging (not training) a model.
@@ -115,7 +115,7 @@ def plot_stages(curves: dict, path: Path, survey: str) -> None:
         RocCurveDisplay.from_predictions(labels[keep], scores[keep], ax=ax, name=f"rbstream, {name}")
         if not survey_drawn:
             for score in sorted({n for a in alerts for n in a.survey_scores}):
-                has = keep & np.array([score in a.survey_scores and a.label_source != score for a in alerts])
+                has = judged_by(alerts, score)
                 if len(set(labels[has])) == 2:
                     theirs = np.array([a.survey_scores.get(score, np.nan) for a in alerts])
                     RocCurveDisplay.from_predictions(labels[has], theirs[has], ax=ax, name=f"{score} (survey)",

@@ -56,6 +56,13 @@ def score_alerts(alerts: Sequence[real.RealAlert], model: str | Path, device: st
     return scores.astype(np.float64), kept, failures, identity
 
 
+def judged_by(alerts: Sequence[real.RealAlert], name: str) -> np.ndarray:
+    """Which labelled alerts survey score ``name`` can be judged on: those that carry it and
+    whose label it did not give itself."""
+    return np.array([a.label is not None and name in a.survey_scores and a.label_source != name for a in alerts],
+                    dtype=bool)
+
+
 def compare(alerts: Sequence[real.RealAlert], scores: np.ndarray, threshold: float) -> dict:
     """Metrics of ``scores`` and of every survey score, on the labelled alerts.
 
@@ -71,7 +78,7 @@ def compare(alerts: Sequence[real.RealAlert], scores: np.ndarray, threshold: flo
                  "survey_scores": {}}
     names = sorted({n for a in alerts for n in a.survey_scores})
     for name in names:
-        has = np.array([name in a.survey_scores and a.label_source != name for a in alerts]) & labelled
+        has = judged_by(alerts, name)
         theirs = np.array([a.survey_scores.get(name, np.nan) for a in alerts])
         if has.any():
             out["survey_scores"][name] = {
@@ -251,7 +258,7 @@ def plot_roc(alerts, scores, labels, path: Path, survey: str) -> None:
     if len(set(labels[labelled])) == 2:
         RocCurveDisplay.from_predictions(labels[labelled], scores[labelled], ax=ax, name="rbstream (all labelled)")
         for name in sorted({n for a in alerts for n in a.survey_scores}):
-            has = np.array([name in a.survey_scores and a.label_source != name for a in alerts]) & labelled
+            has = judged_by(alerts, name)
             if len(set(labels[has])) == 2:
                 theirs = np.array([a.survey_scores.get(name, np.nan) for a in alerts])
                 RocCurveDisplay.from_predictions(labels[has], scores[has], ax=ax, name=f"rbstream (with {name})")
