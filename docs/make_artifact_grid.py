@@ -19,7 +19,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from service.alerts import decode_message  # noqa: E402
+from service.decode.alerts import decode_message  # noqa: E402
 from service.contract import fit_stamp  # noqa: E402
 from training.profiles import get_profile  # noqa: E402
 from training.simulate import simulate_triplet  # noqa: E402

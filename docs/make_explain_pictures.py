@@ -12,11 +12,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from service.alerts import decode_message
+from service.decode.alerts import decode_message
 from service.contract import assemble
-from service.explain import METHODS, explain_stamps
-from service.explain_render import render_png
-from service.model import Scorer
+from service.explain.attributions import METHODS, explain_stamps
+from service.explain.render import render_png
+from service.score.model import Scorer
 
 DEFAULT_ALERT = "1703222170415010089"
 

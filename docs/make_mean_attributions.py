@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from service.gradients import integrated_gradients, load_graph, weights_path
-from service.model import Scorer, models_dir
+from service.explain.gradients import integrated_gradients, load_graph, weights_path
+from service.score.model import Scorer, models_dir
 from training import real
 from training.adapt import EVALUATION_THRESHOLD
 from training.evaluate import held_out

@@ -15,14 +15,14 @@ import sys
 
 #: subcommand -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "run": ("service.run", "the main job: local broker, API, consumer, replay of sample alerts, scores printed"),
-    "consume": ("service.consumer", "score alerts from a Kafka topic and publish the scores"),
-    "serve": ("service.api", "serve POST /classify, /healthz, /readyz, /model, /metrics"),
-    "replay": ("service.replay", "produce alert files into a Kafka topic, like a survey stream"),
-    "tail": ("service.tail", "print score records of a topic as JSON lines"),
-    "broker": ("service.broker", "run the local Kafka-compatible broker (tansu) in the foreground"),
+    "run": ("service.tools.run", "the main job: local broker, API, consumer, replay of sample alerts, scores printed"),
+    "consume": ("service.stream.consumer", "score alerts from a Kafka topic and publish the scores"),
+    "serve": ("service.api.app", "serve POST /classify, /healthz, /readyz, /model, /metrics"),
+    "replay": ("service.tools.replay", "produce alert files into a Kafka topic, like a survey stream"),
+    "tail": ("service.tools.tail", "print score records of a topic as JSON lines"),
+    "broker": ("service.tools.broker", "run the local Kafka-compatible broker (tansu) in the foreground"),
     "bench": ("service.bench", "benchmarks: decode, infer, e2e, api, all"),
-    "explain": ("service.explain_cli", "why a score: occlusion, saliency, integrated-gradients pictures and arrays"),
+    "explain": ("service.explain.cli", "why a score: occlusion, saliency, integrated-gradients pictures and arrays"),
     "evaluate": ("training.evaluate", "judge models on real labelled alerts: metrics beside the survey's own score, plots"),
     "train": ("training.cli", "train a real-bogus model (TOML config or Deep-HiTS input.txt) and export ONNX"),
 }

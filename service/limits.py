@@ -5,7 +5,7 @@ cluster; so is a body posted to ``/classify``. Every resource one message can cl
 bounded here, *before* the work is done: the size and nesting depth of its writer schema
 (a recursive schema is refused outright: its depth has no bound), how many records it may
 hold, how far each compressed block and each cutout may inflate, and the side of the
-images it may declare. A message over a limit is refused with a `service.alerts.DecodeError`
+images it may declare. A message over a limit is refused with a `service.decode.alerts.DecodeError`
 that names the limit and its setting (a dead letter, or a 422).
 
 The defaults are far above any real alert (a ZTF alert: a 20 kB schema nested 6 deep, one

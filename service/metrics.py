@@ -39,7 +39,7 @@ HTTP_REQUEST_SECONDS = Histogram("rbstream_http_request_seconds", "HTTP request 
 
 
 def record_models(scorers) -> None:
-    """Set `MODEL_INFO` for each loaded `service.model.Scorer` (a mapping survey -> scorer)."""
+    """Set `MODEL_INFO` for each loaded `service.score.model.Scorer` (a mapping survey -> scorer)."""
     for survey, scorer in scorers.items():
         MODEL_INFO.labels(survey=survey, name=scorer.card.name, version=scorer.card.version,
                           provider=scorer.provider).set(1)

@@ -245,7 +245,7 @@ def kafka_client_config(settings: Mapping[str, Any], role: str, **overrides: Any
     -----
     The user's settings come last so that an operator can tune anything (timeouts,
     ``client.id``, security); settings that at-least-once relies on are re-asserted
-    by the caller (see `service.consumer`).
+    by the caller (see `service.stream.consumer`).
     """
     if role not in CLIENT_ROLES:
         raise ValueError(f"role: unknown {role!r}; accepted: {', '.join(CLIENT_ROLES)}")

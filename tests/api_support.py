@@ -11,10 +11,10 @@ import numpy as np
 from fastapi.testclient import TestClient
 
 from conftest import rubin_files, ztf_fits_files
-from service.alerts import CUTOUT_FIELDS, NEGATIVE_DETECTION, decode_message
-from service.api import ApiSettings, create_app
-from service.auth import TokenAuth
-from service.model import load_scorers
+from service.decode.alerts import CUTOUT_FIELDS, NEGATIVE_DETECTION, decode_message
+from service.api.app import ApiSettings, create_app
+from service.api.auth import TokenAuth
+from service.score.model import load_scorers
 
 
 @functools.lru_cache(maxsize=None)
@@ -87,7 +87,7 @@ def two_channel_model(folder: Path, size: int = 31):
     from onnx import TensorProto, helper
 
     from service.contract import NORMALISATION, ONNX_INPUT, ONNX_OUTPUT
-    from service.model import Scorer
+    from service.score.model import Scorer
 
     stamps = helper.make_tensor_value_info(ONNX_INPUT, TensorProto.FLOAT, ["N", 2, size, size])
     score = helper.make_tensor_value_info(ONNX_OUTPUT, TensorProto.FLOAT, ["N"])

@@ -46,7 +46,7 @@ def sample_data() -> Path:
 @pytest.fixture(scope="session")
 def broker():
     """A real tansu broker on a free port for the whole session."""
-    from service.broker import LocalBroker
+    from service.tools.broker import LocalBroker
 
     with LocalBroker() as running:
         yield running

@@ -14,7 +14,7 @@ def tiny_model(folder: Path, survey: str = "ztf", size: int = 21, seed: int = 0)
     import torch
 
     from service.contract import StampContract
-    from service.model import Scorer
+    from service.score.model import Scorer
     from training.export import export_onnx
     from training.model import ARCHITECTURES, ArchConfig, RealBogusNet
 

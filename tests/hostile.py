@@ -17,11 +17,11 @@ import zlib
 import fastavro
 import numpy as np
 
-from service.schemas import CONTAINER_MAGIC, encode_long
+from service.decode.framing import CONTAINER_MAGIC, encode_long
 
 SYNC = b"hostile-sync-16b"
 
-#: A minimal ZTF-shaped alert schema: the fields `service.alerts` reads, cutouts last.
+#: A minimal ZTF-shaped alert schema: the fields `service.decode.alerts` reads, cutouts last.
 _CUTOUT = {"type": "record", "name": "Cutout", "fields": [{"name": "fileName", "type": "string"},
                                                           {"name": "stampData", "type": "bytes"}]}
 ZTF_SCHEMA = {

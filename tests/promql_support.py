@@ -47,9 +47,9 @@ def live_exposition() -> str:
     """
     from fastapi.testclient import TestClient
 
-    import service.consumer  # noqa: F401 - the consumer's process imports it; its metrics must be there too
-    from service.api import ApiSettings, create_app
-    from service.auth import TokenAuth
+    import service.stream.consumer  # noqa: F401 - the consumer's process imports it; its metrics must be there too
+    from service.api.app import ApiSettings, create_app
+    from service.api.auth import TokenAuth
 
     with TestClient(create_app({}, ApiSettings(), auth=TokenAuth())) as client:
         assert client.get("/healthz").status_code == 200

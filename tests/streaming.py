@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
 
-from service import pipeline
+from service.stream import pipeline
 
 _counter = itertools.count()
 
@@ -52,7 +52,7 @@ def read_topic(bootstrap_servers: str, topic: str, count: int | None = None, idl
     seconds without one (once at least ``count`` is reached or none is expected), or at ``timeout``."""
     from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
-    from service.tail import message_json
+    from service.tools.tail import message_json
 
     consumer = Consumer({"bootstrap.servers": bootstrap_servers, "group.id": unique("reader"),
                          "enable.auto.commit": False})
@@ -134,6 +134,7 @@ class TinySchemaRegistry:
 
     def __init__(self, preload: dict | None = None):
         import json
+        from urllib.parse import urlsplit
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
         self.schemas: dict[int, str] = {i: json.dumps(s) for i, s in (preload or {}).items()}
@@ -153,13 +154,13 @@ class TinySchemaRegistry:
                 self.wfile.write(data)
 
             def do_GET(self):
-                parts = self.path.strip("/").split("/")
+                parts = urlsplit(self.path).path.strip("/").split("/")
                 if len(parts) == 3 and parts[:2] == ["schemas", "ids"] and int(parts[2]) in registry.schemas:
                     return self._answer(200, {"schema": registry.schemas[int(parts[2])]})
                 self._answer(404, {"error_code": 40403, "message": "Schema not found"})
 
             def do_POST(self):
-                parts = self.path.strip("/").split("/")
+                parts = urlsplit(self.path).path.strip("/").split("/")
                 if len(parts) != 3 or parts[0] != "subjects" or parts[2] != "versions":
                     return self._answer(404, {"error_code": 404, "message": "not found"})
                 text = json.loads(self.rfile.read(int(self.headers["Content-Length"])))["schema"]
@@ -196,7 +197,7 @@ def consumer_settings(bootstrap_servers: str, **values) -> dict:
     """Resolved `rbstream consume` settings for a test (fresh topics and group unless given)."""
     import argparse
 
-    from service.consumer import CONSUME_OPTIONS
+    from service.stream.consumer import CONSUME_OPTIONS
     from service.settings import resolve
 
     args = {"bootstrap_servers": bootstrap_servers, "input_topic": unique("alerts"), "output_topic": unique("scores"),
@@ -209,7 +210,7 @@ def consumer_settings(bootstrap_servers: str, **values) -> dict:
 @contextmanager
 def running_consumer(settings: dict, scorers) -> Iterator:
     """An `AlertConsumer` running in a thread; stopped (batch finished, committed) on exit."""
-    from service.consumer import AlertConsumer
+    from service.stream.consumer import AlertConsumer
 
     consumer = AlertConsumer(settings, scorers)
     errors = []
@@ -237,7 +238,7 @@ import pytest  # noqa: E402  (fixtures below; the helpers above need no pytest)
 @pytest.fixture(scope="session")
 def default_models():
     """The default models folder (``models/``, or ``RBSTREAM_MODELS_DIR``)."""
-    from service.model import MODEL_FILE, models_dir
+    from service.score.model import MODEL_FILE, models_dir
 
     root = models_dir()
     if not all((root / survey / MODEL_FILE).exists() for survey in ("ztf", "rubin")):
@@ -248,6 +249,6 @@ def default_models():
 @pytest.fixture(scope="session")
 def scorers(default_models):
     """The real default models, one per survey, on CPU."""
-    from service.model import load_scorers
+    from service.score.model import load_scorers
 
     return load_scorers(default_models, device="cpu")

@@ -1,4 +1,4 @@
-"""service.alerts / service.schemas: every sample alert decodes right, every bad one fails cleanly."""
+"""service.decode.alerts / service.decode.schemas: every sample alert decodes right, every bad one fails cleanly."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ import pytest
 from astropy.io import fits as afits
 
 from conftest import rubin_files, ztf_fits_files, ztf_jpeg_files
-from service import schemas
-from service.alerts import CUTOUT_FIELDS, NEGATIVE_DETECTION, DecodeError, decode_message, read_full_records
+from service.decode import framing, schemas
+from service.decode.alerts import CUTOUT_FIELDS, NEGATIVE_DETECTION, DecodeError, decode_message, read_full_records
 from service.contract import fit_stamp
 
 MJD_OFFSET = 2400000.5
@@ -281,7 +281,7 @@ def test_each_writer_schema_is_parsed_once():
     for _ in range(3):
         for path in files:
             decode_message(path.read_bytes(), schemas=store)
-    distinct = {schemas.read_container_header(p.read_bytes())[0]["avro.schema"] for p in files}
+    distinct = {framing.read_container_header(p.read_bytes())[0]["avro.schema"] for p in files}
     assert len(store._by_text) == len(distinct) < len(files)
 
 
@@ -314,7 +314,7 @@ def ztf_sample() -> tuple[dict, dict]:
 
 @pytest.mark.parametrize("field_name", list(CUTOUT_FIELDS.values()))
 def test_missing_cutout_is_a_cutout_error(field_name):
-    from service.batch import prepare
+    from service.decode.stamps import prepare
     from service.contract import StampContract
 
     schema, record = ztf_sample()
@@ -457,7 +457,7 @@ def test_full_size_cutouts_have_no_centre():
 
 @pytest.mark.parametrize("path", ztf_fits_files(), ids=lambda p: p.name)
 def test_fast_path_finds_exactly_fastavros_cutouts(path):
-    from service import alerts
+    from service.decode import alerts
 
     data = path.read_bytes()
     _, (record,) = read_container(data)
@@ -472,7 +472,7 @@ def test_fast_path_finds_exactly_fastavros_cutouts(path):
 
 
 def test_fast_path_steps_aside_for_unusual_cutouts():
-    from service import alerts
+    from service.decode import alerts
 
     schema, record = ztf_sample()
     # A non-ASCII file name and a null cutout: the backwards search finds nothing it trusts,
@@ -490,13 +490,13 @@ def test_stamp_that_mimics_a_cutout_tail_still_decodes_right():
     # cutout fields, the last a broken gzip stream. The backwards search takes them; that
     # stamp then fails to decode, and the record is re-read from the front, which gives
     # the true images (the real stamp's trailing bytes are ignored by gzip).
-    from service import alerts
+    from service.decode import alerts
 
     schema, record = ztf_sample()
     truth = decode_message(write_container(schema, [record]))[0]
 
     def cutout_field(name: bytes, stamp: bytes) -> bytes:
-        return b"\x00" + schemas.encode_long(len(name)) + name + schemas.encode_long(len(stamp)) + stamp
+        return b"\x00" + framing.encode_long(len(name)) + name + framing.encode_long(len(stamp)) + stamp
 
     good = record["cutoutTemplate"]["stampData"]
     mimic = (cutout_field(b"fake-sci.fits.gz", good) + cutout_field(b"fake-ref.fits.gz", good)
@@ -516,7 +516,7 @@ def test_scoring_reader_schema_exists_for_every_known_writer():
     for version in schemas.rubin_versions():
         assert store.schema_for_id(schemas.rubin_schema_id(*version)).reader is not None, version
     for path in ztf_fits_files() + ztf_jpeg_files() + rubin_files():
-        writer = store.container_schema(schemas.read_container_header(path.read_bytes())[0]["avro.schema"])
+        writer = store.container_schema(framing.read_container_header(path.read_bytes())[0]["avro.schema"])
         assert writer.reader is not None, path.name
         if writer.survey == "ztf":
             assert writer.head is not None and writer.tail is not None, path.name

@@ -13,10 +13,10 @@ import pytest
 from api_support import (assert_still_serving, candidate_json, decoded, good_request, make_client, real_scorers,
                          two_channel_model)
 from conftest import rubin_files, ztf_fits_files
-from service.api import ApiSettings, create_app
-from service.auth import TokenAuth
+from service.api.app import ApiSettings, create_app
+from service.api.auth import TokenAuth
 from service.contract import assemble
-from service.microbatch import MicroBatcher
+from service.api.coalesce import MicroBatcher
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,7 @@ def test_same_score_from_arrays_fits_gzip_fits_and_raw_alert(client, survey, fil
 
 def test_rubin_wire_format_body_scores_like_the_container(client):
     """The live Rubin framing (Confluent wire format, official lsst-alert-packet schema), as replayed into Kafka."""
-    from service.replay import messages_of_file
+    from service.tools.replay import messages_of_file
 
     for path in rubin_files():
         (message,) = messages_of_file(path, wire_format=True)
@@ -68,8 +68,8 @@ def test_rubin_wire_format_body_scores_like_the_container(client):
 
 
 def test_raw_body_scores_equal_the_consumer_pipeline(client):
-    """Kafka and /classify share `service.batch.prepare`: the same alert gets the same score."""
-    from service.batch import prepare
+    """Kafka and /classify share `service.decode.stamps.prepare`: the same alert gets the same score."""
+    from service.decode.stamps import prepare
 
     scorers = real_scorers()
     paths = ztf_fits_files() + rubin_files()

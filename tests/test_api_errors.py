@@ -13,9 +13,9 @@ import pytest
 
 from api_support import assert_still_serving, candidate_json, decoded, good_request, make_client, real_scorers
 from conftest import ztf_fits_files, ztf_jpeg_files
-from service.alerts import CUTOUT_FIELDS
-from service.api import ApiSettings, create_app
-from service.auth import TokenAuth
+from service.decode.alerts import CUTOUT_FIELDS
+from service.api.app import ApiSettings, create_app
+from service.api.auth import TokenAuth
 
 LIMITS = {"max_candidates": 5, "max_body_bytes": 600_000}
 

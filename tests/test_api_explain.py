@@ -11,8 +11,8 @@ import pytest
 
 from api_support import assert_still_serving, candidate_json, decoded, good_request, make_client
 from conftest import rubin_files, ztf_fits_files, ztf_jpeg_files
-from service.api_explain import MAX_EXPLAIN_CANDIDATES
-from service.auth import TokenAuth
+from service.api.explain import MAX_EXPLAIN_CANDIDATES
+from service.api.auth import TokenAuth
 
 LIMITS = {"max_candidates": 5, "max_body_bytes": 600_000}
 
@@ -69,7 +69,7 @@ def bad_bodies(stamp) -> dict:
 
 
 def decoded_jpeg_bytes() -> bytes:
-    from service.alerts import read_full_records
+    from service.decode.alerts import read_full_records
 
     record = read_full_records(ztf_jpeg_files()[0].read_bytes())[0]
     return record["cutoutScience"]["stampData"]
@@ -149,7 +149,7 @@ def test_a_window_larger_than_the_stamp_is_refused(client):
 
 def test_gradient_methods_without_weights_say_so(tmp_path):
     """A model shipped without its torch weights: a clear 422, never another method's answer."""
-    from service.model import Scorer, models_dir
+    from service.score.model import Scorer, models_dir
 
     folder = tmp_path / "ztf"
     folder.mkdir()
@@ -176,7 +176,7 @@ def test_classify_is_answered_while_an_explanation_runs():
     import httpx
 
     from api_support import real_scorers
-    from service.api import ApiSettings, create_app
+    from service.api.app import ApiSettings, create_app
 
     app = create_app(real_scorers(), ApiSettings(), auth=TokenAuth())
     body = good_request()

@@ -77,7 +77,7 @@ def test_model_says_which_inputs_each_model_takes(with_fallback, without_fallbac
 
 
 def test_a_fallback_that_takes_the_difference_stops_the_api_from_starting(default_models_dir):
-    from service.model import ModelError
+    from service.score.model import ModelError
 
     with pytest.raises(ModelError, match="takes the difference image"):
         make_client(nodiff_model_paths={"ztf": str(default_models_dir / "ztf")})
@@ -85,6 +85,6 @@ def test_a_fallback_that_takes_the_difference_stops_the_api_from_starting(defaul
 
 @pytest.fixture
 def default_models_dir():
-    from service.model import models_dir
+    from service.score.model import models_dir
 
     return models_dir()

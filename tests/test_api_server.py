@@ -1,6 +1,6 @@
 """``rbstream serve`` as a real process on 127.0.0.1: slow and malformed clients, and a flood of hostile bodies.
 
-The HTTP layer (uvicorn, `service.http_server`) is only there in a real server, so these
+The HTTP layer (uvicorn, `service.api.server`) is only there in a real server, so these
 tests start one, talk to it over sockets, and read its resident memory from ``/proc``.
 """
 
@@ -19,7 +19,7 @@ import pytest
 
 import hostile
 from conftest import REPO, rubin_files, ztf_fits_files
-from service.broker import free_port
+from service.tools.broker import free_port
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
-"""service.batch.prepare: messages -> per-survey stamp batches, every bad message a Failure."""
+"""service.decode.stamps.prepare: messages -> per-survey stamp batches, every bad message a Failure."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import pytest
 from astropy.io import fits as afits
 
 from conftest import rubin_files, ztf_fits_files, ztf_jpeg_files
-from service.alerts import decode_message
-from service.batch import Failure, SurveyBatch, prepare
+from service.decode.alerts import decode_message
+from service.decode.stamps import Failure, SurveyBatch, prepare
 from service.contract import StampContract, assemble
 
 CONTRACTS = {

@@ -10,7 +10,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from service.contract import StampContract  # noqa: E402
-from service.model import Scorer  # noqa: E402
+from service.score.model import Scorer  # noqa: E402
 from training.calibrate import CalibrationError, calibrate, fit_temperature, sigmoid  # noqa: E402
 from training.export import export_onnx  # noqa: E402
 from training.model import ARCHITECTURES, ArchConfig, RealBogusNet  # noqa: E402

@@ -11,7 +11,9 @@ from __future__ import annotations
 import pytest
 
 from conftest import rubin_files, ztf_fits_files, ztf_jpeg_files
-from service import pipeline, records, replay
+from service.stream import pipeline
+from service.publish import records
+from service.tools import replay
 from streaming import (committed, consumer_settings, create_topic, default_models, end_offsets,  # noqa: F401
                        expected_ids, read_topic, running_consumer, scorers, wait_for)
 
@@ -108,7 +110,7 @@ def test_score_via_kafka_equals_score_via_classify(stream, scorers):
     """POST /classify with the raw alert body gives the score the stream gave (to 1e-6)."""
     from fastapi.testclient import TestClient
 
-    from service.api import create_app
+    from service.api.app import create_app
 
     scores = by_source(stream["scores"])
     paths = ztf_fits_files() + ztf_jpeg_files() + rubin_files()
@@ -139,8 +141,10 @@ def test_metrics_count_the_stream(stream):
 
 def test_with_a_schema_registry_rubin_schemas_come_from_it_and_scores_go_out_in_wire_format(broker, scorers, stream):
     """``--schema-registry-url``: wire-format input resolved there, score records registered and framed there."""
-    from service.schemas import official_rubin_schema, rubin_schema_id, rubin_versions
+    from service.decode.schemas import official_rubin_schema, rubin_schema_id, rubin_versions
     from streaming import TinySchemaRegistry
+
+    from service.registry import SchemaRegistry
 
     registry = TinySchemaRegistry({rubin_schema_id(*v): official_rubin_schema(v) for v in rubin_versions()})
     try:
@@ -157,7 +161,7 @@ def test_with_a_schema_registry_rubin_schemas_come_from_it_and_scores_go_out_in_
         assert len(scores) == len(messages)
         (subject_ids,) = registry.subjects.values()
         assert list(registry.subjects) == [f"{settings['output_topic']}-value"]
-        client = records.SchemaRegistry(registry.url)
+        client = SchemaRegistry(registry.url)
         via_kafka = by_source(stream["scores"])
         first_rubin = len(ztf_fits_files()) + len(ztf_jpeg_files())
         for read in scores:

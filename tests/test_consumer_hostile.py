@@ -26,8 +26,9 @@ import pytest
 
 import hostile
 from conftest import REPO, rubin_files, ztf_fits_files
-from service import pipeline, replay
-from service.broker import free_port
+from service.stream import pipeline
+from service.tools import replay
+from service.tools.broker import free_port
 from streaming import committed, create_topic, default_models, read_topic, unique, wait_for  # noqa: F401
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]

@@ -14,7 +14,9 @@ pytest.importorskip("torch")
 
 from conftest import ztf_fits_files  # noqa: E402
 from nodiff_support import WAYS, nodiff_model, ztf_without_difference  # noqa: E402
-from service import pipeline, records, replay  # noqa: E402
+from service.stream import pipeline
+from service.publish import records
+from service.tools import replay  # noqa: E402
 from streaming import (committed, consumer_settings, create_topic, default_models, read_topic,  # noqa: E402,F401
                        running_consumer, scorers, wait_for)
 

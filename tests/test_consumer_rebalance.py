@@ -13,7 +13,7 @@ from collections import Counter
 import pytest
 
 from conftest import rubin_files, ztf_files
-from service import replay
+from service.tools import replay
 from streaming import (committed, consumer_settings, create_topic, default_models, read_topic,  # noqa: F401
                        running_consumer, scorers, wait_for)
 

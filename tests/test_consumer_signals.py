@@ -28,8 +28,8 @@ import httpx
 import pytest
 
 from conftest import REPO, rubin_files, ztf_files
-from service import replay
-from service.broker import free_port
+from service.tools import replay
+from service.tools.broker import free_port
 from streaming import committed, create_topic, default_models, read_topic, unique, wait_for  # noqa: F401
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]

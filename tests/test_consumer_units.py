@@ -19,9 +19,11 @@ import pytest
 
 from conftest import rubin_files, ztf_fits_files, ztf_jpeg_files
 from streaming import default_models, scorers  # noqa: F401  (fixtures)
-from service import pipeline, records, settings
-from service.consumer import CONSUME_OPTIONS, consumer_config, model_paths, producer_config
-from service.pipeline import BatchProcessor, SourceMessage
+from service.stream import pipeline
+from service.publish import records
+from service import settings
+from service.stream.consumer import CONSUME_OPTIONS, consumer_config, model_paths, producer_config
+from service.stream.pipeline import BatchProcessor, SourceMessage
 
 
 def parse(argv, options=CONSUME_OPTIONS):
@@ -176,14 +178,14 @@ def test_score_record_is_a_self_describing_avro_container():
 
 
 def test_container_framing_reads_back_with_fastavro_and_matches_its_long_encoding():
-    from service.schemas import encode_long
-
     """Header written once per schema, one block per message: any Avro reader reads every message."""
+    from service.decode.framing import CONTAINER_MAGIC, encode_long
+
     many = [_record(candidate_id=i, object_id="ZTF" + "x" * (i * 40)) for i in range(5)]  # blocks > 127 bytes
     for batch in ([_record()], many):
         value = records.container_bytes(records.score_schema(), batch)
         assert list(fastavro.reader(io.BytesIO(value))) == batch
-    assert records.container_bytes(records.score_schema(), [_record()])[:4] == records.CONTAINER_MAGIC
+    assert records.container_bytes(records.score_schema(), [_record()])[:4] == CONTAINER_MAGIC
     for number in (0, 1, 63, 64, 127, 128, 300, 2**31, 2**62):
         expected = io.BytesIO()
         fastavro.schemaless_writer(expected, "long", number)
@@ -196,23 +198,24 @@ def test_label_follows_the_threshold():
 
 
 def test_wire_format_record_reads_back_with_its_schema_id():
-    class InMemoryRegistry(records.SchemaRegistry):  # the registry's two calls, without HTTP
-        def __init__(self):
-            self._by_id, self._ids = {}, {}
+    from streaming import TinySchemaRegistry
 
-        def register(self, subject, schema):
-            key = (subject, json.dumps(schema, sort_keys=True))
-            if key not in self._ids:
-                self._ids[key] = 17 + len(self._ids)
-                self._by_id[self._ids[key]] = dict(schema)
-            return self._ids[key]
+    from service.registry import SchemaRegistry
 
-    registry = InMemoryRegistry()
-    value = records.RecordEncoder("scores", registry).encode(_record())
-    assert value[0] == 0 and int.from_bytes(value[1:5], "big") == 17
-    assert records.decode_records(value, registry) == [_record()]
-    with pytest.raises(records.RecordError, match="schema-registry-url"):
-        records.decode_records(value)
+    tiny = TinySchemaRegistry({16: {"type": "string"}})
+    registry = SchemaRegistry(tiny.url)
+    try:
+        value = records.RecordEncoder("scores", registry).encode(_record())
+        assert value[0] == 0 and int.from_bytes(value[1:5], "big") == 17
+        assert tiny.subjects == {"scores-value": [17]}
+        assert records.decode_records(value, registry) == [_record()]
+        with pytest.raises(records.RecordError, match="schema-registry-url"):
+            records.decode_records(value)
+        with pytest.raises(records.RecordError, match="unknown schema id 18"):
+            records.decode_records(value[:1] + (18).to_bytes(4, "big") + value[5:], registry)
+    finally:
+        registry.close()
+        tiny.close()
 
 
 @pytest.mark.parametrize("value", [b"", b"garbage", b"Obj\x01truncated"])
@@ -259,7 +262,7 @@ def test_inference_error_sends_the_batch_to_the_dead_letter_topic(scorers, tmp_p
     onnx = pytest.importorskip("onnx")
     from onnx import TensorProto, helper
 
-    from service.model import Scorer
+    from service.score.model import Scorer
 
     contract = scorers["ztf"].contract
     shape = helper.make_tensor("shape", TensorProto.INT64, [2], [1_000_003, -1])  # a prime no batch size divides
@@ -304,7 +307,7 @@ def test_consumer_lag_metric_from_librdkafka_statistics():
     """The lag gauge follows librdkafka's statistics document (STATISTICS.md: topics.partitions.consumer_lag)."""
     from prometheus_client import REGISTRY
 
-    from service.consumer import AlertConsumer
+    from service.stream.consumer import AlertConsumer
 
     topic = "lag-test-topic"
     stats = {"brokers": {"127.0.0.1:9092/1": {"nodeid": 1, "state": "UP"}},
@@ -319,7 +322,7 @@ def test_consumer_lag_metric_from_librdkafka_statistics():
 
 
 def test_tail_shows_a_republished_alert_as_its_ids_and_score(scorers):
-    from service.tail import message_json
+    from service.tools.tail import message_json
 
     messages = _messages(ztf_fits_files()[:1] + rubin_files()[:1])
     outcome = BatchProcessor(scorers, records.RecordEncoder("scores"), republish_alert=True).process(messages)
@@ -332,8 +335,8 @@ def test_tail_shows_a_republished_alert_as_its_ids_and_score(scorers):
 
 def test_an_unreachable_registry_stops_the_batch_instead_of_dead_lettering_it(scorers):
     """A registry outage is not the alerts' fault: nothing is published or committed (exit 1, re-read later)."""
-    from service.broker import free_port
-    from service.consumer import AlertConsumer, PublishError
+    from service.tools.broker import free_port
+    from service.stream.consumer import AlertConsumer, PublishError
 
     url = f"http://127.0.0.1:{free_port()}"
     values = settings.resolve(parse(REQUIRED + ["--schema-registry-url", url]), CONSUME_OPTIONS, {})
@@ -347,8 +350,8 @@ def test_a_stop_waits_a_bounded_time_for_deliveries_to_an_unreachable_broker(sco
     period, instead of waiting for librdkafka's message.timeout.ms (5 minutes)."""
     from confluent_kafka import Producer
 
-    from service import consumer as consumer_module
-    from service.broker import free_port
+    from service.stream import consumer as consumer_module
+    from service.tools.broker import free_port
 
     nobody = f"127.0.0.1:{free_port()}"  # nothing listens there
     values = settings.resolve(parse(["--bootstrap-servers", nobody] + REQUIRED), CONSUME_OPTIONS, {})

@@ -83,7 +83,7 @@ def test_fit_stamp_turns_blank_markers_into_nan():
 
 
 def test_real_ztf_blank_template_pixels_are_masked(sample_data):
-    from service.alerts import decode_message
+    from service.decode.alerts import decode_message
 
     alert = decode_message((sample_data / "ztf" / "472263571115090000.avro").read_bytes())[0]
     template = alert.images["template"]

@@ -7,9 +7,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import rubin_files, ztf_files
-from service import schemas
-from service.alerts import Alert, DecodeError, decode_message
-from service.batch import prepare
+from service.decode import schemas
+from service.decode.alerts import Alert, DecodeError, decode_message
+from service.decode.stamps import prepare
 from service.contract import StampContract
 
 SAMPLES = [p.read_bytes() for p in ztf_files() + rubin_files()]

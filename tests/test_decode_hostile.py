@@ -21,11 +21,11 @@ import pytest
 
 import hostile
 from conftest import REPO, ztf_fits_files
-from service.alerts import DecodeError, decode_message, read_cutout, scrub_paths
-from service.batch import prepare
+from service.decode.alerts import DecodeError, decode_message, read_cutout, scrub_paths
+from service.decode.stamps import prepare
 from service.contract import StampContract, crop_around_source, fit_stamp
 from service.limits import DecodeLimits
-from service.schemas import SchemaStore, UnknownSchema, check_schema_shape
+from service.decode.schemas import SchemaStore, UnknownSchema, check_schema_shape
 
 MiB = 1024 * 1024
 CONTRACTS = {"ztf": StampContract(size=63)}
@@ -66,7 +66,7 @@ def test_recursive_schema_with_data_nested_5000_deep_is_refused_not_a_crash():
     Decoded in a child process, so that a crash fails this test instead of the test run.
     """
     script = ("import sys; sys.path.insert(0, 'tests'); import hostile\n"
-              "from service.alerts import decode_message, DecodeError\n"
+              "from service.decode.alerts import decode_message, DecodeError\n"
               "try:\n    decode_message(hostile.recursive_container(5000))\n"
               "except DecodeError as exc:\n    print('refused', exc.kind, exc.reason)\n")
     done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60)

@@ -277,9 +277,9 @@ def test_compose_dependencies_have_no_cycle(compose):
 
 
 def test_compose_rbstream_commands_parse_with_the_real_cli(compose):
-    from service.auth import OPEN_PATHS_ENV, TOKEN_ENV, TOKEN_FILE_ENV
+    from service.api.auth import OPEN_PATHS_ENV, TOKEN_ENV, TOKEN_FILE_ENV
     from service.cli import build_parser
-    from service.consumer import CONSUME_OPTIONS
+    from service.stream.consumer import CONSUME_OPTIONS
     from service.settings import resolve
 
     services = compose["services"]

@@ -83,7 +83,7 @@ def test_evaluate_writes_the_report_and_plots_with_the_survey_score_beside_ours(
     # the numbers are those of scikit-learn on the same scores and drb labels
     from sklearn.metrics import roc_auc_score
 
-    from service.model import Scorer
+    from service.score.model import Scorer
 
     alerts, _ = real.read_alerts(files)
     labelled = [a for a in alerts if "drb" in a.survey_scores]

@@ -10,14 +10,14 @@ import pytest
 
 from conftest import REPO, ztf_fits_files
 from explain_support import tiny_model
-from service.alerts import decode_message
+from service.decode.alerts import decode_message
 from service.contract import assemble
-from service.explain import METHODS, ExplainError, GradientOptions, OcclusionOptions, explain_stamps, occlusion
+from service.explain.attributions import METHODS, ExplainError, GradientOptions, OcclusionOptions, explain_stamps, occlusion
 
 torch = pytest.importorskip("torch", reason="gradient explanations need the explain extra (torch, Captum)")
 captum_attr = pytest.importorskip("captum.attr", reason="gradient explanations need the explain extra (Captum)")
 
-from service import gradients  # noqa: E402  (needs torch)
+from service.explain import gradients  # noqa: E402  (needs torch)
 
 #: Integrated gradients with the defaults (noise baseline, 512 gradient evaluations on the refined
 #: path): the largest |sum of attributions - (score - baseline score)| accepted on a shipped model, in
@@ -38,7 +38,7 @@ def alert_stamps(scorer, files) -> np.ndarray:
 
 def shipped(survey: str):
     """The default model of ``survey`` with its torch weights."""
-    from service.model import Scorer
+    from service.score.model import Scorer
 
     folder = REPO / "models" / survey
     if not (folder / gradients.WEIGHTS_FILE).is_file():
@@ -88,7 +88,7 @@ def test_a_window_larger_than_the_stamp_is_refused(tiny):
 
 
 def test_gradient_methods_say_so_when_the_weights_are_missing(tmp_path, tiny):
-    from service.model import Scorer
+    from service.score.model import Scorer
 
     folder = tmp_path / "no-weights"
     folder.mkdir()

@@ -1,4 +1,4 @@
-"""service.fits: the fast FITS reader is bit-identical to astropy, and falls back to it."""
+"""service.decode.fits: the fast FITS reader is bit-identical to astropy, and falls back to it."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import pytest
 from astropy.io import fits as afits
 
 from conftest import rubin_files, ztf_fits_files
-from service import fits
-from service.alerts import CUTOUT_FIELDS
+from service.decode import fits
+from service.decode.alerts import CUTOUT_FIELDS
 
 
 def astropy_image(data: bytes) -> np.ndarray:

@@ -221,7 +221,7 @@ def test_secrets_are_referenced_never_stored():
 
 def consumer_settings(docs: list[dict], tmp_path: Path, secret_values: dict[str, str]) -> dict:
     """Resolve the rendered ConfigMap + env exactly as ``rbstream consume`` in the pod would."""
-    from service.consumer import CONSUME_OPTIONS
+    from service.stream.consumer import CONSUME_OPTIONS
     from service.settings import add_options, resolve
 
     config = one(docs, "ConfigMap", "-config")["data"]["consumer.toml"]
@@ -245,7 +245,7 @@ def librdkafka_accepts(settings: dict) -> None:
     """Build the consumer's and producer's configs with the consumer's own code and let librdkafka check them."""
     from confluent_kafka import Consumer, Producer
 
-    from service.consumer import AlertConsumer
+    from service.stream.consumer import AlertConsumer
 
     loop = AlertConsumer(settings, scorers={})
     Consumer(loop.consumer_config()).close()
@@ -396,8 +396,8 @@ def test_rendered_consumer_config_runs_a_real_consumer_with_its_probes(broker, t
 
     from conftest import rubin_files, ztf_files, ztf_jpeg_files
     from prometheus_client.parser import text_string_to_metric_families
-    from service import replay
-    from service.broker import free_port
+    from service.tools import replay
+    from service.tools.broker import free_port
     from streaming import create_topic, unique, wait_for
 
     port = free_port()
@@ -459,7 +459,7 @@ def test_rendered_api_runs_with_its_probes_and_token_file(tmp_path):
     import urllib.error
     import urllib.request
 
-    from service.broker import free_port
+    from service.tools.broker import free_port
     from streaming import wait_for
 
     port = free_port()

@@ -1,4 +1,4 @@
-"""The API's HTTP server (`service.http_server`): connections it keeps, and every one it closes logged.
+"""The API's HTTP server (`service.api.server`): connections it keeps, and every one it closes logged.
 
 A real uvicorn server around the real app and models, on a loopback port, in a thread of
 the test process (so that its log records reach ``caplog``).
@@ -19,9 +19,9 @@ import httpx
 import pytest
 
 from api_support import good_request, real_scorers
-from service.api import create_app
-from service.broker import free_port
-from service.http_server import ApiServer, server_config
+from service.api.app import create_app
+from service.tools.broker import free_port
+from service.api.server import ApiServer, server_config
 
 CLOSE_LOG = re.compile(r"closing the connection of (\S+): .* \[(\w+)\]")
 
@@ -29,7 +29,7 @@ CLOSE_LOG = re.compile(r"closing the connection of (\S+): .* \[(\w+)\]")
 @pytest.fixture
 def serve(caplog):
     """``serve(**uvicorn options)`` -> (server, port), stopped at the end of the test."""
-    caplog.set_level(logging.INFO, logger="service.http_server")
+    caplog.set_level(logging.INFO, logger="service.api.server")
     started = []
 
     def start(**options):

@@ -18,7 +18,7 @@ import pytest
 
 from conftest import ztf_fits_files
 from processes import Command, children, command_line, kill_leftovers, listening, running, wait_until
-from service.broker import LocalBroker, free_port
+from service.tools.broker import LocalBroker, free_port
 from service.lifecycle import PARENT_DEATH_SIGNAL_SUPPORTED
 from streaming import create_topic, read_topic, unique
 

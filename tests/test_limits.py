@@ -10,7 +10,7 @@ import pytest
 
 from conftest import REPO
 from service.cli import build_parser
-from service.consumer import CONSUME_OPTIONS, schema_store
+from service.stream.consumer import CONSUME_OPTIONS, schema_store
 from service.limits import DEFAULT_LIMITS, LIMIT_OPTIONS, DecodeLimits
 from service.settings import SettingsError, add_options, resolve
 
@@ -40,7 +40,7 @@ def test_a_bad_limit_names_its_setting():
 
 
 def test_serve_takes_the_same_limits_and_its_timeouts():
-    from service.api import settings_from_args
+    from service.api.app import settings_from_args
 
     args = build_parser(only="serve").parse_args(["serve", "--max-records", "7", "--header-timeout-s", "2.5",
                                                   "--max-concurrent-decodes", "2"])

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from conftest import EYE_LABELS, MODELS_DIR, REAL_DATA, rubin_files, ztf_fits_files
-from service.alerts import decode_message
+from service.decode.alerts import decode_message
 from service.contract import StampContract, assemble
-from service.model import Scorer
+from service.score.model import Scorer
 
 SURVEYS = ("ztf", "rubin")
 CARD_FIELDS = ("name", "version", "survey", "created", "git_commit", "threshold", "input", "config", "data",

@@ -9,7 +9,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from conftest import ztf_fits_files  # noqa: E402
-from service.alerts import decode_message  # noqa: E402
+from service.decode.alerts import decode_message  # noqa: E402
 from service.contract import MASK_FILL, StampContract, assemble  # noqa: E402
 from training.export import ExportError, export_onnx, onnx_scores, verify  # noqa: E402
 from training.model import ARCHITECTURES, ArchConfig, RealBogusNet, ScoringGraph, StampNormaliser  # noqa: E402

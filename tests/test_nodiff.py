@@ -13,9 +13,9 @@ pytest.importorskip("torch")
 
 from conftest import ztf_fits_files  # noqa: E402
 from nodiff_support import WAYS, all_nan_fits_gz, nodiff_model, ztf_without_difference  # noqa: E402
-from service import records  # noqa: E402
-from service.model import ModelError, Scorer, load_fallbacks  # noqa: E402
-from service.pipeline import BatchProcessor, SourceMessage  # noqa: E402
+from service.publish import records  # noqa: E402
+from service.score.model import ModelError, Scorer, load_fallbacks  # noqa: E402
+from service.stream.pipeline import BatchProcessor, SourceMessage  # noqa: E402
 from streaming import default_models, scorers  # noqa: E402,F401  (fixtures)
 
 TRIPLET = ["template", "science", "difference"]
@@ -75,7 +75,7 @@ def test_the_fallback_scores_an_alert_without_a_usable_difference(scorers, nodif
 
 def _nodiff_stamp(scorer, value):
     """The model input of the alert's template and science, assembled as the service does."""
-    from service.alerts import decode_message
+    from service.decode.alerts import decode_message
     from service.contract import assemble
 
     (alert,) = decode_message(value)

@@ -20,10 +20,12 @@ import numpy as np
 import pytest
 
 from real_support import labels, real_data, real_files, survey_score_of  # noqa: F401  (real_data: fixture)
-from service import records, replay, schemas
-from service.alerts import DecodeError, decode_message
-from service.batch import prepare
-from service.run import score_line
+from service.publish import records
+from service.tools import replay
+from service.decode import framing, schemas
+from service.decode.alerts import DecodeError, decode_message
+from service.decode.stamps import prepare
+from service.tools.run import score_line
 from streaming import default_models, scorers  # noqa: F401  (fixtures)
 
 #: Files decoded per `prepare` call: the consumer's batches are of this order.
@@ -89,7 +91,7 @@ def test_every_real_alert_decodes_and_scores_with_its_surveys_default_model(real
 def test_every_real_alert_frames_for_replay_in_both_framings(real_data, caplog):
     """The wire format holds every real Rubin alert, including those with an all-null ssSource or diaObject."""
     files = real_files()
-    with caplog.at_level(logging.WARNING, logger="service.replay"):
+    with caplog.at_level(logging.WARNING, logger="service.tools.replay"):
         containers = replay.load_messages([real_data])
         wire = replay.load_messages([real_data], wire_format=True)
     assert not caplog.records, [r.getMessage() for r in caplog.records]
@@ -97,7 +99,7 @@ def test_every_real_alert_frames_for_replay_in_both_framings(real_data, caplog):
     for path, container, framed in zip(files, containers, wire):
         assert container.value == path.read_bytes()
         if framed.survey == "rubin":
-            assert framed.value[0] == schemas.WIRE_MAGIC
+            assert framed.value[0] == framing.WIRE_MAGIC
             (original,), (again,) = decode_message(container.value), decode_message(framed.value)
             assert (again.candidate_id, again.object_id, again.survey_score) == (
                 original.candidate_id, original.object_id, original.survey_score)
@@ -235,7 +237,7 @@ def test_replay_sends_an_alert_the_wire_format_cannot_hold_as_its_container(real
     alert["diaSource"]["ra"] = None
     path = tmp_path / "no-ra.avro"
     path.write_bytes(write_container(schema, [alert]))
-    with caplog.at_level(logging.WARNING, logger="service.replay"):
+    with caplog.at_level(logging.WARNING, logger="service.tools.replay"):
         (message,) = replay.messages_of_file(path, wire_format=True)
     assert message.value == path.read_bytes()
     assert "cannot be framed in the wire format" in caplog.text and "diaSource.ra" in caplog.text
@@ -371,7 +373,7 @@ def unscorable(real_data: Path) -> dict[str, tuple[bytes, str, str]]:
 
 
 def test_an_alert_that_cannot_be_scored_is_dead_lettered_with_a_named_reason(real_data, scorers):
-    from service.pipeline import HEADER_REASON, HEADER_REASON_KIND, BatchProcessor, SourceMessage, headers_to_text
+    from service.stream.pipeline import HEADER_REASON, HEADER_REASON_KIND, BatchProcessor, SourceMessage, headers_to_text
 
     cases = unscorable(real_data)
     processor = BatchProcessor(scorers, records.RecordEncoder("scores"))

@@ -14,7 +14,11 @@ import math
 
 import pytest
 
-from service import cli, pipeline, replay
+from service import cli
+
+from service.stream import pipeline
+
+from service.tools import replay
 from streaming import (committed, consumer_settings, create_topic, default_models, read_topic,  # noqa: F401
                        running_consumer, scorers, wait_for)
 from real_support import REAL_DATA, labels, real_data, real_files, survey_score_of  # noqa: F401  (real_data: fixture)

@@ -10,9 +10,11 @@ import fastavro
 import pytest
 
 from conftest import ZTF_DIR, rubin_files, ztf_files
-from service import cli, pipeline, records
-from service.alerts import decode_message
-from service.pipeline import SourceMessage
+from service import cli
+from service.stream import pipeline
+from service.publish import records
+from service.decode.alerts import decode_message
+from service.stream.pipeline import SourceMessage
 from streaming import create_topic, read_topic, unique
 
 pytestmark = pytest.mark.kafka

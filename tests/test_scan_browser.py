@@ -21,7 +21,7 @@ import httpx
 import pytest
 
 from conftest import REPO, ztf_fits_files
-from service.broker import free_port
+from service.tools.broker import free_port
 
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
 TOKEN = "scan-test-token"

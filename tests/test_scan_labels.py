@@ -11,9 +11,9 @@ import pytest
 
 from api_support import make_client
 from conftest import ztf_fits_files
-from service.api import ApiSettings, create_app
-from service.auth import TokenAuth
-from service.scan_labels import COLUMNS, LabelInputError, LabelStore
+from service.api.app import ApiSettings, create_app
+from service.api.auth import TokenAuth
+from service.api.scan_labels import COLUMNS, LabelInputError, LabelStore
 from training.real import alert_files, read_label_table
 
 
@@ -135,7 +135,7 @@ def test_the_queue_can_be_the_last_alerts_of_the_stream(broker, tmp_path):
 
 
 def test_an_unreachable_stream_is_a_clear_503(tmp_path):
-    from service.broker import free_port
+    from service.tools.broker import free_port
 
     settings = dict(scan_topic="alerts", scan_bootstrap_servers=f"127.0.0.1:{free_port('127.0.0.1')}",
                     scan_labels_dir=str(tmp_path / "labels"))

@@ -17,9 +17,9 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from conftest import EYE_LABELS, REAL_DATA, REPO, ztf_fits_files  # noqa: E402
-from service.alerts import decode_message  # noqa: E402
+from service.decode.alerts import decode_message  # noqa: E402
 from service.contract import StampContract, assemble  # noqa: E402
-from service.model import Scorer  # noqa: E402
+from service.score.model import Scorer  # noqa: E402
 from training.config import from_dict  # noqa: E402
 from training.data import DataError, read_alerts, read_chunk, write_chunks  # noqa: E402
 from training.model import load_weights  # noqa: E402

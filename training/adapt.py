@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from service.model import MODEL_FILE
+from service.score.model import MODEL_FILE
 from training import real
 from training.evaluate import compare, judged_by, score_alerts
 from training.report import metrics
@@ -92,7 +92,7 @@ def side_by_side(config, stages: dict[str, Path], out: Path) -> dict:
 
 
 def _onnx_scores(path: Path, stamps: np.ndarray) -> np.ndarray:
-    from service.model import Scorer
+    from service.score.model import Scorer
 
     return Scorer(path, device="cpu").score(stamps).astype(np.float64)
 

@@ -74,7 +74,7 @@ def _defaults(args) -> int:
     """Each survey's default model in two stages: simulations (``<survey>.toml``), then, where
     ``<survey>-adapt.toml`` exists, fine-tuning and calibration on real alerts, judged beside
     the simulation-only model (`training.adapt`)."""
-    from service.model import DEFAULT_MODELS_DIR
+    from service.score.model import DEFAULT_MODELS_DIR
     from training.adapt import REAL_ROC, side_by_side
     from training.config import adaptation_config, builtin_config, load_config
     from training.export import publish, write_card

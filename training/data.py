@@ -19,7 +19,7 @@ Sources (``[data] source``):
     ``"random"``: every chunk in the folder, pooled and split at random.
 ``alerts``
     Real Avro alert files, labelled by a CSV and/or their own survey scores and split by
-    object (`training.real`), decoded with the service's own `service.alerts.decode_message`
+    object (`training.real`), decoded with the service's own `service.decode.alerts.decode_message`
     and `service.contract.assemble`; simulated rehearsal stamps may join the training split.
 ``braai``
     braai-style ``.npy`` triplets ``[n, h, w, 3]`` (or ``[n, 3, h, w]``) plus a CSV with a

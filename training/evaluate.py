@@ -46,7 +46,7 @@ WORST_SHOWN = 12
 def score_alerts(alerts: Sequence[real.RealAlert], model: str | Path, device: str = "cpu"
                  ) -> tuple[np.ndarray, list[real.RealAlert], list[tuple[str, str]], dict]:
     """Scores of ``alerts`` by one model; also the alerts scored, the failures and the model's identity."""
-    from service.model import Scorer
+    from service.score.model import Scorer
 
     scorer = Scorer(model, device=device)
     x, kept, failures = real.stamps(alerts, scorer.contract)
@@ -113,7 +113,7 @@ def evaluate(spec: Sequence[str | Path], out: str | Path | None = None, models: 
     out : path, optional
         Folder for the report and plots; nothing is written without it.
     models : mapping of survey to model path
-        Default: the shipped model of each survey found (`service.model.models_dir`).
+        Default: the shipped model of each survey found (`service.score.model.models_dir`).
     label_tables : sequence of path
         Labels CSVs, first one first (they take precedence over survey scores).
     label_from : sequence of str
@@ -127,7 +127,7 @@ def evaluate(spec: Sequence[str | Path], out: str | Path | None = None, models: 
     threshold : float, optional
         Our score at or above it is real; default: each model card's threshold.
     """
-    from service.model import models_dir
+    from service.score.model import models_dir
 
     files = [f for s in spec for f in real.alert_files(s)]
     alerts, failures = real.read_alerts(files)
@@ -160,7 +160,7 @@ def evaluate(spec: Sequence[str | Path], out: str | Path | None = None, models: 
 
 def held_out(model: Path, holdout: tuple[float, float] | None) -> tuple[float, float]:
     """``holdout`` if given, else the one the model was trained with (its card), else the default."""
-    from service.model import CARD_FILE, ModelCard, ModelError
+    from service.score.model import CARD_FILE, ModelCard, ModelError
 
     if holdout is not None:
         return tuple(holdout)
@@ -374,7 +374,7 @@ def add_arguments(parser) -> None:
 
 
 def _models(values: Sequence[str]) -> dict[str, Path]:
-    from service.model import ModelCard, ModelError, CARD_FILE
+    from service.score.model import ModelCard, ModelError, CARD_FILE
 
     out = {}
     for value in values:

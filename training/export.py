@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from service.contract import ONNX_INPUT, ONNX_OUTPUT
-from service.model import CARD_FILE, MODEL_FILE
+from service.score.model import CARD_FILE, MODEL_FILE
 from training.model import WEIGHTS_FILE, RealBogusNet, ScoringGraph, save_weights
 
 log = logging.getLogger(__name__)

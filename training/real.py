@@ -29,7 +29,7 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from service.alerts import DETECTION_RECORD, SURVEY_SCORES, DecodeError, decode_message
+from service.decode.alerts import DETECTION_RECORD, SURVEY_SCORES, DecodeError, decode_message
 
 log = logging.getLogger(__name__)
 

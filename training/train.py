@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from service.model import CARD_FILE, MODEL_FILE
+from service.score.model import CARD_FILE, MODEL_FILE
 from training import report
 from training.calibrate import CalibrationError, calibrate, sigmoid
 from training.config import ConfigError, TrainConfig

@@ -12,7 +12,7 @@ spread evenly: malformed JSON, an unknown field, an undecodable stamp, a wrong c
 type), each of which must get its 4xx answer. Every run counts its **dropped connections**:
 requests that got no response at all because the connection was closed or reset (timeouts
 are counted as errors instead). The report also gives the connections the server closed
-itself, by reason (``rbstream_http_connections_closed_total``, see `service.http_server`).
+itself, by reason (``rbstream_http_connections_closed_total``, see `service.api.server`).
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ class Server:
     """``rbstream serve`` on a free loopback port, as a context manager."""
 
     def __init__(self, args, log_path: Path):
-        from service.broker import free_port
+        from service.tools.broker import free_port
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"

@@ -30,7 +30,7 @@ def sample_files(survey: str) -> list[Path]:
 
 
 def models_root(path: str | os.PathLike | None = None) -> Path:
-    from service.model import models_dir
+    from service.score.model import models_dir
 
     return Path(path) if path else models_dir()
 
@@ -43,7 +43,7 @@ def contracts(models: str | os.PathLike | None = None) -> tuple[dict[str, StampC
     (contracts by survey, notes) — a survey without a model card gets the default
     `StampContract` and a note saying so.
     """
-    from service.model import CARD_FILE, ModelCard
+    from service.score.model import CARD_FILE, ModelCard
 
     root = models_root(models)
     found, notes = {}, []
@@ -65,7 +65,7 @@ def decodable_messages(survey: str, contract_by_survey: dict[str, StampContract]
     -------
     (messages, number rejected)
     """
-    from service.batch import prepare
+    from service.decode.stamps import prepare
 
     messages = [path.read_bytes() for path in sample_files(survey)]
     keep = []
@@ -89,7 +89,7 @@ def batch_array(batches) -> np.ndarray:
 
 def real_stamps(survey: str, contract: StampContract, contract_by_survey: dict[str, StampContract]) -> np.ndarray:
     """The model-ready stamps of every decodable sample alert of ``survey``."""
-    from service.batch import prepare
+    from service.decode.stamps import prepare
 
     messages, _ = decodable_messages(survey, contract_by_survey)
     batches, _ = prepare(messages, {**contract_by_survey, survey: contract}, survey=survey)

@@ -3,9 +3,9 @@
 The real ZTF and Rubin sample alerts (the ones that decode: ZTF's JPEG-stamp prototypes
 are left out), repeated to a few thousand messages, go through
 
-* `service.batch.prepare` in this process, in batches of the consumer's default size;
-* `service.batch.prepare` with N worker processes (its pool, warmed up first);
-* the naive baseline, `service.naive.naive_decode` (a fresh ``fastavro.reader`` per message,
+* `service.decode.stamps.prepare` in this process, in batches of the consumer's default size;
+* `service.decode.stamps.prepare` with N worker processes (its pool, warmed up first);
+* the naive baseline, `service.bench.naive.naive_decode` (a fresh ``fastavro.reader`` per message,
   the standard library's gzip and astropy for every cutout) followed by the same
   `service.contract.assemble` into a batch buffer — so both end at the same place,
 
@@ -37,7 +37,7 @@ CHUNK = 256
 def _prepare_rate(messages: list[bytes], contracts: dict, survey: str, workers: int | None,
                   chunk: int) -> tuple[float, float]:
     """(alerts per second of wall time, alerts per CPU-second of this process)."""
-    from service.batch import prepare
+    from service.decode.stamps import prepare
 
     start, cpu = time.perf_counter(), time.process_time()
     done = 0
@@ -51,7 +51,7 @@ def _prepare_rate(messages: list[bytes], contracts: dict, survey: str, workers: 
 
 def _naive_rate(messages: list[bytes], contract) -> tuple[float, float]:
     from service.contract import assemble
-    from service.naive import naive_decode
+    from service.bench.naive import naive_decode
 
     buffer = np.empty((CHUNK, *contract.input_shape), dtype=np.float32)
     start, cpu = time.perf_counter(), time.process_time()
@@ -62,8 +62,8 @@ def _naive_rate(messages: list[bytes], contract) -> tuple[float, float]:
 
 def identical_to_naive(messages: list[bytes], survey: str) -> tuple[int, int]:
     """(alerts whose three cutouts are bit-identical to astropy's, alerts compared)."""
-    from service.alerts import decode_message
-    from service.naive import naive_decode
+    from service.decode.alerts import decode_message
+    from service.bench.naive import naive_decode
 
     same = 0
     for message in messages:
@@ -85,8 +85,8 @@ def run(args) -> Result:
     result = Result("decode", notes=notes, settings={
         "messages_per_run": count, "naive_messages_per_run": naive_count, "repeats": repeats,
         "prepare_chunk": CHUNK, "workers": workers, "quick": quick,
-        "path": "message bytes -> service.batch.prepare -> float32 stamp batch [n, channels, size, size]",
-        "naive": "service.naive.naive_decode (fresh fastavro.reader, gzip, astropy) + contract.assemble"})
+        "path": "message bytes -> service.decode.stamps.prepare -> float32 stamp batch [n, channels, size, size]",
+        "naive": "service.bench.naive.naive_decode (fresh fastavro.reader, gzip, astropy) + contract.assemble"})
     result.columns = [("survey", "survey"), ("mode", "decoder"), ("processes", "processes"),
                       ("alerts_per_s", "alerts/s (wall clock)"), ("alerts_per_cpu_s", "alerts per CPU-second"),
                       ("alerts_per_s_per_core", "alerts/s per core"), ("speedup", "× naive (wall)"),

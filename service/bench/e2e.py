@@ -1,9 +1,9 @@
 """``rbstream bench e2e``: alerts per second and latency through Kafka, end to end.
 
-A real local broker (`service.broker.LocalBroker`, tansu) and the real consumer
+A real local broker (`service.tools.broker.LocalBroker`, tansu) and the real consumer
 (``rbstream consume``, in its own process, as it runs in production) on an input
 topic. The benchmark replays real sample alerts into the topic with ``rbstream replay``'s
-own code (`service.replay.replay`) — at a fixed offered rate, and as fast as it can — and
+own code (`service.tools.replay.replay`) — at a fixed offered rate, and as fast as it can — and
 reads the score records (and dead letters) as they are published. Each output record
 names the input partition and offset it came from (provenance headers), so each alert's
 latency is exact: from its input message's timestamp (set when it was produced) to the
@@ -62,7 +62,7 @@ class OutputReader:
         self._thread.start()
 
     def _loop(self) -> None:
-        from service.pipeline import HEADER_SOURCE_OFFSET, HEADER_SOURCE_PARTITION, HEADER_SOURCE_TOPIC
+        from service.stream.pipeline import HEADER_SOURCE_OFFSET, HEADER_SOURCE_PARTITION, HEADER_SOURCE_TOPIC
 
         while not self._stop.is_set():
             messages = self.consumer.consume(num_messages=1000, timeout=0.05)
@@ -98,10 +98,10 @@ class OutputReader:
 
 def replay_alerts(producer, topic: str, messages: list[bytes], count: int,
                   rate: float | None) -> tuple[float, float]:
-    """``rbstream replay``'s own producing code (`service.replay.replay`) on the benchmark's long-lived
+    """``rbstream replay``'s own producing code (`service.tools.replay.replay`) on the benchmark's long-lived
     ``producer``: ``count`` messages cycling through ``messages``, at ``rate`` per second or flat out;
     returns (start, end of producing)."""
-    from service.replay import AlertMessage, replay
+    from service.tools.replay import AlertMessage, replay
 
     stream = [AlertMessage(messages[i % len(messages)], f"bench#{i}", None) for i in range(count)]
     start = time.time()
@@ -241,8 +241,8 @@ def in_process(messages: list[bytes], count: int, repeats: int, models, device: 
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    from service.batch import prepare
-    from service.model import load_scorers
+    from service.decode.stamps import prepare
+    from service.score.model import load_scorers
 
     scorers = load_scorers(models, device=device)
     contracts = {survey: scorer.contract for survey, scorer in scorers.items()}
@@ -290,9 +290,9 @@ def profile_summary(path: Path, limit: int = 30) -> str:
 
 
 def run(args) -> Result:
-    from service.broker import LocalBroker
+    from service.tools.broker import LocalBroker
     from service.lifecycle import die_with_parent
-    from service.replay import replay_producer
+    from service.tools.replay import replay_producer
 
     quick = args.quick
     survey = (args.survey or ["ztf"])[0]
@@ -306,7 +306,7 @@ def run(args) -> Result:
         "survey": survey, "distinct_alerts": len(messages), "alerts_per_run": count, "repeats": repeats,
         "offered_rate": args.rate, "device": args.device, "consumer_batch_size": args.batch_size or "default",
         "quick": quick, "consumer": "rbstream consume in a subprocess (the production code path)",
-        "producer": "service.replay.replay (rbstream replay's code) in the benchmark process, one partition",
+        "producer": "service.tools.replay.replay (rbstream replay's code) in the benchmark process, one partition",
         "latency": "the input message's CreateTime (set at produce(), ms) -> score record (or dead letter) "
                    "readable on the output topic",
         "RBSTREAM_ORT_SPINNING": os.environ.get("RBSTREAM_ORT_SPINNING", "unset (rbstream default: no spinning)"),

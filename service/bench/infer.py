@@ -1,6 +1,6 @@
 """``rbstream bench infer``: stamps per second and latency per batch, by batch size and execution provider.
 
-Each configuration is one `service.model.Scorer` — CPU through ``session.run`` and through
+Each configuration is one `service.score.model.Scorer` — CPU through ``session.run`` and through
 IO binding; CUDA fp32 with IO binding and a pinned host buffer; TensorRT with fp16 when
 its scores stay within 1e-3 of fp32 — scoring batches of 1 to 4096 stamps built from the
 real sample alerts. The batch is written into the scorer's own input buffer once, as the
@@ -42,7 +42,7 @@ def _stamps_for(survey: str, contract, contract_by_survey, notes: list[str]) -> 
     try:
         return data.real_stamps(survey, contract, contract_by_survey)
     except Exception as exc:  # the decoder may not be there (or may reject everything): say so, go on
-        from service.acceleration import check_stamps
+        from service.score.acceleration import check_stamps
 
         notes.append(f"{survey}: real sample stamps unavailable ({exc}); synthetic survey-like stamps used")
         return check_stamps(contract)
@@ -72,7 +72,7 @@ def measure(scorer, stamps: np.ndarray, batch_sizes, repeats: int, min_seconds: 
 def run(args) -> Result:
     import onnxruntime as ort
 
-    from service.model import MODEL_FILE, Scorer
+    from service.score.model import MODEL_FILE, Scorer
 
     quick = args.quick
     batch_sizes = tuple(args.batch_sizes) if args.batch_sizes else (QUICK_BATCH_SIZES if quick else FULL_BATCH_SIZES)

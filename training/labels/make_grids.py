@@ -35,7 +35,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from astropy.visualization import ZScaleInterval  # noqa: E402
 
-from service.alerts import DecodeError, decode_message  # noqa: E402
+from service.decode.alerts import DecodeError, decode_message  # noqa: E402
 
 #: Side of the zoomed centre views (difference, science, template), pixels.
 ZOOM_SIZE = 21

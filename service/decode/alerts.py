@@ -7,7 +7,7 @@
     schema versions 2016 prototypes .. 4.x; Rubin alerts stored by brokers);
   - the Confluent wire format (magic byte 0, 4-byte big-endian schema id,
     schemaless Avro body): the live Rubin stream; the id is resolved by
-    `service.schemas.SchemaStore` (a registry, or ``lsst-alert-packet``).
+    `service.decode.schemas.SchemaStore` (a registry, or ``lsst-alert-packet``).
 
 * raises `DecodeError` with ``kind`` one of ``decode`` (bytes are not an alert),
   ``schema`` (unknown schema id / unusable schema / not the survey asked for),
@@ -23,7 +23,7 @@ but holds one as a field (an envelope) is decoded as that alert.
 Speed (issue 5): each distinct writer schema is parsed once (`SchemaStore`); records
 are read with ``fastavro.schemaless_reader`` straight from the message bytes, with a
 reader schema that skips what scoring does not need; gzip is ISA-L's; FITS cutouts are
-read by `service.fits.read_image`. Most of a ZTF alert's Avro time is its history
+read by `service.decode.fits.read_image`. Most of a ZTF alert's Avro time is its history
 (``prv_candidates``: ~100 fields per earlier detection), so for a ZTF message holding
 one record the ids are read from the record's head and the cutouts found from its end
 (`_read_ztf_from_both_ends`), never walking the history; any doubt (layout not
@@ -47,22 +47,19 @@ import fastavro
 import numpy as np
 from isal import isal_zlib
 
-from service import fits
+from service.decode import fits
 from service.contract import crop_around_source
 from service.limits import DEFAULT_LIMITS, DecodeLimits
-from service.schemas import (
-    CONTAINER_MAGIC,
+from service.decode.framing import (
     WIRE_MAGIC,
-    SchemaStore,
-    UnknownSchema,
-    WriterSchema,
-    default_store,
     encode_long,
+    is_container,
     read_container_header,
     read_long,
+    read_uvarint,
     split_wire_format,
-    survey_of_fields,
 )
+from service.decode.schemas import SchemaStore, UnknownSchema, WriterSchema, default_store, survey_of_fields
 
 #: Surveys `decode_message` accepts for its ``survey`` argument.
 SURVEYS = ("auto", "ztf", "rubin")
@@ -116,7 +113,7 @@ class DecodeError(ValueError):
         self.kind = kind
         self.reason = reason
 
-    def __reduce__(self):  # picklable across worker processes (service.batch)
+    def __reduce__(self):  # picklable across worker processes (service.decode.stamps)
         return (DecodeError, (self.kind, self.reason))
 
 
@@ -179,7 +176,7 @@ def decode_message(message: bytes, survey: str = "auto", schemas: SchemaStore | 
         also rejects (kind ``schema``) alerts of the other survey.
     schemas : SchemaStore, optional
         Where writer schemas are cached and wire-format ids resolved; defaults to a
-        process-wide store configured from the environment (`service.schemas.default_store`).
+        process-wide store configured from the environment (`service.decode.schemas.default_store`).
         Its ``limits`` (`service.limits.DecodeLimits`) bound what the message may cost.
     crop : int, optional
         Crop each alert's cutouts, as soon as they are decoded, to ``crop`` pixels a side
@@ -362,7 +359,7 @@ def _read_records(message, store: SchemaStore, mode: str) -> list[tuple[dict, Wr
         message = bytes(message)
     if not message:
         raise DecodeError("decode", "empty message")
-    if message[:4] == CONTAINER_MAGIC:
+    if is_container(message):
         return _read_container(message, store, mode)
     if message[0] == WIRE_MAGIC:
         return _read_wire_format(message, store, mode)
@@ -463,25 +460,16 @@ def _inflate_optional(codec: bytes, data: bytes, limit: int) -> tuple[bytes, boo
         except ImportError:
             raise DecodeError("decode", "Avro container codec snappy is not installed here") from None
         body = data[:-4]  # Avro appends the CRC-32 of the uncompressed data
-        declared, _ = _read_uvarint(body)  # a snappy block starts with its uncompressed length
+        try:
+            declared, _ = read_uvarint(body)  # a snappy block starts with its uncompressed length
+        except ValueError:
+            raise DecodeError("decode", "an Avro container block is not valid snappy data") from None
         if declared > limit:
             raise DecodeError("decode", f"an Avro container block (snappy) declares {declared} bytes, over the "
                                         f"limit of {limit} (max_block_bytes)")
         return snappy.decompress(body), True
     raise DecodeError("decode", f"unknown Avro container codec {name!r} (null, deflate, bzip2, xz, "
                                 "zstandard, snappy)")
-
-
-def _read_uvarint(data: bytes) -> tuple[int, int]:
-    value = shift = pos = 0
-    while pos < min(len(data), 10):
-        byte = data[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return value, pos
-        shift += 7
-    raise DecodeError("decode", "an Avro container block is not valid snappy data")
 
 
 def _read_container(message: bytes, store: SchemaStore, mode: str) -> list[tuple[dict, WriterSchema]]:

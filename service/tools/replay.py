@@ -6,7 +6,7 @@ Kafka message, framed the way the surveys frame them:
 * a file holding one alert is sent byte for byte (exactly a ZTF message);
 * a file holding several is split into one single-alert container per alert;
 * with ``--wire-format``, Rubin alerts are re-framed in the Confluent wire format with the
-  official ``lsst-alert-packet`` schema of their version (`service.schemas.to_wire_format`),
+  official ``lsst-alert-packet`` schema of their version (`service.decode.schemas.to_wire_format`),
   as the live Rubin stream carries them; ZTF alerts stay containers (ZTF's own framing), and
   so does a Rubin alert that the official schema cannot hold (a warning names the field);
 * a file that is not an Avro container is sent as it is, as one message (handy to see the
@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Mapping, Sequence
 
 from service.lifecycle import on_stop_signals, restore_signals
-from service.pipeline import HEADER_SOURCE_FILE
+from service.stream.pipeline import HEADER_SOURCE_FILE
 from service.settings import (COMMON_OPTIONS, Option, SettingsError, add_options, kafka_client_config,
                               positive_int, resolve)
 
@@ -82,7 +82,8 @@ def alert_files(paths: Iterable[str | Path]) -> list[Path]:
 
 def messages_of_file(path: Path, survey: str | None = None, wire_format: bool = False) -> list[AlertMessage]:
     """The Kafka messages of one alert file (see the module docstring for the framing)."""
-    from service import records, schemas
+    from service.publish import records
+    from service.decode import schemas
 
     data = path.read_bytes()
     try:
@@ -104,7 +105,7 @@ def messages_of_file(path: Path, survey: str | None = None, wire_format: bool = 
 
 def _wire_format_or_none(alert: Mapping, source: str) -> bytes | None:
     """The alert in the Confluent wire format, or None (with a warning) when its official schema refuses it."""
-    from service import schemas
+    from service.decode import schemas
 
     try:
         return schemas.to_wire_format(alert)

@@ -90,8 +90,8 @@ def decode_base64(text: str) -> bytes:
 
 def fits_to_array(data: bytes, max_cutout_bytes: int | None = None) -> np.ndarray:
     """The image of a FITS file (gzip-compressed or not) as float32, read exactly as the
-    cutouts of Kafka alerts are (`service.alerts.read_cutout`), so both give the same pixels."""
-    from service.alerts import DecodeError, read_cutout
+    cutouts of Kafka alerts are (`service.decode.alerts.read_cutout`), so both give the same pixels."""
+    from service.decode.alerts import DecodeError, read_cutout
 
     try:
         image = read_cutout(data, where="its FITS data", max_bytes=max_cutout_bytes)

@@ -1,6 +1,6 @@
 """Avro writer schemas of alert messages: parsed once, looked up many times.
 
-Two framings reach the decoder (see `service.alerts`):
+Two framings reach the decoder (see `service.decode.alerts`):
 
 * **Avro object containers** (every ZTF message; Rubin alerts stored by brokers):
   the writer schema travels in the container header. `SchemaStore.container_schema`
@@ -24,7 +24,6 @@ import io
 import json
 import os
 import re
-import struct
 import sys
 import threading
 import time
@@ -35,14 +34,8 @@ from typing import Any, Mapping
 import fastavro
 from isal import isal_zlib
 
+from service.decode.framing import wire_header
 from service.limits import DEFAULT_LIMITS, DecodeLimits
-
-#: First bytes of an Avro object container file.
-CONTAINER_MAGIC = b"Obj\x01"
-#: First byte of a Confluent wire-format message.
-WIRE_MAGIC = 0
-#: Bytes before the Avro body in the wire format: magic byte + 4-byte schema id.
-WIRE_HEADER = struct.Struct(">bI")
 
 #: Environment variables read by `SchemaStore.from_env`.
 ENV_REGISTRY_URL = "RBSTREAM_SCHEMA_REGISTRY_URL"
@@ -77,7 +70,7 @@ class WriterSchema:
     tail : tuple or None
         ZTF only: ``(field name, record tag, null tag)`` of the three cutout fields when they
         close the record (`cutout_tail_layout`), which lets the decoder find them from the
-        record's end without walking the history (`service.alerts`).
+        record's end without walking the history (`service.decode.alerts`).
     survey : str or None
         ``ztf`` or ``rubin``, recognised from the top-level field names (never from
         the schema name: community brokers rename it, e.g. ``topLevelRecord``), or
@@ -617,24 +610,15 @@ class SchemaStore:
         )
 
     def _fetch_from_registry(self, schema_id: int) -> str:
-        import httpx
+        from service.registry import RegistryUnreachable, SchemaNotFound, SchemaRegistry
 
-        url = f"{self.registry_url}/schemas/ids/{int(schema_id)}"
+        if self._client is None:
+            self._client = SchemaRegistry(self.registry_url, timeout=self.timeout)
         try:
-            if self._client is None:
-                self._client = httpx.Client(timeout=self.timeout)
-            response = self._client.get(url)
-        except httpx.HTTPError as exc:
-            # Not "unknown": the registry is unreachable. Still a schema problem for this message.
-            raise UnknownSchema(f"schema registry unreachable for id {schema_id} ({url}): {exc}") from None
-        if response.status_code == 404:
-            raise UnknownSchema(f"unknown schema id {schema_id}: not in the schema registry {self.registry_url}")
-        if response.status_code != 200:
-            raise UnknownSchema(f"schema registry answered {response.status_code} for id {schema_id} ({url})")
-        try:
-            return response.json()["schema"]
-        except Exception:
-            raise UnknownSchema(f"schema registry answer for id {schema_id} has no 'schema' ({url})") from None
+            return self._client.schema_text(schema_id)
+        except (SchemaNotFound, RegistryUnreachable) as exc:
+            # Either way a schema problem for this message: it goes to the dead-letter topic.
+            raise UnknownSchema(str(exc)) from None
 
 
 _DEFAULT_STORE: SchemaStore | None = None
@@ -646,95 +630,6 @@ def default_store() -> SchemaStore:
     if _DEFAULT_STORE is None:
         _DEFAULT_STORE = SchemaStore.from_env()
     return _DEFAULT_STORE
-
-
-# --------------------------------------------------------------------------- framing helpers
-
-
-def read_container_header(message: bytes) -> tuple[dict[str, bytes], bytes, int]:
-    """Parse an Avro object container header.
-
-    Returns
-    -------
-    metadata : dict of str to bytes
-        ``avro.schema``, ``avro.codec``, ...
-    sync : bytes
-        The 16-byte sync marker.
-    offset : int
-        Where the first data block starts.
-
-    Raises
-    ------
-    ValueError, IndexError
-        On anything that is not a well-formed header (the caller turns them into
-        `service.alerts.DecodeError`).
-    """
-    if message[:4] != CONTAINER_MAGIC:
-        raise ValueError("not an Avro object container (no 'Obj\\x01' magic)")
-    pos = 4
-    metadata: dict[str, bytes] = {}
-    while True:
-        count, pos = read_long(message, pos)
-        if count == 0:
-            break
-        if count < 0:
-            count = -count
-            _, pos = read_long(message, pos)  # block size in bytes, not needed
-        for _ in range(count):
-            size, pos = read_long(message, pos)
-            if size < 0 or pos + size > len(message):
-                raise ValueError("container header: metadata key runs past the end")
-            key = bytes(message[pos : pos + size]).decode("utf-8")
-            pos += size
-            size, pos = read_long(message, pos)
-            if size < 0 or pos + size > len(message):
-                raise ValueError("container header: metadata value runs past the end")
-            metadata[key] = bytes(message[pos : pos + size])
-            pos += size
-    sync = bytes(message[pos : pos + 16])
-    if len(sync) != 16:
-        raise ValueError("container header: truncated sync marker")
-    return metadata, sync, pos + 16
-
-
-def read_long(buf, pos: int) -> tuple[int, int]:
-    """Read one zig-zag varint (Avro ``long``) at ``pos``; returns (value, next position)."""
-    byte = buf[pos]
-    pos += 1
-    value = byte & 0x7F
-    shift = 7
-    while byte & 0x80:
-        byte = buf[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        shift += 7
-        if shift > 63:
-            raise ValueError("malformed Avro long (more than 10 bytes)")
-    return (value >> 1) ^ -(value & 1), pos
-
-
-def encode_long(value: int) -> bytes:
-    """Avro ``long`` encoding (zig-zag varint) of a non-negative count or length."""
-    if value < 64:
-        return _SMALL_LONGS[value]
-    value <<= 1
-    out = bytearray()
-    while value > 0x7F:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-_SMALL_LONGS = tuple(bytes([2 * n]) for n in range(64))
-
-
-def split_wire_format(message: bytes) -> tuple[int, memoryview]:
-    """Split a Confluent wire-format message into (schema id, Avro body)."""
-    if len(message) < WIRE_HEADER.size or message[0] != WIRE_MAGIC:
-        raise ValueError("not a Confluent wire-format message (magic byte 0 + 4-byte schema id)")
-    _, schema_id = WIRE_HEADER.unpack_from(message, 0)
-    return schema_id, memoryview(message)[WIRE_HEADER.size :]
 
 
 def project_record(record: Any, schema: Any) -> Any:
@@ -871,7 +766,7 @@ def to_wire_format(alert: bytes | Mapping, version=None, schema_id: int | None =
     major, minor = version if isinstance(version, tuple) else _version_tuple(version)
     definition = official_rubin_schema((major, minor))
     body = io.BytesIO()
-    body.write(WIRE_HEADER.pack(WIRE_MAGIC, rubin_schema_id(major, minor) if schema_id is None else schema_id))
+    body.write(wire_header(rubin_schema_id(major, minor) if schema_id is None else schema_id))
     projected = project_record(record, definition)
     try:
         fastavro.schemaless_writer(body, definition, projected)

@@ -5,7 +5,7 @@ The step the consumer, the API and the benchmark share::
     batches, failures = prepare(messages, {"ztf": ztf_contract, "rubin": rubin_contract})
     scores = scorer.score(batches["ztf"].stamps)     # [n, *contract.input_shape] float32
 
-Every message is decoded (`service.alerts.decode_message`), its alerts are grouped by
+Every message is decoded (`service.decode.alerts.decode_message`), its alerts are grouped by
 survey, and each survey's stamps are written by `service.contract.assemble` straight
 into one preallocated, contiguous float32 buffer (no per-alert arrays to stack).
 Every problem with one message becomes a `Failure` that names it by index; one bad
@@ -31,10 +31,10 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from service.alerts import Alert, DecodeError, LazyRecord, decode_message
+from service.decode.alerts import Alert, DecodeError, LazyRecord, decode_message
 from service.contract import StampContract, StampError, assemble
 from service.limits import DEFAULT_LIMITS
-from service.schemas import SchemaStore
+from service.decode.schemas import SchemaStore
 
 log = logging.getLogger(__name__)
 
@@ -286,7 +286,7 @@ def _pool(workers: int, isolated: bool = False) -> ProcessPoolExecutor:
         if os.name == "posix":
             # Workers forked from a server that has the decoder imported start in milliseconds,
             # which is what replacing a crashed one costs.
-            context.set_forkserver_preload(["service.batch"])
+            context.set_forkserver_preload(["service.decode.stamps"])
         pool = _POOLS[(workers, isolated)] = ProcessPoolExecutor(max_workers=workers, mp_context=context)
     return pool
 

@@ -2,7 +2,7 @@
 
 For each alert: ``<survey>_<id>.png`` (science, template and difference, each under its
 heatmap, one row per method, with our score, the survey's score and the ids) and
-``<survey>_<id>.npz`` (the arrays, `service.explain_render.save_npz`); with a folder among
+``<survey>_<id>.npz`` (the arrays, `service.explain.render.save_npz`); with a folder among
 the inputs, also ``index.html``. Occlusion runs on the ONNX model; saliency and integrated
 gradients need torch, Captum and the model's ``weights.pt`` (``pip install 'rbstream[explain]'``).
 """
@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from service.explain import OCCLUSION_BASELINES, METHODS
+    from service.explain.attributions import OCCLUSION_BASELINES, METHODS
 
     env = os.environ.get
     parser.add_argument("inputs", nargs="+", metavar="ALERT_OR_FOLDER",
@@ -55,11 +55,11 @@ def alert_paths(inputs) -> tuple[list[Path], bool]:
 
 
 def main(args) -> int:
-    from service.alerts import DecodeError, decode_message
+    from service.decode.alerts import DecodeError, decode_message
     from service.contract import StampError, assemble
-    from service.explain import ExplainError, GradientOptions, OcclusionOptions, explain_stamps, normalise_methods
-    from service.explain_render import RenderError, render_png, save_npz, write_index
-    from service.model import ModelError, load_scorers
+    from service.explain.attributions import ExplainError, GradientOptions, OcclusionOptions, explain_stamps, normalise_methods
+    from service.explain.render import RenderError, render_png, save_npz, write_index
+    from service.score.model import ModelError, load_scorers
 
     try:
         methods = normalise_methods(args.method)

@@ -10,11 +10,11 @@ Three methods (`METHODS`):
     every occluded stamp of a candidate in a few batches), so the service needs no torch.
 ``saliency``
     The gradient of the score with respect to the input pixels (Simonyan et al. 2014),
-    by Captum's ``Saliency`` on the model's torch weights (`service.gradients`).
+    by Captum's ``Saliency`` on the model's torch weights (`service.explain.gradients`).
 ``integrated-gradients``
     Captum's ``IntegratedGradients`` (Sundararajan et al. 2017) from a configurable
     baseline with a configurable number of steps, on a path refined where the score
-    changes fast (`service.gradients.integrated_gradients`); the result carries its
+    changes fast (`service.explain.gradients.integrated_gradients`); the result carries its
     completeness error, sum(attributions) - (score(x) - score(baseline)), the method's own check.
 
 The exported graph normalises in-graph, so attributions are with respect to the raw
@@ -59,13 +59,13 @@ class OcclusionOptions:
 
 @dataclass(frozen=True)
 class GradientOptions:
-    """Integrated gradients: the baseline (`service.gradients.BASELINES`) and the number of steps."""
+    """Integrated gradients: the baseline (`service.explain.gradients.BASELINES`) and the number of steps."""
 
     baseline: str = "noise"
     steps: int = 512
 
     def __post_init__(self):
-        from service.gradients import BASELINES
+        from service.explain.gradients import BASELINES
 
         if self.baseline not in BASELINES:
             raise ExplainError(f"integrated-gradients baseline {self.baseline!r}; accepted: {', '.join(BASELINES)}")
@@ -195,7 +195,7 @@ def explain_stamps(scorer, stamps: np.ndarray, methods: tuple[str, ...],
 
     Parameters
     ----------
-    scorer : service.model.Scorer
+    scorer : service.score.model.Scorer
         The ONNX model; gradient methods load its torch weights (``weights.pt`` beside
         ``model.onnx``) and check that they give the ONNX model's scores.
     stamps : ndarray
@@ -227,7 +227,7 @@ def explain_stamps(scorer, stamps: np.ndarray, methods: tuple[str, ...],
                                            "baseline": occlusion_options.baseline})
     wanted = [m for m in methods if m in GRADIENT_METHODS]
     if wanted:
-        from service import gradients
+        from service.explain import gradients
 
         scores = scorer.score(stamps) if scores is None else scores
         graph = gradients.load_for(scorer, stamps, scores)

@@ -9,14 +9,13 @@ Two framings, as the surveys use them:
   the 4-byte big-endian schema id, then the schemaless Avro body, like Rubin's alerts;
   the schema is registered under the subject ``<topic>-value`` (TopicNameStrategy).
 
-The score record schema is ``service/schemas/score_record.avsc``.
+The score record schema is ``service/publish/schemas/score_record.avsc``.
 """
 
 from __future__ import annotations
 
 import io
 import json
-import struct
 from datetime import datetime, timezone
 from functools import lru_cache
 from pathlib import Path
@@ -24,18 +23,14 @@ from typing import Any, Mapping, Sequence
 
 import fastavro
 
-from service.schemas import encode_long
+from service.decode.framing import SYNC_SIZE, container_block, is_container, is_wire_format, split_wire_format, wire_header
+from service.registry import SchemaRegistry
 
 SCHEMA_DIR = Path(__file__).resolve().parent / "schemas"
 SCORE_SCHEMA_PATH = SCHEMA_DIR / "score_record.avsc"
 
 #: Name of the field added to an alert re-published with its score (``--republish-alert``).
 ANNOTATION_FIELD = "rbstream"
-
-#: First bytes of an Avro object container file.
-CONTAINER_MAGIC = b"Obj\x01"
-#: Confluent wire format: magic byte 0 then a 4-byte big-endian schema id.
-WIRE_HEADER = struct.Struct(">bI")
 
 #: The record added to a re-published alert (a subset of the score record).
 ANNOTATION_SCHEMA: dict = {
@@ -58,10 +53,6 @@ class RecordError(ValueError):
     """Bytes that are not a record this module can read."""
 
 
-class RegistryError(RuntimeError):
-    """The schema registry cannot be reached or refuses a schema: an outage, not a bad alert."""
-
-
 @lru_cache(maxsize=1)
 def score_schema() -> dict:
     """The score record schema (``score_record.avsc``) as a dict."""
@@ -80,7 +71,7 @@ def score_record(*, survey: str, candidate_id: int, object_id: str, score: float
     """One score record, as a dict that follows ``score_record.avsc``.
 
     ``survey_score`` / ``survey_score_name`` are the survey's own score of the alert
-    (`service.alerts.Alert.survey_score`), published beside ours; None when it has none.
+    (`service.decode.alerts.Alert.survey_score`), published beside ours; None when it has none.
     ``model_inputs`` are the raw images the scoring model took (its contract's
     ``raw_inputs``, e.g. ``["template", "science"]`` for a model without the difference).
     """
@@ -107,59 +98,6 @@ def annotation(record: Mapping[str, Any]) -> dict:
     return {field["name"]: record[field["name"]] for field in ANNOTATION_SCHEMA["fields"]}
 
 
-# --- schema registry -----------------------------------------------------------------------------
-
-class SchemaRegistry:
-    """The two calls of the Confluent Schema Registry REST API the service needs.
-
-    Parameters
-    ----------
-    url : str
-        Base URL, e.g. ``https://registry.example.org``; ``https://user:password@host`` for
-        basic authentication.
-    """
-
-    def __init__(self, url: str, timeout: float = 10.0):
-        import httpx
-
-        self.url = url.rstrip("/")
-        self._client = httpx.Client(timeout=timeout)
-        self._by_id: dict[int, dict] = {}
-        self._ids: dict[tuple[str, str], int] = {}
-
-    def register(self, subject: str, schema: Mapping) -> int:
-        """Register ``schema`` under ``subject`` (idempotent) and return its id."""
-        text = json.dumps(schema, sort_keys=True)
-        key = (subject, text)
-        if key not in self._ids:
-            import httpx
-
-            try:
-                response = self._client.post(f"{self.url}/subjects/{subject}/versions", json={"schema": text},
-                                             headers={"Content-Type": "application/vnd.schemaregistry.v1+json"})
-            except httpx.HTTPError as exc:
-                raise RegistryError(f"schema registry {self.url} unreachable: {exc}") from None
-            if response.status_code >= 400:
-                raise RegistryError(f"schema registry {self.url}: registering {subject} failed: "
-                                    f"{response.status_code} {response.text[:200]}")
-            self._ids[key] = int(response.json()["id"])
-            self._by_id[self._ids[key]] = dict(schema)
-        return self._ids[key]
-
-    def schema(self, schema_id: int) -> dict:
-        """The schema with id ``schema_id``."""
-        if schema_id not in self._by_id:
-            response = self._client.get(f"{self.url}/schemas/ids/{schema_id}")
-            if response.status_code >= 400:
-                raise RecordError(f"schema registry {self.url}: no schema with id {schema_id} "
-                                  f"({response.status_code})")
-            self._by_id[schema_id] = json.loads(response.json()["schema"])
-        return self._by_id[schema_id]
-
-    def close(self) -> None:
-        self._client.close()
-
-
 # --- framing -------------------------------------------------------------------------------------
 
 def container_bytes(schema: Mapping, records: Sequence[Mapping]) -> bytes:
@@ -176,11 +114,7 @@ def _container(schema_json: str, records: Sequence[Mapping]) -> bytes:
     for record in records:
         fastavro.schemaless_writer(body, parsed, record)
     data = body.getvalue()
-    return b"".join((header, encode_long(len(records)), encode_long(len(data)), data, header[-SYNC_SIZE:]))
-
-
-#: Bytes of the sync marker that ends an object container's header and each of its blocks.
-SYNC_SIZE = 16
+    return header + container_block(data, len(records), header[-SYNC_SIZE:])
 
 
 @lru_cache(maxsize=64)
@@ -193,7 +127,7 @@ def _container_header(schema_json: str) -> bytes:
 def wire_bytes(schema: Mapping, schema_id: int, record: Mapping) -> bytes:
     """One record in the Confluent wire format."""
     buffer = io.BytesIO()
-    buffer.write(WIRE_HEADER.pack(0, schema_id))
+    buffer.write(wire_header(schema_id))
     fastavro.schemaless_writer(buffer, _parsed(json.dumps(schema, sort_keys=True)), record)
     return buffer.getvalue()
 
@@ -259,17 +193,18 @@ def decode_records(value: bytes, registry: SchemaRegistry | None = None) -> list
     RecordError
         When the bytes are neither framing, or a wire-format message comes without a registry.
     """
-    if value[:4] == CONTAINER_MAGIC:
+    if is_container(value):
         return container_schema_and_records(value)[1]
-    if len(value) > WIRE_HEADER.size and value[0] == 0:
-        _, schema_id = WIRE_HEADER.unpack_from(value)
+    if is_wire_format(value):
+        schema_id, body = split_wire_format(value)
         if registry is None:
             raise RecordError(f"Confluent wire format (schema id {schema_id}): give --schema-registry-url")
         try:
-            return [fastavro.schemaless_reader(io.BytesIO(value[WIRE_HEADER.size:]),
-                                               fastavro.parse_schema(registry.schema(schema_id)))]
-        except RecordError:
-            raise
+            schema = registry.schema(schema_id)
+        except LookupError as exc:
+            raise RecordError(str(exc)) from None
+        try:
+            return [fastavro.schemaless_reader(io.BytesIO(body), fastavro.parse_schema(schema))]
         except Exception as exc:
             raise RecordError(f"wire format body does not match schema {schema_id}: {exc}") from None
     raise RecordError("neither an Avro object container nor the Confluent wire format")

@@ -1,6 +1,6 @@
 """``POST /explain``: attribution maps for the bodies ``POST /classify`` takes.
 
-The body is read, size-checked and parsed by `/classify`'s own code (`service.api`:
+The body is read, size-checked and parsed by `/classify`'s own code (`service.api.app`:
 content types, ``--max-body-bytes``, ``--max-candidates``, every 4xx message), so both
 routes refuse the same inputs with the same words. Explaining a candidate costs hundreds
 to thousands of model evaluations, so it never runs on the event loop nor in the shared
@@ -19,7 +19,7 @@ from fastapi import FastAPI, Query, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, Field
 
-from service.explain import (ExplainError, Explanation, GradientOptions, OcclusionOptions, explain_stamps,
+from service.explain.attributions import (ExplainError, Explanation, GradientOptions, OcclusionOptions, explain_stamps,
                              normalise_methods)
 
 #: Most candidates (or alerts of a raw body) explained per request: each costs ~10^3 model calls.
@@ -79,7 +79,7 @@ class Explainer:
     def session(self, survey: str):
         """The explanation session of ``survey``'s model (made on first use, in the worker thread)."""
         if survey not in self._sessions:
-            from service.model import Scorer
+            from service.score.model import Scorer
 
             served = self.scorers[survey]
             self._sessions[survey] = Scorer(served.path, device=self.device, intra_op_threads=1)
@@ -99,8 +99,8 @@ class Explainer:
 
 
 def add_explain_route(app: FastAPI, classifier, explainer: Explainer, settings, error_responses: dict) -> None:
-    """Register ``POST /explain`` on ``app``, parsing bodies with ``classifier`` (`service.api._Classifier`)."""
-    from service.api import _CLASSIFY_BODY, ApiError, _read_body, body_is_raw
+    """Register ``POST /explain`` on ``app``, parsing bodies with ``classifier`` (`service.api.app._Classifier`)."""
+    from service.api.app import _CLASSIFY_BODY, ApiError, _read_body, body_is_raw
 
     @app.post(
         "/explain", response_model=ExplainResponse, tags=["scoring"],
@@ -156,7 +156,7 @@ def add_explain_route(app: FastAPI, classifier, explainer: Explainer, settings, 
         except ExplainError as exc:
             raise ApiError(422, str(exc)) from None
         if wants_png:
-            from service.explain_render import RenderError, render_png
+            from service.explain.render import RenderError, render_png
 
             row, explained = results[0]
             meta = {**{k: v for k, v in row.items() if k != "stamp"}, "score": next(iter(explained.values())).score}
@@ -173,7 +173,7 @@ async def prepare_rows(classifier, body: bytes, is_raw: bool, survey: str) -> li
     """Model-ready stamps of a `/classify` body with their ids: `/classify`'s parsing and errors, off the loop."""
     from fastapi.concurrency import run_in_threadpool
 
-    from service.api import ApiError
+    from service.api.app import ApiError
 
     if is_raw and not body:
         raise ApiError(400, "empty body; send the bytes of one alert message")

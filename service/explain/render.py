@@ -19,7 +19,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from service.explain import Explanation
+from service.explain.attributions import Explanation
 
 #: Column order of the picture: the order people read a triplet in.
 DISPLAY_ORDER = ("science", "template", "difference")

@@ -1,4 +1,4 @@
-"""The inference fast path of `service.model.Scorer`: host buffers, IO binding, GPU provider options, fp16 check.
+"""The inference fast path of `service.score.model.Scorer`: host buffers, IO binding, GPU provider options, fp16 check.
 
 Why each piece exists:
 

@@ -2,7 +2,7 @@
 
 A fresh ``fastavro.reader`` per message (the writer schema is parsed again for every
 alert), the standard library's gzip, and ``astropy.io.fits`` for every cutout.
-``rbstream bench decode`` reports `service.alerts.decode_message` against it in the
+``rbstream bench decode`` reports `service.decode.alerts.decode_message` against it in the
 same run (issue 5). Not used by the service.
 """
 
@@ -15,7 +15,7 @@ import warnings
 import fastavro
 import numpy as np
 
-from service.alerts import CUTOUT_FIELDS, NEGATIVE_DETECTION
+from service.decode.alerts import CUTOUT_FIELDS, NEGATIVE_DETECTION
 
 
 def naive_decode(message: bytes) -> dict[str, np.ndarray]:

@@ -3,7 +3,7 @@
 The loop runs in two overlapping stages, a batch at a time in each:
 
 1. fetch up to ``batch_size`` messages, waiting at most ``max_wait_ms`` (whichever first), and
-   decode them into model input (`service.pipeline.BatchProcessor.prepare`, on this thread);
+   decode them into model input (`service.stream.pipeline.BatchProcessor.prepare`, on this thread);
 2. in a scoring thread, while the next batch is fetched and decoded: score and encode
    (`BatchProcessor.finish`; ONNX Runtime releases the GIL), produce one score record per
    scored alert to the output topic (keyed by object id) and one dead letter per unscorable
@@ -35,8 +35,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 from service import metrics
 from service.limits import LIMIT_OPTIONS, DecodeLimits
-from service.pipeline import BatchProcessor, Outcome, Outgoing, Prepared, SourceMessage, dead_letter
-from service.records import RegistryError
+from service.stream.pipeline import BatchProcessor, Outcome, Outgoing, Prepared, SourceMessage, dead_letter
+from service.registry import RegistryUnreachable
 from service.settings import (COMMON_OPTIONS, Option, SettingsError, add_options, kafka_client_config,
                               non_negative_int, positive_int, redact, resolve)
 
@@ -78,7 +78,7 @@ CONSUME_OPTIONS: tuple[Option, ...] = COMMON_OPTIONS + (
            "know (e.g. 9.0)", metavar="MAJOR.MINOR"),
     Option("republish_alert", False, "publish the original alert with an 'rbstream' score field instead of a "
            "score record", kind="flag"),
-    Option("decode_workers", None, "parallel decoding workers (default: service.batch's choice)",
+    Option("decode_workers", None, "parallel decoding workers (default: service.decode.stamps's choice)",
            type=non_negative_int, metavar="N"),
     Option("decode_isolation", False, "decode every message in worker processes (--decode-workers of them, "
            "default 1), so that a message that crashes the decoder is dead-lettered and the worker replaced",
@@ -104,7 +104,7 @@ def model_paths(entries: Sequence[str], survey: str) -> dict[str, str]:
     """
     from pathlib import Path
 
-    from service.model import CARD_FILE, SURVEYS, ModelCard, ModelError
+    from service.score.model import CARD_FILE, SURVEYS, ModelCard, ModelError
 
     paths: dict[str, str] = {}
     for entry in entries:
@@ -126,7 +126,7 @@ def model_paths(entries: Sequence[str], survey: str) -> dict[str, str]:
 
 def load_models(settings: Mapping[str, Any]):
     """The scorers the settings ask for (one per survey), on the asked device."""
-    from service.model import SURVEYS, load_scorers
+    from service.score.model import SURVEYS, load_scorers
 
     surveys = SURVEYS if settings["survey"] == "auto" else (settings["survey"],)
     return load_scorers(settings.get("models_dir"), model_paths(settings.get("model") or [], settings["survey"]),
@@ -135,7 +135,7 @@ def load_models(settings: Mapping[str, Any]):
 
 def load_fallback_models(settings: Mapping[str, Any]):
     """The fallback models without a difference image the settings name (``nodiff_model_<survey>``)."""
-    from service.model import SURVEYS, load_fallbacks
+    from service.score.model import SURVEYS, load_fallbacks
 
     survey = settings.get("survey", "auto")
     surveys = SURVEYS if survey == "auto" else (survey,)
@@ -144,8 +144,8 @@ def load_fallback_models(settings: Mapping[str, Any]):
 
 
 def schema_store(settings: Mapping[str, Any]):
-    """The `service.schemas.SchemaStore` for the settings (registry URL, Rubin schema version)."""
-    from service.schemas import SchemaStore
+    """The `service.decode.schemas.SchemaStore` for the settings (registry URL, Rubin schema version)."""
+    from service.decode.schemas import SchemaStore
 
     return SchemaStore(registry_url=settings.get("schema_registry_url"),
                        rubin_version=settings.get("rubin_schema_version"),
@@ -153,7 +153,8 @@ def schema_store(settings: Mapping[str, Any]):
 
 
 def record_encoder(settings: Mapping[str, Any]):
-    from service.records import RecordEncoder, SchemaRegistry
+    from service.publish.records import RecordEncoder
+    from service.registry import SchemaRegistry
 
     url = settings.get("schema_registry_url")
     return RecordEncoder(settings["output_topic"], SchemaRegistry(url) if url else None)
@@ -206,12 +207,12 @@ class AlertConsumer:
     ----------
     settings : mapping
         Resolved settings (`service.settings.resolve` with `CONSUME_OPTIONS`).
-    scorers : mapping of str to service.model.Scorer
+    scorers : mapping of str to service.score.model.Scorer
         Loaded models, one per survey.
     on_batch : callable, optional
         Called with each batch's delivered `Outgoing` messages after its commit (``rbstream run``
         prints them).
-    fallbacks : mapping of str to service.model.Scorer, optional
+    fallbacks : mapping of str to service.score.model.Scorer, optional
         Models without a difference image, for the alerts whose difference cutout is missing
         or unusable; default: those the settings name (`load_fallback_models`).
     """
@@ -396,7 +397,7 @@ class AlertConsumer:
         if prepared.batches is not None:
             try:
                 return self.processor.finish(prepared)
-            except RegistryError as exc:
+            except RegistryUnreachable as exc:
                 raise PublishError(str(exc)) from exc
             except Exception:
                 log.exception("batch of %d failed as a whole; retrying message by message", len(prepared.messages))
@@ -404,7 +405,7 @@ class AlertConsumer:
         for source in prepared.messages:
             try:
                 single = self.processor.process([source])
-            except RegistryError as exc:
+            except RegistryUnreachable as exc:
                 raise PublishError(str(exc)) from exc
             except Exception as exc:
                 single = Outcome(dead_letters=[dead_letter(source, "decode", f"internal error: {exc!r}")])
@@ -645,7 +646,7 @@ def install_signal_handlers(stop: Callable[[], None]) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from service.model import ModelError
+    from service.score.model import ModelError
 
     try:
         settings = resolve(args, CONSUME_OPTIONS)

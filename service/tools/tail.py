@@ -23,7 +23,10 @@ import time
 from datetime import datetime
 from typing import Any, Callable, Mapping
 
-from service import pipeline, records
+from service.stream import pipeline
+
+from service.publish import records
+from service.registry import SchemaRegistry
 from service.lifecycle import on_stop_signals, restore_signals
 from service.settings import (COMMON_OPTIONS, Option, SettingsError, add_options, kafka_client_config,
                               non_negative_int, resolve)
@@ -92,7 +95,7 @@ def record_json(record: Mapping) -> dict:
 
 
 def message_json(value: bytes, headers: Mapping[str, str],
-                 registry: records.SchemaRegistry | None = None) -> list[dict]:
+                 registry: SchemaRegistry | None = None) -> list[dict]:
     """What `tail` prints for one message: one dict per record (or one for a dead letter)."""
     if pipeline.HEADER_REASON in headers:
         return [dead_letter_json(value, headers)]
@@ -126,7 +129,7 @@ def _partitions(consumer, topic: str, deadline: float, stop: Callable[[], bool] 
 
 def follow(settings: Mapping, topic: str, handle: Callable[[Any, list[dict]], None], *,
            from_beginning: bool = False, max_messages: int | None = None, idle_timeout: float | None = None,
-           stop: Callable[[], bool] = lambda: False, registry: records.SchemaRegistry | None = None,
+           stop: Callable[[], bool] = lambda: False, registry: SchemaRegistry | None = None,
            wait_for_topic: float = 60.0) -> int:
     """Read ``topic`` (no consumer group) and call ``handle(message, dicts)`` for each message.
 
@@ -173,7 +176,7 @@ def main(args: argparse.Namespace) -> int:
         return 2
     stopping = []
     previous = on_stop_signals(lambda signum: stopping.append(signum))
-    registry = records.SchemaRegistry(settings["schema_registry_url"]) if settings["schema_registry_url"] else None
+    registry = SchemaRegistry(settings["schema_registry_url"]) if settings["schema_registry_url"] else None
 
     def show(message, dicts):
         for d in dicts:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from service.explain import ExplainError
+from service.explain.attributions import ExplainError
 
 #: Integrated-gradients baselines. ``noise`` (the default): Gaussian noise at each image's
 #: median and robust sigma, a stamp with the same sky and noise and no source (seeded by the

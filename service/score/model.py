@@ -31,7 +31,7 @@ CARD_FILE = "model_card.json"
 SURVEYS = ("ztf", "rubin")
 
 #: Where the default models are: ``models/`` at the repository root, or ``RBSTREAM_MODELS_DIR``.
-DEFAULT_MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
+DEFAULT_MODELS_DIR = Path(__file__).resolve().parents[2] / "models"
 
 
 class ModelError(RuntimeError):
@@ -97,7 +97,7 @@ class Scorer:
         Run through IO binding with reusable per-thread host buffers (pinned on a GPU).
         Default: on for CUDA/TensorRT, off on CPU (where ``session.run`` is as fast).
     check_stamps : ndarray, optional
-        Stamps for the fp16 check; default `service.acceleration.check_stamps`.
+        Stamps for the fp16 check; default `service.score.acceleration.check_stamps`.
 
     Environment: ``RBSTREAM_ORT_THREADS=N`` sets the intra-op threads of every scorer (the
     consumer and the API create theirs with the default); ``RBSTREAM_ORT_SPINNING=1`` lets ONNX
@@ -110,7 +110,7 @@ class Scorer:
                  precision: str = "auto", io_binding: bool | None = None, check_stamps: np.ndarray | None = None):
         import onnxruntime as ort
 
-        from service import acceleration
+        from service.score import acceleration
 
         path = Path(path)
         folder = path if path.is_dir() else path.parent
@@ -155,7 +155,7 @@ class Scorer:
     def _session(self, providers: list[str], fp16: bool):
         import onnxruntime as ort
 
-        from service import acceleration
+        from service.score import acceleration
 
         try:
             return ort.InferenceSession(str(self.path), self._options,
@@ -165,7 +165,7 @@ class Scorer:
 
     def _check_fp16(self, providers: list[str], stamps: np.ndarray | None) -> None:
         """Keep the fp16 session only if its scores match the fp32 CPU session's within tolerance."""
-        from service import acceleration
+        from service.score import acceleration
 
         reference = self._session(["CPUExecutionProvider"], fp16=False)
         if stamps is None:
@@ -237,7 +237,7 @@ def load_fallbacks(paths: Mapping[str, str | Path], device: str = "auto") -> dic
     """The fallback model of each survey in ``paths``: one that needs no difference image.
 
     It scores the alerts whose difference cutout is missing or unusable, which the main
-    model refuses (`service.batch.prepare`'s ``fallbacks``). A model that takes the
+    model refuses (`service.decode.stamps.prepare`'s ``fallbacks``). A model that takes the
     difference, or that was trained for another survey, is refused here rather than at the
     first such alert.
     """

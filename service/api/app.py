@@ -9,12 +9,12 @@ Routes
     400/413/415/422 and a message that names the candidate and the stamp.
 ``POST /explain``
     Attribution maps (occlusion, saliency, integrated gradients) for the same bodies
-    (`service.api_explain`).
+    (`service.api.explain`).
 ``GET /scan``
-    The scanning page: a queue of alerts to label (`service.scan`).
+    The scanning page: a queue of alerts to label (`service.api.scan`).
 ``GET /healthz``, ``GET /readyz``, ``GET /model``, ``GET /metrics``, and ``/docs``.
 
-Stamps of concurrent requests are scored together (`service.microbatch`), off the
+Stamps of concurrent requests are scored together (`service.api.coalesce`), off the
 event loop. `create_app` builds the app around already loaded scorers, so the
 consumer (``rbstream run``) can serve it in-process and add its own readiness checks.
 """
@@ -41,15 +41,15 @@ from starlette.requests import ClientDisconnect
 from starlette.routing import Match
 
 from service import metrics
-from service.api_models import (Candidate, ClassifyRequest, ClassifyResponse, ErrorResponse, HealthResponse,
+from service.api.models import (Candidate, ClassifyRequest, ClassifyResponse, ErrorResponse, HealthResponse,
                                 ModelsResponse, ReadinessCheck, ReadinessResponse, ScoreResult)
-from service.api_stamps import MaskedStampError, StampInputError, stamp_to_array
-from service.auth import BearerAuthMiddleware, TokenAuth
-from service.batch import fallback_key
+from service.api.stamps import MaskedStampError, StampInputError, stamp_to_array
+from service.api.auth import BearerAuthMiddleware, TokenAuth
+from service.decode.stamps import fallback_key
 from service.contract import RAW_IMAGES, StampError, assemble
-from service.http_server import KEEP_ALIVE_S
+from service.api.server import KEEP_ALIVE_S
 from service.limits import DEFAULT_LIMITS, DecodeLimits, add_limit_arguments, limits_from_args
-from service.microbatch import MicroBatcher
+from service.api.coalesce import MicroBatcher
 
 log = logging.getLogger(__name__)
 
@@ -79,9 +79,9 @@ class ApiSettings:
     default_survey : str, optional
         Model of JSON requests that name no survey; None: ``ztf`` if loaded, else the only model.
     models_dir, model_paths, device
-        Where `create_app` loads models from when it is given none (see `service.model.load_scorers`).
+        Where `create_app` loads models from when it is given none (see `service.score.model.load_scorers`).
     nodiff_model_paths : mapping of str to str
-        survey -> fallback model without the difference image (`service.model.load_fallbacks`):
+        survey -> fallback model without the difference image (`service.score.model.load_fallbacks`):
         it scores candidates and alerts whose difference is missing, empty or all masked, which
         are refused (422) without one.
     limits : DecodeLimits
@@ -90,7 +90,7 @@ class ApiSettings:
         Bodies decoded at the same time; others wait. With ``limits`` it bounds the memory
         that hostile bodies can claim at once.
     header_timeout_s, body_timeout_s, keep_alive_timeout_s, max_header_bytes
-        The HTTP server's guards against slow or malformed clients (`service.http_server`).
+        The HTTP server's guards against slow or malformed clients (`service.api.server`).
     scan_alerts : str, optional
         Folder of alert files the scanning page (``GET /scan``) queues.
     scan_topic, scan_bootstrap_servers, scan_recent
@@ -156,7 +156,7 @@ def create_app(scorers: Mapping | None = None, settings: ApiSettings | None = No
 
     Parameters
     ----------
-    scorers : mapping survey -> `service.model.Scorer`, optional
+    scorers : mapping survey -> `service.score.model.Scorer`, optional
         The models to serve; loaded from ``settings`` (models dir / explicit paths) when None.
     settings : ApiSettings, optional
     readiness_checks : iterable of callables ``() -> (ok: bool, detail: str)``
@@ -168,18 +168,18 @@ def create_app(scorers: Mapping | None = None, settings: ApiSettings | None = No
         (no token configured: open API).
     registry : prometheus_client.CollectorRegistry, optional
         Registry served on ``/metrics`` (default: the process's default registry).
-    fallbacks : mapping survey -> `service.model.Scorer`, optional
+    fallbacks : mapping survey -> `service.score.model.Scorer`, optional
         Models without the difference image, for what lacks a usable one; loaded from
         ``settings.nodiff_model_paths`` when None.
     """
     settings = settings or ApiSettings()
     if scorers is None:
-        from service.model import load_scorers
+        from service.score.model import load_scorers
 
         scorers = load_scorers(settings.models_dir, explicit=settings.model_paths, device=settings.device)
     scorers = dict(scorers)
     if fallbacks is None:
-        from service.model import load_fallbacks
+        from service.score.model import load_fallbacks
 
         fallbacks = load_fallbacks(settings.nodiff_model_paths, device=settings.device)
     fallbacks = dict(fallbacks)
@@ -303,8 +303,8 @@ def create_app(scorers: Mapping | None = None, settings: ApiSettings | None = No
 def _add_explanation_routes(app: FastAPI, classify_service, scorers: Mapping, settings: ApiSettings,
                             auth: TokenAuth) -> None:
     """``POST /explain`` and the scanning page (``GET /scan``), parsing bodies as ``/classify`` does."""
-    from service.api_explain import Explainer, add_explain_route
-    from service.scan import add_scan_routes
+    from service.api.explain import Explainer, add_explain_route
+    from service.api.scan import add_scan_routes
 
     app.state.explainer = Explainer(scorers, device=settings.device)
     add_explain_route(app, classify_service, app.state.explainer, settings,
@@ -327,7 +327,7 @@ class _Classifier:
 
     def __init__(self, scorers: Mapping, batchers: Mapping[str, MicroBatcher], settings: ApiSettings,
                  fallbacks: Mapping | None = None):
-        from service.schemas import SchemaStore
+        from service.decode.schemas import SchemaStore
 
         self.scorers, self.batchers, self.settings = scorers, batchers, settings
         self.fallbacks = dict(fallbacks or {})
@@ -349,7 +349,7 @@ class _Classifier:
     def _prepare_json(self, body: bytes) -> list[tuple[str, np.ndarray, object]]:
         """(model key, model-ready stamp, id) per candidate, in order; `ApiError` naming what is wrong.
 
-        The model key is the survey, or `service.batch.fallback_key` of it for a candidate its
+        The model key is the survey, or `service.decode.stamps.fallback_key` of it for a candidate its
         fallback model scores."""
         if not body.strip():
             raise ApiError(400, "empty body; send JSON with `candidates` (see /docs)")
@@ -475,9 +475,9 @@ class _Classifier:
         return ClassifyResponse(results=results)
 
     def _prepare_alert(self, body: bytes, survey: str) -> list:
-        """The body's `service.batch.SurveyBatch` es, made exactly as the consumer makes them
-        (`service.batch.prepare`), so an alert scores the same here and from Kafka."""
-        from service.batch import prepare
+        """The body's `service.decode.stamps.SurveyBatch` es, made exactly as the consumer makes them
+        (`service.decode.stamps.prepare`), so an alert scores the same here and from Kafka."""
+        from service.decode.stamps import prepare
 
         contracts = {name: scorer.contract for name, scorer in self.scorers.items()}
         fallbacks = {name: scorer.contract for name, scorer in self.fallbacks.items()}
@@ -516,7 +516,7 @@ class _Classifier:
             histogram.observe(float(value))
 
     def _model(self, key: str):
-        """(survey, scorer) of a model key: a survey, or `service.batch.fallback_key` of one."""
+        """(survey, scorer) of a model key: a survey, or `service.decode.stamps.fallback_key` of one."""
         for survey, scorer in self.fallbacks.items():
             if key == fallback_key(survey):
                 return survey, scorer
@@ -828,8 +828,8 @@ def settings_from_args(args) -> ApiSettings:
 
 
 def main(args) -> int:
-    from service.http_server import ApiServer, server_config
-    from service.model import ModelError
+    from service.api.server import ApiServer, server_config
+    from service.score.model import ModelError
     from service.settings import SettingsError
 
     try:

@@ -2,10 +2,10 @@
 
 It starts, in this one process,
 
-1. a local Kafka-compatible broker (`service.broker.LocalBroker`, tansu, in memory),
-2. the API (`service.api.create_app` under uvicorn) — ``/classify``, ``/readyz`` (which
+1. a local Kafka-compatible broker (`service.tools.broker.LocalBroker`, tansu, in memory),
+2. the API (`service.api.app.create_app` under uvicorn) — ``/classify``, ``/readyz`` (which
    also checks that the broker answers), ``/metrics`` (the consumer's metrics too),
-3. the consumer (`service.consumer.AlertConsumer`) reading topic ``alerts`` and writing
+3. the consumer (`service.stream.consumer.AlertConsumer`) reading topic ``alerts`` and writing
    ``scores`` and ``alerts-dlq``,
 
 then replays the sample alerts (ZTF as Avro containers, Rubin in the Confluent wire format,
@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
-from service import pipeline
+from service.stream import pipeline
 from service.settings import SettingsError, non_negative_int, positive_int
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ def _port_free(port: int, host: str = "127.0.0.1") -> bool:
 
 def _pick_port(wanted: int, host: str, what: str) -> int:
     """``wanted`` if free, else a free port (said so); 0 means any free port."""
-    from service.broker import free_port
+    from service.tools.broker import free_port
 
     if wanted and _port_free(wanted, host):
         return wanted
@@ -120,7 +120,7 @@ class Printer:
         from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
         from service.settings import kafka_client_config
-        from service.tail import message_json
+        from service.tools.tail import message_json
 
         consumer = Consumer(kafka_client_config(self.settings, "consumer", **{
             "group.id": "rbstream-run-printer", "enable.auto.commit": False}))
@@ -175,8 +175,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _start_api(scorers, host: str, port: int, readiness_checks, bootstrap_servers: str | None = None):
-    from service.api import ApiSettings, create_app
-    from service.http_server import ApiServer, server_config
+    from service.api.app import ApiSettings, create_app
+    from service.api.server import ApiServer, server_config
 
     # The scanning page (/scan) queues the last alerts of the stream this run scores.
     settings = ApiSettings(scan_topic=INPUT_TOPIC, scan_bootstrap_servers=bootstrap_servers) if bootstrap_servers \
@@ -209,10 +209,10 @@ def _create_topics(bootstrap_servers: str) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from service import replay
-    from service.broker import LocalBroker
-    from service.consumer import AlertConsumer, CONSUME_OPTIONS
-    from service.model import ModelError, load_scorers
+    from service.tools import replay
+    from service.tools.broker import LocalBroker
+    from service.stream.consumer import AlertConsumer, CONSUME_OPTIONS
+    from service.score.model import ModelError, load_scorers
     from service.settings import resolve
 
     from service.lifecycle import on_stop_signals

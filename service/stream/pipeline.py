@@ -7,12 +7,12 @@ that the consumer can decode the next batch while this one is scored: `BatchProc
 encode: ONNX Runtime, which releases it). The outcome holds:
 
 * one `Outgoing` score message per scored alert, for the output topic, keyed by object id
-  (a score record — see ``service/schemas/score_record.avsc`` — or, with
+  (a score record — see ``service/publish/schemas/score_record.avsc`` — or, with
   ``republish_alert``, the original alert with an ``rbstream`` field holding the score);
 * one `Outgoing` dead-letter message per message that could not be scored: the original
   bytes, key and headers, plus headers naming the reason and the source.
 
-The consumer (`service.consumer`) only moves these between Kafka and this module, which is
+The consumer (`service.stream.consumer`) only moves these between Kafka and this module, which is
 what makes the steps testable without a broker.
 """
 
@@ -26,7 +26,9 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from service import records
+from service.decode.framing import WIRE_MAGIC, is_container, split_wire_format
+from service.publish import records
+from service.registry import RegistryUnreachable
 
 log = logging.getLogger(__name__)
 
@@ -96,10 +98,10 @@ class Prepared:
     Attributes
     ----------
     messages : sequence of SourceMessage
-    batches : dict of str to service.batch.SurveyBatch, or None
+    batches : dict of str to service.decode.stamps.SurveyBatch, or None
         Model input per survey; None when the batch could not be decoded as a whole (the
         consumer then processes its messages one by one).
-    failures : list of service.batch.Failure
+    failures : list of service.decode.stamps.Failure
     decode_seconds : float
     """
 
@@ -140,9 +142,9 @@ def survey_hint(value: bytes) -> str:
     The Confluent wire format is Rubin's framing; an object container whose schema names
     ``ztf`` is ZTF's. Anything else is `UNKNOWN_SURVEY`.
     """
-    if value[:1] == b"\x00":
+    if value[:1] == bytes([WIRE_MAGIC]):
         return "rubin"
-    if value[:4] == records.CONTAINER_MAGIC:
+    if is_container(value):
         head = value[:4096]
         if b"ztf" in head:
             return "ztf"
@@ -161,21 +163,21 @@ class BatchProcessor:
 
     Parameters
     ----------
-    scorers : mapping of str to service.model.Scorer
+    scorers : mapping of str to service.score.model.Scorer
         One model per survey.
-    encoder : service.records.RecordEncoder
+    encoder : service.publish.records.RecordEncoder
         Frames the output messages (object container or Confluent wire format).
     survey : str
         ``ztf``, ``rubin`` or ``auto`` (decided per message from its fields).
     schemas : optional
-        Schema source for Rubin's wire format, passed to `service.batch.prepare`.
+        Schema source for Rubin's wire format, passed to `service.decode.stamps.prepare`.
     workers : int, optional
-        Decoding threads/processes, passed to `service.batch.prepare`.
+        Decoding threads/processes, passed to `service.decode.stamps.prepare`.
     republish_alert : bool
         Publish the original alert with an ``rbstream`` score field instead of a score record.
     isolate : bool
-        Decode in worker processes that may crash (`service.batch.prepare`'s ``isolate``).
-    fallbacks : mapping of str to service.model.Scorer, optional
+        Decode in worker processes that may crash (`service.decode.stamps.prepare`'s ``isolate``).
+    fallbacks : mapping of str to service.score.model.Scorer, optional
         A survey's model without a difference image, which scores that survey's alerts whose
         difference cutout is missing or unusable (else refused as ``cutout``).
     """
@@ -197,8 +199,8 @@ class BatchProcessor:
     # -- the steps ------------------------------------------------------------------------------
 
     def decode(self, messages: Sequence[SourceMessage]):
-        """`service.batch.prepare` on the messages' values: ``(batches by survey, failures)``."""
-        from service.batch import prepare
+        """`service.decode.stamps.prepare` on the messages' values: ``(batches by survey, failures)``."""
+        from service.decode.stamps import prepare
 
         return prepare([m.value for m in messages], self.contracts, survey=self.survey, schemas=self.schemas,
                        workers=self.workers, isolate=self.isolate, fallbacks=self.fallback_contracts)
@@ -252,8 +254,8 @@ class BatchProcessor:
         for group in by_source.values():
             try:
                 group[0].value = self.annotated_alert(group[0].source.value, [o.record for o in group])
-            except records.RegistryError:
-                raise  # an outage: the consumer stops without committing (see service.consumer)
+            except RegistryUnreachable:
+                raise  # an outage: the consumer stops without committing (see service.stream.consumer)
             except Exception as exc:
                 log.warning("cannot re-publish alert at %s/%d/%d: %s", group[0].source.topic,
                             group[0].source.partition, group[0].source.offset, exc)
@@ -265,7 +267,7 @@ class BatchProcessor:
 
     def annotated_alert(self, value: bytes, scores: list[dict]) -> bytes:
         """The alert message ``value`` re-encoded with its score(s) in an ``rbstream`` field."""
-        if value[:4] == records.CONTAINER_MAGIC:
+        if is_container(value):
             schema, alerts = records.container_schema_and_records(value)
         else:
             schema, alerts = self._wire_schema_and_records(value)
@@ -285,15 +287,15 @@ class BatchProcessor:
 
         import fastavro
 
-        from service import schemas as alert_schemas
+        from service.decode import schemas as alert_schemas
 
         store = self.schemas if self.schemas is not None else alert_schemas.default_store()
-        _, schema_id = records.WIRE_HEADER.unpack_from(value)
+        schema_id, body = split_wire_format(value)
         writer = store.schema_for_id(schema_id)
-        body = fastavro.schemaless_reader(io.BytesIO(value[records.WIRE_HEADER.size:]), writer.parsed)
+        record = fastavro.schemaless_reader(io.BytesIO(body), writer.parsed)
         # fastavro's parsed form carries bookkeeping keys ("__fastavro_parsed", ...); the rest is the schema.
         definition = {k: v for k, v in writer.parsed.items() if not k.startswith("__")}
-        return definition, [body]
+        return definition, [record]
 
     # -- the whole batch ------------------------------------------------------------------------
 

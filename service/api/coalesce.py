@@ -33,7 +33,7 @@ class MicroBatcher:
     Parameters
     ----------
     score : callable
-        ``score(stamps[batch, ...]) -> scores[batch]``, e.g. `service.model.Scorer.score`.
+        ``score(stamps[batch, ...]) -> scores[batch]``, e.g. `service.score.model.Scorer.score`.
         Called from one worker thread, one batch at a time.
     max_batch : int
         Most stamps in one inference call. A request with more stamps is split.

@@ -3,7 +3,7 @@
 A stamp is either a base64 string holding a FITS file (gzip-compressed or not) or a
 2-D array of numbers; it is typed ``Any`` here and documented by `STAMP_SCHEMA`,
 because turning it into pixels (and explaining what is wrong with it) is the job of
-`service.api_stamps`, which can name the candidate and the stamp in its messages.
+`service.api.stamps`, which can name the candidate and the stamp in its messages.
 """
 
 from __future__ import annotations

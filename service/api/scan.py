@@ -1,6 +1,6 @@
 """The scanning page: ``GET /scan`` and its data routes under ``/scan/api``.
 
-The page (``service/static/scan.html``: plain HTML and JavaScript, no build step, nothing
+The page (``service/api/static/scan.html``: plain HTML and JavaScript, no build step, nothing
 fetched from elsewhere) holds no data, so it is served without the token; it asks for
 the token and sends it with every ``/scan/api`` request, which the API's bearer-token
 middleware guards like every other route.
@@ -25,7 +25,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.scan_labels import LabelInputError, LabelStore
+from service.api.scan_labels import LabelInputError, LabelStore
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ class AlertQueue:
         if self.topic:
             with self._lock:
                 if self._candidates is None or refresh:
-                    from service.scan_stream import last_messages
+                    from service.api.scan_stream import last_messages
 
                     messages = last_messages(self.bootstrap_servers, self.topic, self.recent)
                     self._set(self._build([("", value) for value in messages]))
@@ -133,7 +133,7 @@ class AlertQueue:
         return out
 
     def _build(self, messages: list[tuple[str, bytes]]) -> list[Candidate]:
-        from service.alerts import DecodeError, decode_message
+        from service.decode.alerts import DecodeError, decode_message
         from service.contract import StampError, assemble
 
         found = []
@@ -163,8 +163,8 @@ class AlertQueue:
 
 
 def add_scan_routes(app: FastAPI, explainer, scorers: Mapping, settings) -> None:
-    """Register ``GET /scan`` and ``/scan/api/*`` (queue and labels folder from `service.api.ApiSettings`)."""
-    from service.api import ApiError
+    """Register ``GET /scan`` and ``/scan/api/*`` (queue and labels folder from `service.api.app.ApiSettings`)."""
+    from service.api.app import ApiError
 
     queue = AlertQueue(settings.scan_alerts, scorers, topic=settings.scan_topic,
                        bootstrap_servers=settings.scan_bootstrap_servers, recent=settings.scan_recent)

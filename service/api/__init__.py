@@ -1,0 +1,1 @@
+"""The HTTP API: POST /classify, explanations, the scanning page, health, /model and /metrics."""

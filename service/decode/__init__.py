@@ -1,0 +1,1 @@
+"""Decode: Kafka message bytes -> alerts (Avro framing, writer schemas, cutouts) -> per-survey stamps."""

@@ -1,0 +1,1 @@
+"""Publish: scores -> Avro score records and annotated alerts for the output topic."""
