@@ -314,12 +314,12 @@ def ztf_sample() -> tuple[dict, dict]:
 
 @pytest.mark.parametrize("field_name", list(CUTOUT_FIELDS.values()))
 def test_missing_cutout_is_a_cutout_error(field_name):
-    from service.decode.stamps import prepare
+    from service.decode.stamps import decode_stamps
     from service.contract import StampContract
 
     schema, record = ztf_sample()
     record[field_name] = None
-    batches, (failure,) = prepare([write_container(schema, [record])], {"ztf": StampContract()})
+    batches, (failure,) = decode_stamps([write_container(schema, [record])], {"ztf": StampContract()})
     assert not sum(len(batch) for batch in batches.values())
     assert failure.kind == "cutout" and field_name in failure.reason and "null" in failure.reason
 

@@ -16,7 +16,7 @@ from conftest import rubin_files, ztf_fits_files
 from service.api.app import ApiSettings, create_app
 from service.api.auth import TokenAuth
 from service.contract import assemble
-from service.api.coalesce import MicroBatcher
+from service.api.coalesce import RequestCoalescer
 
 
 @pytest.fixture(scope="module")
@@ -68,12 +68,12 @@ def test_rubin_wire_format_body_scores_like_the_container(client):
 
 
 def test_raw_body_scores_equal_the_consumer_pipeline(client):
-    """Kafka and /classify share `service.decode.stamps.prepare`: the same alert gets the same score."""
-    from service.decode.stamps import prepare
+    """Kafka and /classify share `service.decode.stamps.decode_stamps`: the same alert gets the same score."""
+    from service.decode.stamps import decode_stamps
 
     scorers = real_scorers()
     paths = ztf_fits_files() + rubin_files()
-    batches, failures = prepare([p.read_bytes() for p in paths], {s: sc.contract for s, sc in scorers.items()})
+    batches, failures = decode_stamps([p.read_bytes() for p in paths], {s: sc.contract for s, sc in scorers.items()})
     assert failures == []
     for survey, batch in batches.items():
         expected = scorers[survey].score(batch.stamps)  # the consumer's whole-batch call
@@ -287,7 +287,7 @@ def test_batcher_splits_large_requests_and_bounds_batches():
         return stamps.reshape(len(stamps), -1)[:, 0]
 
     async def run():
-        batcher = MicroBatcher(score, max_batch=4, max_wait_s=0.0)
+        batcher = RequestCoalescer(score, max_batch=4, max_wait_s=0.0)
         first = np.arange(10, dtype=np.float32).reshape(10, 1)
         second = np.arange(100, 103, dtype=np.float32).reshape(3, 1)
         results = await asyncio.gather(batcher.score(first), batcher.score(second))
@@ -307,7 +307,7 @@ def test_batcher_failure_fails_only_that_batch():
         return stamps[:, 0]
 
     async def run():
-        batcher = MicroBatcher(score, max_batch=1, max_wait_s=0.0)
+        batcher = RequestCoalescer(score, max_batch=1, max_wait_s=0.0)
         bad, good = await asyncio.gather(batcher.score(np.array([[-1.0]])), batcher.score(np.array([[2.0]])),
                                          return_exceptions=True)
         again = await batcher.score(np.array([[3.0]]))

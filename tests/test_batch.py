@@ -1,4 +1,4 @@
-"""service.decode.stamps.prepare: messages -> per-survey stamp batches, every bad message a Failure."""
+"""service.decode.stamps.decode_stamps: messages -> per-survey stamp batches, every bad message a Failure."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from astropy.io import fits as afits
 
 from conftest import rubin_files, ztf_fits_files, ztf_jpeg_files
 from service.decode.alerts import decode_message
-from service.decode.stamps import Failure, SurveyBatch, prepare
+from service.decode.stamps import Failure, SurveyStamps, decode_stamps
 from service.contract import StampContract, assemble
 
 CONTRACTS = {
@@ -40,15 +40,15 @@ def mixed_messages() -> tuple[list[bytes], dict[int, str]]:
     return messages, expected
 
 
-def test_prepare_groups_by_survey_and_reports_failures():
+def test_decode_stamps_groups_by_survey_and_reports_failures():
     messages, expected = mixed_messages()
-    batches, failures = prepare(messages, CONTRACTS)
+    batches, failures = decode_stamps(messages, CONTRACTS)
     assert {f.index: f.kind for f in failures} == expected
     assert [f.index for f in failures] == sorted(f.index for f in failures)
     assert all(isinstance(f, Failure) and f.reason for f in failures)
     assert set(batches) == {"ztf", "rubin"}
     for survey, batch in batches.items():
-        assert isinstance(batch, SurveyBatch) and batch.survey == survey
+        assert isinstance(batch, SurveyStamps) and batch.survey == survey
         contract = CONTRACTS[survey]
         assert batch.stamps.shape == (len(batch.alerts), *contract.input_shape)
         assert batch.stamps.dtype == np.float32 and batch.stamps.flags.c_contiguous
@@ -68,7 +68,7 @@ def test_prepare_groups_by_survey_and_reports_failures():
 
 def test_survey_without_a_model_is_a_schema_failure():
     messages = [p.read_bytes() for p in ztf_fits_files()[:2] + rubin_files()[:2]]
-    batches, failures = prepare(messages, {"ztf": CONTRACTS["ztf"]})
+    batches, failures = decode_stamps(messages, {"ztf": CONTRACTS["ztf"]})
     assert set(batches) == {"ztf"} and batches["ztf"].indices == [0, 1]
     assert [(f.index, f.kind) for f in failures] == [(2, "schema"), (3, "schema")]
     assert "no model for rubin alerts" in failures[0].reason
@@ -84,7 +84,7 @@ def test_stamp_error_is_a_cutout_failure_and_the_rest_is_scored():
     out = io.BytesIO()
     fastavro.writer(out, schema, [blank])
     messages = [ztf_fits_files()[1].read_bytes(), out.getvalue(), ztf_fits_files()[2].read_bytes()]
-    batches, failures = prepare(messages, CONTRACTS)
+    batches, failures = decode_stamps(messages, CONTRACTS)
     assert [(f.index, f.kind) for f in failures] == [(1, "cutout")]
     assert "no finite pixel" in failures[0].reason
     assert batches["ztf"].indices == [0, 2] and batches["ztf"].stamps.shape[0] == 2
@@ -97,26 +97,26 @@ def test_several_alerts_in_one_message_share_its_index():
     second = dict(record, candid=record["candid"] + 1)
     out = io.BytesIO()
     fastavro.writer(out, schema, [record, second])
-    batches, failures = prepare([b"junk", out.getvalue()], CONTRACTS)
+    batches, failures = decode_stamps([b"junk", out.getvalue()], CONTRACTS)
     assert batches["ztf"].indices == [1, 1] and not [f for f in failures if f.index == 1]
     assert [a.candidate_id for a in batches["ztf"].alerts] == [record["candid"], record["candid"] + 1]
 
 
 def test_empty_input():
-    assert prepare([], CONTRACTS) == ({}, [])
+    assert decode_stamps([], CONTRACTS) == ({}, [])
 
 
 def test_survey_argument_is_passed_on():
     messages = [ztf_fits_files()[0].read_bytes(), rubin_files()[0].read_bytes()]
-    batches, failures = prepare(messages, CONTRACTS, survey="ztf")
+    batches, failures = decode_stamps(messages, CONTRACTS, survey="ztf")
     assert set(batches) == {"ztf"} and [(f.index, f.kind) for f in failures] == [(1, "schema")]
 
 
 def test_worker_processes_give_the_same_result():
     messages, expected = mixed_messages()
     messages = messages * 4  # enough for the pool to be used (MIN_MESSAGES_PER_WORKER per worker)
-    local_batches, local_failures = prepare(messages, CONTRACTS)
-    pool_batches, pool_failures = prepare(messages, CONTRACTS, workers=2)
+    local_batches, local_failures = decode_stamps(messages, CONTRACTS)
+    pool_batches, pool_failures = decode_stamps(messages, CONTRACTS, workers=2)
     assert [(f.index, f.kind, f.reason) for f in pool_failures] == [
         (f.index, f.kind, f.reason) for f in local_failures]
     for survey in local_batches:

@@ -59,11 +59,11 @@ def assert_well_formed(document: dict, name: str, out) -> None:
     assert machine["cpu"] in table
 
 
-def test_decode_reports_prepare_workers_and_the_naive_baseline_of_the_same_run(tmp_path, models, sample_data):
+def test_decode_reports_decode_stamps_workers_and_the_naive_baseline_of_the_same_run(tmp_path, models, sample_data):
     document = run_bench("decode", tmp_path, models, "--survey", "ztf")
     assert_well_formed(document, "decode", tmp_path)
     modes = [row["mode"] for row in document["rows"]]
-    assert modes[0].startswith("naive") and modes[1] == "prepare" and "worker processes" in modes[2]
+    assert modes[0].startswith("naive") and modes[1] == "decode_stamps" and "worker processes" in modes[2]
     assert document["rows"][1]["speedup"]["median"] > 0
     assert set(document["targets"]) == {"ztf_per_core", "ztf_speedup"}
     assert any("bit-identical to astropy's on 16 of 16" in note for note in document["notes"])

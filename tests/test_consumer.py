@@ -188,22 +188,22 @@ def test_the_next_batch_is_decoded_while_this_one_is_scored(broker, scorers):
     events: list[str] = []
 
     def run_with_probes(consumer):
-        prepare, finish = consumer.processor.prepare, consumer.processor.finish
+        decode, score = consumer.pipeline.decode, consumer.pipeline.score
 
-        def probed_prepare(sources):
-            events.append(f"prepare {len(sources)}")
-            prepared = prepare(sources)
-            if sum(e.startswith("prepare") for e in events) >= 2:
+        def probed_decode(sources):
+            events.append(f"decode {len(sources)}")
+            decoded = decode(sources)
+            if sum(e.startswith("decode") for e in events) >= 2:
                 second_decoded.set()
-            return prepared
+            return decoded
 
-        def probed_finish(prepared, now=None):
-            if not events.count("finish"):
+        def probed_score(decoded, now=None):
+            if not events.count("score"):
                 events.append("overlapped" if second_decoded.wait(30) else "not overlapped")
-            events.append("finish")
-            return finish(prepared, now)
+            events.append("score")
+            return score(decoded, now)
 
-        consumer.processor.prepare, consumer.processor.finish = probed_prepare, probed_finish
+        consumer.pipeline.decode, consumer.pipeline.score = probed_decode, probed_score
 
     with running_consumer(settings, scorers) as consumer:
         run_with_probes(consumer)

@@ -23,7 +23,7 @@ from service.stream import pipeline
 from service.publish import records
 from service import settings
 from service.stream.consumer import CONSUME_OPTIONS, consumer_config, model_paths, producer_config
-from service.stream.pipeline import BatchProcessor, SourceMessage
+from service.stream.pipeline import ScoringPipeline, SourceMessage
 
 
 def parse(argv, options=CONSUME_OPTIONS):
@@ -234,7 +234,7 @@ def _messages(paths):
 def test_pipeline_scores_every_decodable_sample_and_dead_letters_the_rest(scorers):
     paths = ztf_fits_files() + ztf_jpeg_files() + rubin_files()
     messages = _messages(paths) + [SourceMessage(b"not an alert", "alerts", 0, len(paths))]
-    outcome = BatchProcessor(scorers, records.RecordEncoder("scores")).process(messages)
+    outcome = ScoringPipeline(scorers, records.RecordEncoder("scores")).execute(messages)
     assert len(outcome.scores) == len(ztf_fits_files()) + len(rubin_files())
     assert {o.source.offset for o in outcome.scores} == set(range(len(ztf_fits_files()))) | \
         set(range(len(ztf_fits_files()) + len(ztf_jpeg_files()), len(paths)))
@@ -277,7 +277,7 @@ def test_inference_error_sends_the_batch_to_the_dead_letter_topic(scorers, tmp_p
     shutil.copy(Path(scorers["ztf"].path).parent / "model_card.json", tmp_path / "model_card.json")
     broken = {"ztf": Scorer(tmp_path, device="cpu"), "rubin": scorers["rubin"]}
     messages = _messages(ztf_fits_files()[:3] + rubin_files()[:2])
-    outcome = BatchProcessor(broken, records.RecordEncoder("scores")).process(messages)
+    outcome = ScoringPipeline(broken, records.RecordEncoder("scores")).execute(messages)
     assert [o.source.offset for o in outcome.dead_letters] == [0, 1, 2]
     assert all(o.kind == "inference" and "inference failed" in o.reason for o in outcome.dead_letters)
     assert [o.source.offset for o in outcome.scores] == [3, 4]  # the other survey's model still scores
@@ -285,8 +285,8 @@ def test_inference_error_sends_the_batch_to_the_dead_letter_topic(scorers, tmp_p
 
 def test_republished_alert_is_the_original_with_its_score(scorers):
     messages = _messages(ztf_fits_files()[:2] + rubin_files()[:1])
-    plain = BatchProcessor(scorers, records.RecordEncoder("scores")).process(messages)
-    outcome = BatchProcessor(scorers, records.RecordEncoder("scores"), republish_alert=True).process(messages)
+    plain = ScoringPipeline(scorers, records.RecordEncoder("scores")).execute(messages)
+    outcome = ScoringPipeline(scorers, records.RecordEncoder("scores"), republish_alert=True).execute(messages)
     assert len(outcome.scores) == 3 and not outcome.dead_letters
     for out, score in zip(outcome.scores, plain.scores):
         (original,) = list(fastavro.reader(io.BytesIO(out.source.value)))
@@ -325,7 +325,7 @@ def test_tail_shows_a_republished_alert_as_its_ids_and_score(scorers):
     from service.tools.tail import message_json
 
     messages = _messages(ztf_fits_files()[:1] + rubin_files()[:1])
-    outcome = BatchProcessor(scorers, records.RecordEncoder("scores"), republish_alert=True).process(messages)
+    outcome = ScoringPipeline(scorers, records.RecordEncoder("scores"), republish_alert=True).execute(messages)
     ztf, rubin = (message_json(out.value, {}) for out in outcome.scores)
     (ztf,), (rubin,) = ztf, rubin
     assert set(ztf) == {"objectId", "candid", "rbstream"} and ztf["candid"] == outcome.scores[0].record["candidate_id"]
@@ -342,7 +342,7 @@ def test_an_unreachable_registry_stops_the_batch_instead_of_dead_lettering_it(sc
     values = settings.resolve(parse(REQUIRED + ["--schema-registry-url", url]), CONSUME_OPTIONS, {})
     consumer = AlertConsumer(values, scorers)
     with pytest.raises(PublishError, match="unreachable"):
-        consumer.process(_messages(ztf_fits_files()[:2]))
+        consumer.score_and_publish(consumer.pipeline.decode(_messages(ztf_fits_files()[:2])))
 
 
 def test_a_stop_waits_a_bounded_time_for_deliveries_to_an_unreachable_broker(scorers, monkeypatch):

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from conftest import rubin_files, ztf_files
 from service.decode import schemas
 from service.decode.alerts import Alert, DecodeError, decode_message
-from service.decode.stamps import prepare
+from service.decode.stamps import decode_stamps
 from service.contract import StampContract
 
 SAMPLES = [p.read_bytes() for p in ztf_files() + rubin_files()]
@@ -84,8 +84,8 @@ def test_mutated_alerts_never_escape_decode_error(message):
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.one_of(mutated(), ANY_BYTES, st.sampled_from(SAMPLES)), max_size=12))
-def test_prepare_accounts_for_every_message(messages):
-    batches, failures = prepare(messages, CONTRACTS)
+def test_decode_stamps_accounts_for_every_message(messages):
+    batches, failures = decode_stamps(messages, CONTRACTS)
     scored = {index for batch in batches.values() for index in batch.indices}
     failed = {failure.index for failure in failures}
     assert scored | failed == set(range(len(messages)))
@@ -132,6 +132,6 @@ def test_structured_attacks_are_refused_or_scored_never_escape(messages):
             decode_message(message, schemas=store, crop=63)
         except DecodeError as exc:
             assert exc.kind in KINDS and exc.reason
-    batches, failures = prepare(messages, CONTRACTS, schemas=store)
+    batches, failures = decode_stamps(messages, CONTRACTS, schemas=store)
     scored = {index for batch in batches.values() for index in batch.indices}
     assert scored | {f.index for f in failures} == set(range(len(messages)))

@@ -22,7 +22,7 @@ import pytest
 import hostile
 from conftest import REPO, ztf_fits_files
 from service.decode.alerts import DecodeError, decode_message, read_cutout, scrub_paths
-from service.decode.stamps import prepare
+from service.decode.stamps import decode_stamps
 from service.contract import StampContract, crop_around_source, fit_stamp
 from service.limits import DecodeLimits
 from service.decode.schemas import SchemaStore, UnknownSchema, check_schema_shape
@@ -209,7 +209,7 @@ def test_huge_stamps_are_cropped_as_each_record_is_decoded():
         alerts = decode_message(message, schemas=SchemaStore(), crop=63)
     assert len(alerts) == 20 and all(image.shape == (63, 63) for a in alerts for image in a.images.values())
     assert memory["peak"] < 80 * MiB, memory  # all twenty records' full images would be 240 MB
-    batches, failures = prepare([message], CONTRACTS)
+    batches, failures = decode_stamps([message], CONTRACTS)
     assert not failures and len(batches["ztf"]) == 20
 
 
@@ -241,7 +241,7 @@ def test_cropping_keeps_every_stamp_the_model_would_cut():
 def test_degenerate_stamps_are_refused_not_scored(science, needle):
     good = hostile.noise_stamp(63)
     message = hostile.ztf_alert_with(science, good, good)
-    batches, failures = prepare([message], CONTRACTS)
+    batches, failures = decode_stamps([message], CONTRACTS)
     assert not any(len(batch) for batch in batches.values()), "a degenerate stamp must not be scored"
     (failure,) = failures
     assert failure.kind == "cutout" and needle in failure.reason, failure
@@ -251,8 +251,8 @@ def test_degenerate_stamps_are_refused_not_scored(science, needle):
 def test_minimum_stamp_side_is_a_setting():
     small = hostile.noise_stamp(12)
     message = hostile.ztf_alert_with(small, small, small)
-    assert not prepare([message], CONTRACTS)[1]
-    (failure,) = prepare([message], CONTRACTS, schemas=SchemaStore(limits=DecodeLimits(min_stamp_side=16)))[1]
+    assert not decode_stamps([message], CONTRACTS)[1]
+    (failure,) = decode_stamps([message], CONTRACTS, schemas=SchemaStore(limits=DecodeLimits(min_stamp_side=16)))[1]
     assert "12x12 pixels; at least 16x16" in failure.reason
 
 

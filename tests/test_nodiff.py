@@ -15,7 +15,7 @@ from conftest import ztf_fits_files  # noqa: E402
 from nodiff_support import WAYS, all_nan_fits_gz, nodiff_model, ztf_without_difference  # noqa: E402
 from service.publish import records  # noqa: E402
 from service.score.model import ModelError, Scorer, load_fallbacks  # noqa: E402
-from service.stream.pipeline import BatchProcessor, SourceMessage  # noqa: E402
+from service.stream.pipeline import ScoringPipeline, SourceMessage  # noqa: E402
 from streaming import default_models, scorers  # noqa: E402,F401  (fixtures)
 
 TRIPLET = ["template", "science", "difference"]
@@ -28,7 +28,7 @@ def nodiff(tmp_path_factory):
 
 def _process(scorers, values, fallbacks=None):
     messages = [SourceMessage(value, "alerts", 0, i) for i, value in enumerate(values)]
-    return BatchProcessor(scorers, records.RecordEncoder("scores"), fallbacks=fallbacks).process(messages)
+    return ScoringPipeline(scorers, records.RecordEncoder("scores"), fallbacks=fallbacks).execute(messages)
 
 
 def test_the_model_card_of_a_nodiff_model_lists_no_difference(nodiff):

@@ -24,11 +24,11 @@ from service.publish import records
 from service.tools import replay
 from service.decode import framing, schemas
 from service.decode.alerts import DecodeError, decode_message
-from service.decode.stamps import prepare
+from service.decode.stamps import decode_stamps
 from service.tools.run import score_line
 from streaming import default_models, scorers  # noqa: F401  (fixtures)
 
-#: Files decoded per `prepare` call: the consumer's batches are of this order.
+#: Files decoded per `decode_stamps` call: the consumer's batches are of this order.
 CHUNK = 256
 
 
@@ -63,7 +63,7 @@ def test_every_real_alert_decodes_and_scores_with_its_surveys_default_model(real
     scored = {"ztf": 0, "rubin": 0}
     for start in range(0, len(files), CHUNK):
         chunk = files[start : start + CHUNK]
-        batches, failures = prepare([p.read_bytes() for p in chunk], contracts)
+        batches, failures = decode_stamps([p.read_bytes() for p in chunk], contracts)
         problems += [f"{chunk[f.index].relative_to(real_data)}: [{f.kind}] {f.reason}" for f in failures]
         for survey, batch in batches.items():
             scores = scorers[survey].score(batch.stamps)
@@ -373,11 +373,11 @@ def unscorable(real_data: Path) -> dict[str, tuple[bytes, str, str]]:
 
 
 def test_an_alert_that_cannot_be_scored_is_dead_lettered_with_a_named_reason(real_data, scorers):
-    from service.stream.pipeline import HEADER_REASON, HEADER_REASON_KIND, BatchProcessor, SourceMessage, headers_to_text
+    from service.stream.pipeline import HEADER_REASON, HEADER_REASON_KIND, ScoringPipeline, SourceMessage, headers_to_text
 
     cases = unscorable(real_data)
-    processor = BatchProcessor(scorers, records.RecordEncoder("scores"))
-    outcome = processor.process([SourceMessage(message, "alerts", 0, i) for i, (message, _, _) in
+    pipeline = ScoringPipeline(scorers, records.RecordEncoder("scores"))
+    outcome = pipeline.execute([SourceMessage(message, "alerts", 0, i) for i, (message, _, _) in
                                  enumerate(cases.values())])
     assert not outcome.scores
     assert len(outcome.dead_letters) == len(cases)

@@ -49,7 +49,7 @@ from service.decode.stamps import fallback_key
 from service.contract import RAW_IMAGES, StampError, assemble
 from service.api.server import KEEP_ALIVE_S
 from service.limits import DEFAULT_LIMITS, DecodeLimits, add_limit_arguments, limits_from_args
-from service.api.coalesce import MicroBatcher
+from service.api.coalesce import RequestCoalescer
 
 log = logging.getLogger(__name__)
 
@@ -186,15 +186,15 @@ def create_app(scorers: Mapping | None = None, settings: ApiSettings | None = No
     auth = auth if auth is not None else TokenAuth.from_env()
     metrics.record_models(scorers)
     models = {**scorers, **{fallback_key(survey): scorer for survey, scorer in fallbacks.items()}}
-    batchers = {key: MicroBatcher(scorer.score, max_batch=settings.max_batch,
+    coalescers = {key: RequestCoalescer(scorer.score, max_batch=settings.max_batch,
                                   max_wait_s=settings.max_wait_ms / 1000.0, on_batch=_batch_metrics, name=key)
                 for key, scorer in models.items()}
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
-        for batcher in batchers.values():
-            await batcher.aclose()
+        for coalescer in coalescers.values():
+            await coalescer.aclose()
         app.state.explainer.close()
 
     app = FastAPI(
@@ -206,11 +206,11 @@ def create_app(scorers: Mapping | None = None, settings: ApiSettings | None = No
     )
     app.state.scorers = scorers
     app.state.fallbacks = fallbacks
-    app.state.batchers = batchers
+    app.state.coalescers = coalescers
     app.state.settings = settings
     app.state.readiness_checks = list(readiness_checks)
     app.state.auth = auth
-    classify_service = _Classifier(scorers, batchers, settings, fallbacks)
+    classify_service = _Classifier(scorers, coalescers, settings, fallbacks)
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
@@ -325,11 +325,11 @@ def body_is_raw(request: Request) -> bool:
 class _Classifier:
     """The work of ``POST /classify``: turning a body into stamps, batching, answering."""
 
-    def __init__(self, scorers: Mapping, batchers: Mapping[str, MicroBatcher], settings: ApiSettings,
+    def __init__(self, scorers: Mapping, coalescers: Mapping[str, RequestCoalescer], settings: ApiSettings,
                  fallbacks: Mapping | None = None):
         from service.decode.schemas import SchemaStore
 
-        self.scorers, self.batchers, self.settings = scorers, batchers, settings
+        self.scorers, self.coalescers, self.settings = scorers, coalescers, settings
         self.fallbacks = dict(fallbacks or {})
         self.schemas = SchemaStore.from_env(limits=settings.limits)
         self._decoding = asyncio.Semaphore(max(1, settings.max_concurrent_decodes))
@@ -338,7 +338,7 @@ class _Classifier:
     async def classify_json(self, body: bytes) -> ClassifyResponse:
         # Parsing and pixel work are CPU-bound: a worker thread keeps the event loop answering.
         async with self._decoding:
-            prepared = await run_in_threadpool(self._prepare_json, body)
+            prepared = await run_in_threadpool(self._stamps_of_json, body)
         scores = await self._score_rows(prepared)
         _check_finite(scores, "candidate")
         results = []
@@ -346,7 +346,7 @@ class _Classifier:
             results.append(self._result(key, ident, score))
         return ClassifyResponse(results=results)
 
-    def _prepare_json(self, body: bytes) -> list[tuple[str, np.ndarray, object]]:
+    def _stamps_of_json(self, body: bytes) -> list[tuple[str, np.ndarray, object]]:
         """(model key, model-ready stamp, id) per candidate, in order; `ApiError` naming what is wrong.
 
         The model key is the survey, or `service.decode.stamps.fallback_key` of it for a candidate its
@@ -462,11 +462,11 @@ class _Classifier:
         if not body:
             raise ApiError(400, "empty body; send the bytes of one alert message")
         async with self._decoding:
-            batches = await run_in_threadpool(self._prepare_alert, body, survey)
+            batches = await run_in_threadpool(self._stamps_of_alert, body, survey)
         results = []
         for batch in batches:
             key = fallback_key(batch.survey) if batch.fallback else batch.survey
-            scores = await self.batchers[key].score(batch.stamps)
+            scores = await self.coalescers[key].score(batch.stamps)
             _check_finite(scores, "alert")
             self._observe_scores(batch.survey, scores)
             results.extend(self._result(key, alert.candidate_id, score, object_id=alert.object_id,
@@ -474,14 +474,14 @@ class _Classifier:
                            for alert, score in zip(batch.alerts, scores))
         return ClassifyResponse(results=results)
 
-    def _prepare_alert(self, body: bytes, survey: str) -> list:
-        """The body's `service.decode.stamps.SurveyBatch` es, made exactly as the consumer makes them
-        (`service.decode.stamps.prepare`), so an alert scores the same here and from Kafka."""
-        from service.decode.stamps import prepare
+    def _stamps_of_alert(self, body: bytes, survey: str) -> list:
+        """The body's `service.decode.stamps.SurveyStamps` es, made exactly as the consumer makes them
+        (`service.decode.stamps.decode_stamps`), so an alert scores the same here and from Kafka."""
+        from service.decode.stamps import decode_stamps
 
         contracts = {name: scorer.contract for name, scorer in self.scorers.items()}
         fallbacks = {name: scorer.contract for name, scorer in self.fallbacks.items()}
-        batches, failures = prepare([body], contracts, survey=survey, schemas=self.schemas, fallbacks=fallbacks)
+        batches, failures = decode_stamps([body], contracts, survey=survey, schemas=self.schemas, fallbacks=fallbacks)
         if failures:
             reasons = "; ".join(f"({failure.kind}): {failure.reason}" for failure in failures[:5])
             raise ApiError(422, f"alert body cannot be decoded {reasons}")
@@ -496,14 +496,14 @@ class _Classifier:
 
     # ---- shared --------------------------------------------------------------------------------------
     async def _score_rows(self, prepared: Sequence[tuple[str, np.ndarray, object]]) -> np.ndarray:
-        """Scores of each row, in order; rows of each survey go to that survey's batcher together."""
+        """Scores of each row, in order; rows of each survey go to that survey's coalescer together."""
         scores = np.empty(len(prepared), dtype=np.float32)
         by_model: dict[str, list[int]] = {}
         for i, (key, _, _) in enumerate(prepared):
             by_model.setdefault(key, []).append(i)
         keys = list(by_model)
         stacks = [np.stack([prepared[i][1] for i in by_model[k]]) for k in keys]
-        parts = await asyncio.gather(*(self.batchers[k].score(stack) for k, stack in zip(keys, stacks)))
+        parts = await asyncio.gather(*(self.coalescers[k].score(stack) for k, stack in zip(keys, stacks)))
         for key, part in zip(keys, parts):
             scores[by_model[key]] = part
             self._observe_scores(self._model(key)[0], part)

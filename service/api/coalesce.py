@@ -2,7 +2,7 @@
 
 A GPU (and ONNX Runtime on CPU, to a lesser degree) scores 64 stamps in about the
 time it scores one, so an API that runs one inference per request wastes most of
-its hardware under load. `MicroBatcher` queues the stamps of every request; a worker
+its hardware under load. `RequestCoalescer` queues the stamps of every request; a worker
 task takes what is queued, waits at most ``max_wait_s`` for more (or until
 ``max_batch`` stamps are there), runs one inference in a worker thread (off the event
 loop) and hands each request its slice of the scores. While one batch is being
@@ -27,7 +27,7 @@ class _Job:
     future: asyncio.Future
 
 
-class MicroBatcher:
+class RequestCoalescer:
     """Score stamp arrays of concurrent callers in shared batches.
 
     Parameters
@@ -93,7 +93,7 @@ class MicroBatcher:
         self._pending = deque(job for job in self._pending if not job.future.done() and job.future.get_loop() is loop)
         self._pending_stamps = sum(len(job.stamps) for job in self._pending)
         self._wakeup = asyncio.Event()
-        self._worker = loop.create_task(self._work(), name="microbatch-worker")
+        self._worker = loop.create_task(self._work(), name="request-coalescer")
 
     async def _work(self) -> None:
         loop = asyncio.get_running_loop()

@@ -65,12 +65,12 @@ def decodable_messages(survey: str, contract_by_survey: dict[str, StampContract]
     -------
     (messages, number rejected)
     """
-    from service.decode.stamps import prepare
+    from service.decode.stamps import decode_stamps
 
     messages = [path.read_bytes() for path in sample_files(survey)]
     keep = []
     for message in messages:
-        _, failures = prepare([message], contract_by_survey, survey=survey)
+        _, failures = decode_stamps([message], contract_by_survey, survey=survey)
         if not failures:
             keep.append(message)
     if not keep:
@@ -79,7 +79,7 @@ def decodable_messages(survey: str, contract_by_survey: dict[str, StampContract]
 
 
 def batch_array(batches) -> np.ndarray:
-    """The stamp array of one entry of ``prepare``'s ``batches_by_survey``.
+    """The stamp array of one entry of ``decode_stamps``'s ``batches_by_survey``.
 
     The decoder's batch object carries its stamps as ``stamps`` (or is the array itself).
     """
@@ -89,10 +89,10 @@ def batch_array(batches) -> np.ndarray:
 
 def real_stamps(survey: str, contract: StampContract, contract_by_survey: dict[str, StampContract]) -> np.ndarray:
     """The model-ready stamps of every decodable sample alert of ``survey``."""
-    from service.decode.stamps import prepare
+    from service.decode.stamps import decode_stamps
 
     messages, _ = decodable_messages(survey, contract_by_survey)
-    batches, _ = prepare(messages, {**contract_by_survey, survey: contract}, survey=survey)
+    batches, _ = decode_stamps(messages, {**contract_by_survey, survey: contract}, survey=survey)
     return batch_array(batches[survey])
 
 

@@ -3,8 +3,8 @@
 The real ZTF and Rubin sample alerts (the ones that decode: ZTF's JPEG-stamp prototypes
 are left out), repeated to a few thousand messages, go through
 
-* `service.decode.stamps.prepare` in this process, in batches of the consumer's default size;
-* `service.decode.stamps.prepare` with N worker processes (its pool, warmed up first);
+* `service.decode.stamps.decode_stamps` in this process, in batches of the consumer's default size;
+* `service.decode.stamps.decode_stamps` with N worker processes (its pool, warmed up first);
 * the naive baseline, `service.bench.naive.naive_decode` (a fresh ``fastavro.reader`` per message,
   the standard library's gzip and astropy for every cutout) followed by the same
   `service.contract.assemble` into a batch buffer — so both end at the same place,
@@ -30,19 +30,19 @@ log = logging.getLogger(__name__)
 #: Issue 5's targets.
 TARGET_ZTF_PER_CORE = 2000.0
 TARGET_SPEEDUP = 8.0
-#: Messages per `prepare` call: the consumer's default batch size.
+#: Messages per `decode_stamps` call: the consumer's default batch size.
 CHUNK = 256
 
 
-def _prepare_rate(messages: list[bytes], contracts: dict, survey: str, workers: int | None,
+def _decode_rate(messages: list[bytes], contracts: dict, survey: str, workers: int | None,
                   chunk: int) -> tuple[float, float]:
     """(alerts per second of wall time, alerts per CPU-second of this process)."""
-    from service.decode.stamps import prepare
+    from service.decode.stamps import decode_stamps
 
     start, cpu = time.perf_counter(), time.process_time()
     done = 0
     for first in range(0, len(messages), chunk):
-        batches, failures = prepare(messages[first:first + chunk], contracts, survey=survey, workers=workers)
+        batches, failures = decode_stamps(messages[first:first + chunk], contracts, survey=survey, workers=workers)
         if failures:
             raise RuntimeError(f"{len(failures)} sample alerts failed to decode: {failures[0].reason}")
         done += len(batches[survey])
@@ -84,8 +84,8 @@ def run(args) -> Result:
     contract_by_survey, notes = data.contracts(args.models)
     result = Result("decode", notes=notes, settings={
         "messages_per_run": count, "naive_messages_per_run": naive_count, "repeats": repeats,
-        "prepare_chunk": CHUNK, "workers": workers, "quick": quick,
-        "path": "message bytes -> service.decode.stamps.prepare -> float32 stamp batch [n, channels, size, size]",
+        "decode_chunk": CHUNK, "workers": workers, "quick": quick,
+        "path": "message bytes -> service.decode.stamps.decode_stamps -> float32 stamp batch [n, channels, size, size]",
         "naive": "service.bench.naive.naive_decode (fresh fastavro.reader, gzip, astropy) + contract.assemble"})
     result.columns = [("survey", "survey"), ("mode", "decoder"), ("processes", "processes"),
                       ("alerts_per_s", "alerts/s (wall clock)"), ("alerts_per_cpu_s", "alerts per CPU-second"),
@@ -99,15 +99,15 @@ def run(args) -> Result:
         same, compared = identical_to_naive(distinct, survey)
         result.notes.append(f"{survey}: {len(distinct)} distinct sample alerts ({rejected} undecodable left out); "
                             f"cutouts bit-identical to astropy's on {same} of {compared}")
-        _prepare_rate(messages[:CHUNK], contract_by_survey, survey, None, CHUNK)  # warm-up: schema cache, imports
+        _decode_rate(messages[:CHUNK], contract_by_survey, survey, None, CHUNK)  # warm-up: schema cache, imports
         big_chunk = max(CHUNK, workers * 128)
-        _prepare_rate(messages[:big_chunk], contract_by_survey, survey, workers, big_chunk)  # start the pool
+        _decode_rate(messages[:big_chunk], contract_by_survey, survey, workers, big_chunk)  # start the pool
         naive_messages = messages[:naive_count]
         _naive_rate(naive_messages[:10], contract)  # warm-up: astropy imports
         single, parallel, naive = [], [], []
         for _ in range(repeats):  # interleaved, so a load change on the machine hits all three alike
-            single.append(_prepare_rate(messages, contract_by_survey, survey, None, CHUNK))
-            parallel.append(_prepare_rate(messages, contract_by_survey, survey, workers, big_chunk))
+            single.append(_decode_rate(messages, contract_by_survey, survey, None, CHUNK))
+            parallel.append(_decode_rate(messages, contract_by_survey, survey, workers, big_chunk))
             naive.append(_naive_rate(naive_messages, contract))
         wall = {name: [r[0] for r in runs] for name, runs in (("single", single), ("parallel", parallel),
                                                                 ("naive", naive))}
@@ -118,10 +118,10 @@ def run(args) -> Result:
         result.rows += [
             {"survey": survey, "mode": "naive (fastavro.reader + astropy)", "processes": 1,
              "alerts_per_s": summarise(wall["naive"], 1), "alerts_per_cpu_s": summarise(cpu["naive"], 1)},
-            {"survey": survey, "mode": "prepare", "processes": 1, "alerts_per_s": summarise(wall["single"], 1),
+            {"survey": survey, "mode": "decode_stamps", "processes": 1, "alerts_per_s": summarise(wall["single"], 1),
              "alerts_per_cpu_s": summarise(cpu["single"], 1), "alerts_per_s_per_core": summarise(wall["single"], 1), "speedup": summarise(ratio, 2),
              "speedup_cpu": summarise(cpu_ratio, 2)},
-            {"survey": survey, "mode": f"prepare, {workers} worker processes", "processes": workers,
+            {"survey": survey, "mode": f"decode_stamps, {workers} worker processes", "processes": workers,
              "alerts_per_s": summarise(wall["parallel"], 1),
              "alerts_per_s_per_core": summarise([p / used for p in wall["parallel"]], 1),
              "speedup": summarise([p / n for p, n in zip(wall["parallel"], wall["naive"])], 2)},

@@ -232,7 +232,7 @@ def measure_run(inputs: InputTopic, reader: OutputReader, consumer: subprocess.P
 
 
 def in_process(messages: list[bytes], count: int, repeats: int, models, device: str, batch: int) -> list[dict]:
-    """The consumer's two CPU steps without Kafka: `prepare` then `Scorer.score`, per batch.
+    """The consumer's two CPU steps without Kafka: `decode_stamps` then `Scorer.score`, per batch.
 
     Measured two ways: one after the other, and with the decoding of the next chunk
     overlapped with the scoring of this one (ONNX Runtime releases the GIL while it runs),
@@ -241,7 +241,7 @@ def in_process(messages: list[bytes], count: int, repeats: int, models, device: 
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    from service.decode.stamps import prepare
+    from service.decode.stamps import decode_stamps
     from service.score.model import load_scorers
 
     scorers = load_scorers(models, device=device)
@@ -251,16 +251,16 @@ def in_process(messages: list[bytes], count: int, repeats: int, models, device: 
 
     def sequential() -> None:
         for chunk in chunks:
-            for survey, prepared in prepare(chunk, contracts)[0].items():
+            for survey, prepared in decode_stamps(chunk, contracts)[0].items():
                 scorers[survey].score(prepared.stamps)
 
     def overlapped() -> None:
         with ThreadPoolExecutor(1, thread_name_prefix="decode") as pool:
-            future = pool.submit(prepare, chunks[0], contracts)
+            future = pool.submit(decode_stamps, chunks[0], contracts)
             for following in chunks[1:] + [None]:
                 batches, _ = future.result()
                 if following is not None:
-                    future = pool.submit(prepare, following, contracts)
+                    future = pool.submit(decode_stamps, following, contracts)
                 for survey, prepared in batches.items():
                     scorers[survey].score(prepared.stamps)
 

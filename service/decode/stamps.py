@@ -2,7 +2,7 @@
 
 The step the consumer, the API and the benchmark share::
 
-    batches, failures = prepare(messages, {"ztf": ztf_contract, "rubin": rubin_contract})
+    batches, failures = decode_stamps(messages, {"ztf": ztf_contract, "rubin": rubin_contract})
     scores = scorer.score(batches["ztf"].stamps)     # [n, *contract.input_shape] float32
 
 Every message is decoded (`service.decode.alerts.decode_message`), its alerts are grouped by
@@ -62,7 +62,7 @@ class Failure:
 
 
 @dataclass
-class SurveyBatch:
+class SurveyStamps:
     """The decodable alerts of one survey and their model input.
 
     Attributes
@@ -76,7 +76,7 @@ class SurveyBatch:
         float32, C-contiguous, shape ``[len(alerts), *contract.input_shape]``.
     fallback : bool
         The alerts the survey's fallback model scores (their difference image is missing or
-        unusable; see `prepare`'s ``fallbacks``), not its main model.
+        unusable; see `decode_stamps`'s ``fallbacks``), not its main model.
     """
 
     survey: str
@@ -89,7 +89,7 @@ class SurveyBatch:
         return len(self.alerts)
 
 
-def prepare(
+def decode_stamps(
     messages: Sequence[bytes],
     contracts: Mapping[str, StampContract],
     survey: str = "auto",
@@ -97,7 +97,7 @@ def prepare(
     workers: int | None = None,
     isolate: bool = False,
     fallbacks: Mapping[str, StampContract] | None = None,
-) -> tuple[dict[str, SurveyBatch], list[Failure]]:
+) -> tuple[dict[str, SurveyStamps], list[Failure]]:
     """Decode messages and assemble each survey's model input.
 
     Parameters
@@ -130,7 +130,7 @@ def prepare(
 
     Returns
     -------
-    batches : dict of str to SurveyBatch
+    batches : dict of str to SurveyStamps
         One per survey with at least one decodable alert, keyed by survey; the alerts of a
         fallback model in a batch of their own, keyed by `fallback_key` of the survey.
     failures : list of Failure
@@ -158,11 +158,11 @@ def prepare(
             by_survey.setdefault(alert.survey, []).append((index, alert))
 
     fallbacks = dict(fallbacks or {})
-    batches: dict[str, SurveyBatch] = {}
+    batches: dict[str, SurveyStamps] = {}
     for name, items in by_survey.items():
         contract = contracts[name]
         stamps = np.empty((len(items), *contract.input_shape), dtype=np.float32)
-        batch = SurveyBatch(survey=name)
+        batch = SurveyStamps(survey=name)
         spare: list[tuple[int, Alert]] = []
         row = 0
         for index, alert in items:
@@ -187,7 +187,7 @@ def prepare(
 
 
 def fallback_key(survey: str) -> str:
-    """Key in `prepare`'s batches of the alerts ``survey``'s fallback model scores."""
+    """Key in `decode_stamps`'s batches of the alerts ``survey``'s fallback model scores."""
     return f"{survey}/fallback"
 
 
@@ -205,10 +205,10 @@ def _stamp_reason(alert: Alert, exc: StampError) -> str:
 
 
 def _assemble_batch(survey: str, items: list[tuple[int, Alert]], contract: StampContract, min_side: int,
-                    failures: list[Failure]) -> SurveyBatch:
+                    failures: list[Failure]) -> SurveyStamps:
     """The fallback model's batch of ``items``; those it cannot score either join ``failures``."""
     stamps = np.empty((len(items), *contract.input_shape), dtype=np.float32)
-    batch = SurveyBatch(survey=survey, fallback=True)
+    batch = SurveyStamps(survey=survey, fallback=True)
     for index, alert in items:
         try:
             assemble(alert.images, contract, alert.centre, out=stamps[len(batch)], min_side=min_side)

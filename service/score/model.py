@@ -237,7 +237,7 @@ def load_fallbacks(paths: Mapping[str, str | Path], device: str = "auto") -> dic
     """The fallback model of each survey in ``paths``: one that needs no difference image.
 
     It scores the alerts whose difference cutout is missing or unusable, which the main
-    model refuses (`service.decode.stamps.prepare`'s ``fallbacks``). A model that takes the
+    model refuses (`service.decode.stamps.decode_stamps`'s ``fallbacks``). A model that takes the
     difference, or that was trained for another survey, is refused here rather than at the
     first such alert.
     """

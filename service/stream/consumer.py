@@ -3,9 +3,9 @@
 The loop runs in two overlapping stages, a batch at a time in each:
 
 1. fetch up to ``batch_size`` messages, waiting at most ``max_wait_ms`` (whichever first), and
-   decode them into model input (`service.stream.pipeline.BatchProcessor.prepare`, on this thread);
+   decode them into model input (`service.stream.pipeline.ScoringPipeline.decode`, on this thread);
 2. in a scoring thread, while the next batch is fetched and decoded: score and encode
-   (`BatchProcessor.finish`; ONNX Runtime releases the GIL), produce one score record per
+   (`ScoringPipeline.score`; ONNX Runtime releases the GIL), produce one score record per
    scored alert to the output topic (keyed by object id) and one dead letter per unscorable
    message to the DLQ topic, then wait until the producer has confirmed every delivery;
 3. back on this thread, once stage 2 is done: commit that batch's offsets (synchronously).
@@ -35,7 +35,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from service import metrics
 from service.limits import LIMIT_OPTIONS, DecodeLimits
-from service.stream.pipeline import BatchProcessor, Outcome, Outgoing, Prepared, SourceMessage, dead_letter
+from service.stream.pipeline import DecodedBatch, Outcome, Outgoing, ScoringPipeline, SourceMessage, dead_letter
 from service.registry import RegistryUnreachable
 from service.settings import (COMMON_OPTIONS, Option, SettingsError, add_options, kafka_client_config,
                               non_negative_int, positive_int, redact, resolve)
@@ -224,7 +224,7 @@ class AlertConsumer:
         self.scorers = dict(scorers)
         self.fallbacks = dict(load_fallback_models(self.settings) if fallbacks is None else fallbacks)
         self.on_batch = on_batch
-        self.processor = BatchProcessor(self.scorers, record_encoder(self.settings), survey=self.settings["survey"],
+        self.pipeline = ScoringPipeline(self.scorers, record_encoder(self.settings), survey=self.settings["survey"],
                                         schemas=schema_store(self.settings), workers=self.settings.get("decode_workers"),
                                         republish_alert=bool(self.settings.get("republish_alert")),
                                         isolate=bool(self.settings.get("decode_isolation")),
@@ -315,10 +315,10 @@ class AlertConsumer:
                                                   timeout=self.settings["max_wait_ms"] / 1000)
                 self._raise_callback_error()
                 sources = self.sources(messages)
-                prepared = self.prepare(sources) if sources else None
+                decoded = self.pipeline.decode(sources) if sources else None
                 self.complete_in_flight()
-                if prepared is not None:
-                    self._in_flight = self._scoring.submit(self.score_and_publish, prepared)
+                if decoded is not None:
+                    self._in_flight = self._scoring.submit(self.score_and_publish, decoded)
             self.complete_in_flight()
             log.info("stopping: batch finished, offsets committed")
             return 0
@@ -376,53 +376,15 @@ class AlertConsumer:
             sources.append(SourceMessage.from_kafka(message))
         return sources
 
-    def process(self, sources: list[SourceMessage]) -> Outcome:
-        """Both stages of `BatchProcessor` on one batch, with `prepare`'s and `finish`'s fallbacks."""
-        return self.finish(self.prepare(sources))
-
-    def prepare(self, sources: list[SourceMessage]) -> Prepared:
-        """`BatchProcessor.prepare`; a batch that fails as a whole is left to `finish` to do one by one."""
-        try:
-            return self.processor.prepare(sources)
-        except Exception:
-            log.exception("decoding a batch of %d failed as a whole; retrying message by message", len(sources))
-            return Prepared(sources, None)
-
-    def finish(self, prepared: Prepared) -> Outcome:
-        """`BatchProcessor.finish`, falling back to one message at a time if the batch as a whole fails.
-
-        The decoder promises to report bad messages as failures; this fallback is the
-        last line that keeps one message nobody foresaw from stopping the stream.
-        """
-        if prepared.batches is not None:
-            try:
-                return self.processor.finish(prepared)
-            except RegistryUnreachable as exc:
-                raise PublishError(str(exc)) from exc
-            except Exception:
-                log.exception("batch of %d failed as a whole; retrying message by message", len(prepared.messages))
-        outcome = Outcome()
-        for source in prepared.messages:
-            try:
-                single = self.processor.process([source])
-            except RegistryUnreachable as exc:
-                raise PublishError(str(exc)) from exc
-            except Exception as exc:
-                single = Outcome(dead_letters=[dead_letter(source, "decode", f"internal error: {exc!r}")])
-            outcome.scores += single.scores
-            outcome.dead_letters += single.dead_letters
-            outcome.decode_seconds += single.decode_seconds
-            outcome.inference_seconds += single.inference_seconds
-            for survey, n in single.batch_sizes.items():
-                outcome.batch_sizes[survey] = outcome.batch_sizes.get(survey, 0) + n
-        return outcome
-
-    def score_and_publish(self, prepared: Prepared) -> tuple[list[SourceMessage], list[Outgoing]]:
+    def score_and_publish(self, decoded: DecodedBatch) -> tuple[list[SourceMessage], list[Outgoing]]:
         """Stage 2 (the scoring thread): score, encode, deliver; returns the batch and what was delivered."""
-        outcome = self.finish(prepared)
+        try:
+            outcome = self.pipeline.score(decoded)
+        except RegistryUnreachable as exc:
+            raise PublishError(str(exc)) from exc
         delivered = self.publish(outcome.messages)
-        self._record_metrics(list(prepared.messages), outcome, delivered)
-        return list(prepared.messages), delivered
+        self._record_metrics(list(decoded.messages), outcome, delivered)
+        return list(decoded.messages), delivered
 
     def complete_in_flight(self) -> None:
         """Wait for the batch in stage 2, then commit its offsets (stage 3).

@@ -1,9 +1,9 @@
 """The consumer's work on one batch, independent of Kafka: decode, score, build what to publish.
 
-`BatchProcessor.process` takes the messages of one batch (`SourceMessage`: value, topic,
+`ScoringPipeline.execute` takes the messages of one batch (`SourceMessage`: value, topic,
 partition, offset, timestamp, key, headers) and returns an `Outcome`. It is two steps, so
-that the consumer can decode the next batch while this one is scored: `BatchProcessor.prepare`
-(decode and assemble the stamps: Python, holds the GIL) and `BatchProcessor.finish` (score and
+that the consumer can decode the next batch while this one is scored: `ScoringPipeline.decode`
+(decode and assemble the stamps: Python, holds the GIL) and `ScoringPipeline.score` (score and
 encode: ONNX Runtime, which releases it). The outcome holds:
 
 * one `Outgoing` score message per scored alert, for the output topic, keyed by object id
@@ -27,6 +27,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from service.decode.framing import WIRE_MAGIC, is_container, split_wire_format
+from service.decode.stamps import decode_stamps
 from service.publish import records
 from service.registry import RegistryUnreachable
 
@@ -92,15 +93,15 @@ class Outgoing:
 
 
 @dataclass
-class Prepared:
-    """A decoded batch on its way to `BatchProcessor.finish`.
+class DecodedBatch:
+    """A decoded batch on its way to `ScoringPipeline.score`.
 
     Attributes
     ----------
     messages : sequence of SourceMessage
-    batches : dict of str to service.decode.stamps.SurveyBatch, or None
-        Model input per survey; None when the batch could not be decoded as a whole (the
-        consumer then processes its messages one by one).
+    batches : dict of str to service.decode.stamps.SurveyStamps, or None
+        Model input per survey; None when the batch could not be decoded as a whole (its
+        messages are then scored one by one).
     failures : list of service.decode.stamps.Failure
     decode_seconds : float
     """
@@ -124,6 +125,15 @@ class Outcome:
     @property
     def messages(self) -> list[Outgoing]:
         return self.scores + self.dead_letters
+
+    def add(self, other: "Outcome") -> None:
+        """Append ``other``'s messages and add its counts and times to this outcome's."""
+        self.scores += other.scores
+        self.dead_letters += other.dead_letters
+        self.decode_seconds += other.decode_seconds
+        self.inference_seconds += other.inference_seconds
+        for survey, n in other.batch_sizes.items():
+            self.batch_sizes[survey] = self.batch_sizes.get(survey, 0) + n
 
 
 def dead_letter(message: SourceMessage, kind: str, reason: str, survey: str = UNKNOWN_SURVEY) -> Outgoing:
@@ -158,7 +168,7 @@ def headers_to_text(headers: Sequence[tuple[str, bytes | None]] | None) -> dict[
     return {name: (value or b"").decode("utf-8", "replace") for name, value in headers or ()}
 
 
-class BatchProcessor:
+class ScoringPipeline:
     """Decodes, scores and encodes batches of alert messages.
 
     Parameters
@@ -170,13 +180,13 @@ class BatchProcessor:
     survey : str
         ``ztf``, ``rubin`` or ``auto`` (decided per message from its fields).
     schemas : optional
-        Schema source for Rubin's wire format, passed to `service.decode.stamps.prepare`.
+        Schema source for Rubin's wire format, passed to `service.decode.stamps.decode_stamps`.
     workers : int, optional
-        Decoding threads/processes, passed to `service.decode.stamps.prepare`.
+        Decoding threads/processes, passed to `service.decode.stamps.decode_stamps`.
     republish_alert : bool
         Publish the original alert with an ``rbstream`` score field instead of a score record.
     isolate : bool
-        Decode in worker processes that may crash (`service.decode.stamps.prepare`'s ``isolate``).
+        Decode in worker processes that may crash (`service.decode.stamps.decode_stamps`'s ``isolate``).
     fallbacks : mapping of str to service.score.model.Scorer, optional
         A survey's model without a difference image, which scores that survey's alerts whose
         difference cutout is missing or unusable (else refused as ``cutout``).
@@ -198,14 +208,7 @@ class BatchProcessor:
 
     # -- the steps ------------------------------------------------------------------------------
 
-    def decode(self, messages: Sequence[SourceMessage]):
-        """`service.decode.stamps.prepare` on the messages' values: ``(batches by survey, failures)``."""
-        from service.decode.stamps import prepare
-
-        return prepare([m.value for m in messages], self.contracts, survey=self.survey, schemas=self.schemas,
-                       workers=self.workers, isolate=self.isolate, fallbacks=self.fallback_contracts)
-
-    def score(self, batch) -> tuple[np.ndarray | None, str | None]:
+    def infer(self, batch) -> tuple[np.ndarray | None, str | None]:
         """Scores of one survey's batch, or ``(None, reason)`` when inference fails."""
         scorer = self.scorer_of(batch)
         if scorer is None:
@@ -299,24 +302,64 @@ class BatchProcessor:
 
     # -- the whole batch ------------------------------------------------------------------------
 
-    def process(self, messages: Sequence[SourceMessage], now: datetime | None = None) -> Outcome:
-        """Decode, score and encode one batch (`prepare` then `finish`); never raises for bad input."""
-        return self.finish(self.prepare(messages), now)
+    def execute(self, messages: Sequence[SourceMessage], now: datetime | None = None) -> Outcome:
+        """Decode, score and encode one batch (`decode` then `score`); never raises for bad input."""
+        return self.score(self.decode(messages), now)
 
-    def prepare(self, messages: Sequence[SourceMessage]) -> Prepared:
-        """Decode one batch into model input (the step that holds the GIL)."""
+    def decode(self, messages: Sequence[SourceMessage]) -> DecodedBatch:
+        """Decode one batch into model input (the step that holds the GIL).
+
+        A batch that fails as a whole is left to `score`, which takes its messages one by one.
+        """
+        try:
+            return self._decode(messages)
+        except Exception:
+            log.exception("decoding a batch of %d failed as a whole; retrying message by message", len(messages))
+            return DecodedBatch(messages, None)
+
+    def score(self, decoded: DecodedBatch, now: datetime | None = None) -> Outcome:
+        """Score and encode a decoded batch: one score or one dead letter per message.
+
+        If the batch fails as a whole, its messages are taken one at a time: the decoder
+        promises to report bad messages as failures, and this is the last line that keeps
+        one message nobody foresaw from stopping the stream.
+
+        Raises
+        ------
+        service.registry.RegistryUnreachable
+            When the output schema cannot be registered: an outage, not a bad message.
+        """
+        if decoded.batches is not None:
+            try:
+                return self._score(decoded, now)
+            except RegistryUnreachable:
+                raise
+            except Exception:
+                log.exception("batch of %d failed as a whole; retrying message by message", len(decoded.messages))
+        outcome = Outcome()
+        for source in decoded.messages:
+            try:
+                single = self._score(self._decode([source]), now)
+            except RegistryUnreachable:
+                raise
+            except Exception as exc:
+                single = Outcome(dead_letters=[dead_letter(source, "decode", f"internal error: {exc!r}")])
+            outcome.add(single)
+        return outcome
+
+    def _decode(self, messages: Sequence[SourceMessage]) -> DecodedBatch:
         start = time.perf_counter()
-        batches, failures = self.decode(messages) if messages else ({}, [])
-        return Prepared(messages, batches, failures, time.perf_counter() - start)
+        batches, failures = (decode_stamps([m.value for m in messages], self.contracts, survey=self.survey,
+                                           schemas=self.schemas, workers=self.workers, isolate=self.isolate,
+                                           fallbacks=self.fallback_contracts)
+                             if messages else ({}, []))
+        return DecodedBatch(messages, batches, failures, time.perf_counter() - start)
 
-    def finish(self, prepared: Prepared, now: datetime | None = None) -> Outcome:
-        """Score and encode a prepared batch: one score or one dead letter per message."""
-        messages, batches = prepared.messages, prepared.batches
-        if batches is None:
-            raise ValueError("finish() needs a decoded batch; this one failed to decode as a whole")
-        outcome = Outcome(decode_seconds=prepared.decode_seconds)
+    def _score(self, decoded: DecodedBatch, now: datetime | None) -> Outcome:
+        messages, batches = decoded.messages, decoded.batches
+        outcome = Outcome(decode_seconds=decoded.decode_seconds)
         rejected: dict[int, Outgoing] = {}
-        for failure in prepared.failures:
+        for failure in decoded.failures:
             if failure.index not in rejected:
                 source = messages[failure.index]
                 survey = self.survey if self.survey != "auto" else survey_hint(source.value)
@@ -329,7 +372,7 @@ class BatchProcessor:
                 continue
             survey = batch.survey
             outcome.batch_sizes[survey] = outcome.batch_sizes.get(survey, 0) + len(batch.alerts)
-            scores, error = self.score(batch)
+            scores, error = self.infer(batch)
             scorer = self.scorer_of(batch)
             for position, (alert, index) in enumerate(zip(batch.alerts, batch.indices)):
                 index = int(index)
