@@ -27,7 +27,6 @@ import argparse
 import os
 import tomllib
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 ENV_PREFIX = "RBSTREAM_"
@@ -276,9 +275,3 @@ def non_negative_int(text: str) -> int:
         raise ValueError(f"must be >= 0, got {value}")
     return value
 
-
-def existing_path(text: str) -> Path:
-    path = Path(text).expanduser()
-    if not path.exists():
-        raise ValueError(f"{path} does not exist")
-    return path

@@ -11,7 +11,8 @@ import numpy as np
 from fastapi.testclient import TestClient
 
 from conftest import rubin_files, ztf_fits_files
-from service.decode.alerts import CUTOUT_FIELDS, NEGATIVE_DETECTION, decode_message
+from service.decode.alerts import NEGATIVE_DETECTION, decode_message
+from service.surveys import CUTOUT_FIELDS
 from service.api.app import ApiSettings, create_app
 from service.api.auth import TokenAuth
 from service.score.model import load_scorers

@@ -48,7 +48,7 @@ def test_every_expression_names_only_exported_or_recorded_series(rules):
     assert unknown == {}, f"rules naming series nobody exports: {unknown}"
 
 
-def test_the_four_alerts_of_issue_4(rules):
+def test_the_four_alerts_and_their_thresholds(rules):
     alerts = {rule["alert"]: rule for rule in rules if "alert" in rule}
     lag = alerts["RbstreamConsumerLagGrowing"]
     assert "rbstream_consumer_lag" in metric_names(lag["expr"]) and _duration_seconds(lag["for"]) == 300

@@ -17,8 +17,9 @@ import pytest
 from astropy.io import fits as afits
 
 from conftest import rubin_files, ztf_fits_files, ztf_jpeg_files
-from service.decode import framing, schemas
-from service.decode.alerts import CUTOUT_FIELDS, NEGATIVE_DETECTION, DecodeError, decode_message, read_full_records
+from service.decode import framing, schemas, ztf_fast_path
+from service.decode.alerts import NEGATIVE_DETECTION, DecodeError, decode_message, read_full_records
+from service.surveys import CUTOUT_FIELDS
 from service.contract import fit_stamp
 
 MJD_OFFSET = 2400000.5
@@ -462,7 +463,7 @@ def test_fast_path_finds_exactly_fastavros_cutouts(path):
     data = path.read_bytes()
     _, (record,) = read_container(data)
     (fast,) = [r for r, _ in alerts._read_records(data, schemas.SchemaStore(), alerts.FAST)]
-    assert isinstance(fast, alerts._TailRecord), "the history-skipping path was not taken"
+    assert isinstance(fast, ztf_fast_path.TailRecord), "the history-skipping path was not taken"
     assert "prv_candidates" not in fast
     for field_name in CUTOUT_FIELDS.values():
         assert fast[field_name] == record[field_name]
@@ -480,7 +481,7 @@ def test_fast_path_steps_aside_for_unusual_cutouts():
     record["cutoutScience"]["fileName"] = "é.fits.gz"
     plain = write_container(schema, [record])
     (fast,) = [r for r, _ in alerts._read_records(plain, schemas.SchemaStore(), alerts.FAST)]
-    assert not isinstance(fast, alerts._TailRecord)
+    assert not isinstance(fast, ztf_fast_path.TailRecord)
     (alert,) = decode_message(plain)
     assert alert.images["science"].shape == (63, 63)
 

@@ -13,7 +13,7 @@ import pytest
 
 from api_support import assert_still_serving, candidate_json, decoded, good_request, make_client, real_scorers
 from conftest import ztf_fits_files, ztf_jpeg_files
-from service.decode.alerts import CUTOUT_FIELDS
+from service.surveys import CUTOUT_FIELDS
 from service.api.app import ApiSettings, create_app
 from service.api.auth import TokenAuth
 

@@ -76,7 +76,7 @@ def test_every_exported_metric_is_on_the_dashboard(dashboard):
     assert not_shown == []
 
 
-def test_the_panels_issue_4_asks_for(dashboard):
+def test_the_panels_an_operator_needs(dashboard):
     """Throughput and failures, lag per partition, batch size, latency p50/p99, scores, API, the model."""
     by_metric: dict[str, list[str]] = {}
     for panel in panels(dashboard):

@@ -1,4 +1,4 @@
-"""docker/: the two Dockerfiles (hadolint and the rules of issue 4), the health check, the compose stack.
+"""docker/: the two Dockerfiles (hadolint; multi-stage, non-root, health-checked, no compilers), the health check, the compose stack.
 
 No Docker engine is needed (none runs here): the Dockerfiles are linted and read, the
 compose file is parsed and every name in it resolved — images and build contexts, host
@@ -219,7 +219,7 @@ def command_of(service: dict) -> list[str]:
     return command if isinstance(command, list) else shlex.split(command)
 
 
-def test_compose_has_the_stack_of_issue_4(compose):
+def test_compose_has_the_whole_stack(compose):
     services = compose["services"]
     assert {"kafka", "consumer", "api", "prometheus", "grafana", "replay"} <= set(services)
     kafka = services["kafka"]

@@ -13,7 +13,7 @@ from astropy.io import fits as afits
 
 from conftest import rubin_files, ztf_fits_files
 from service.decode import fits
-from service.decode.alerts import CUTOUT_FIELDS
+from service.surveys import CUTOUT_FIELDS
 
 
 def astropy_image(data: bytes) -> np.ndarray:

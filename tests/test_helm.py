@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parent.parent
 CHART = REPO / "helm" / "rbstream"
 RELEASE, NAMESPACE = "rb", "astro"
 
-#: The switches issue 4 asks to render: GPU, KEDA, ServiceMonitor (and the PrometheusRule with them).
+#: The optional switches that must render: GPU, KEDA, ServiceMonitor (and the PrometheusRule with them).
 ALL_ON = {
     "consumer": {"gpu": {"enabled": True}, "autoscaling": {"keda": {"enabled": True}}},
     "metrics": {"serviceMonitor": {"enabled": True}, "prometheusRule": {"enabled": True}},

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from service.contract import DERIVED_CHANNELS, MASK_FILL, StampContract
+from service.contract import DERIVED_CHANNELS, StampContract
 
 #: Accepted activation names (case-insensitive; Deep-HiTS spells them tanh, ReLU, PReLU).
 ACTIVATIONS = ("tanh", "relu", "leaky_relu", "prelu")

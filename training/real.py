@@ -29,7 +29,8 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from service.decode.alerts import DETECTION_RECORD, SURVEY_SCORES, DecodeError, decode_message
+from service.decode.alerts import DecodeError, decode_message
+from service.surveys import DETECTION_RECORD, SURVEY_SCORES
 
 log = logging.getLogger(__name__)
 

@@ -284,7 +284,6 @@ def simulate_triplet(profile: SurveyProfile, rng: np.random.Generator, kind: str
     zero_point_ratio = _log_uniform(rng, 0.5, 2.0)  # template ADU per science ADU
     background_var = sky_s + profile.read_noise**2
     pixel_noise_adu = np.sqrt(background_var) / profile.gain
-    full_well = profile.saturation * profile.gain
 
     # Static field: a host galaxy (for some reals, and some bogus) and field stars away from the centre.
     on_host = kind == "point_source" and rng.random() < config.host_fraction or \
@@ -705,7 +704,6 @@ def _add_cosmic_ray(scene: _Scene, rng, centre, noise_adu) -> None:
 
 
 def _add_bad_pixel(scene: _Scene, rng, centre, noise_adu, zero_point_ratio, truth) -> None:
-    canvas = scene.canvas
     r0, c0 = int(centre + rng.integers(-1, 2)), int(centre + rng.integers(-1, 2))
     flavour = rng.choice(["hot_science", "hot_template", "dead"], p=[0.5, 0.25, 0.25])
     amplitude = _log_uniform(rng, 8, 3000) * noise_adu

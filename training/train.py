@@ -37,7 +37,7 @@ from service.score.model import CARD_FILE, MODEL_FILE
 from training import report
 from training.calibrate import CalibrationError, calibrate, sigmoid
 from training.config import ConfigError, TrainConfig
-from training.data import Dataset, load_datasets
+from training.data import load_datasets
 from training.export import export_onnx, measure_inference, model_card, write_card
 from training.model import RealBogusNet, count_parameters
 

@@ -19,6 +19,8 @@ from fastapi import FastAPI, Query, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, Field
 
+from service.surveys import SurveyChoice
+
 from service.explain.attributions import (ExplainError, Explanation, GradientOptions, OcclusionOptions, explain_stamps,
                              normalise_methods)
 
@@ -114,7 +116,7 @@ def add_explain_route(app: FastAPI, classifier, explainer: Explainer, settings, 
     )
     async def explain(
         request: Request,
-        survey: Annotated[Literal["auto", "ztf", "rubin"], Query(
+        survey: Annotated[SurveyChoice, Query(
             description="Raw alert bodies only: the survey of the alert (`auto` tells from the bytes).")] = "auto",
         method: Annotated[Literal["occlusion", "saliency", "integrated-gradients", "all"], Query(
             description="Attribution method; saliency and integrated gradients need the model's torch "

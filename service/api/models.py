@@ -12,8 +12,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, WithJsonSchema, field_validator
 
+from service.surveys import Survey, SurveyScoreName
+
 #: Surveys a request may name; each has its own model.
-Survey = Literal["ztf", "rubin"]
 
 STAMP_SCHEMA: dict = {
     "description": (
@@ -119,7 +120,7 @@ class ScoreResult(BaseModel):
         None, description="Raw alerts only: the survey's own real/bogus score of the alert, to compare with "
                           "ours (ZTF `candidate.drb` when present, else `candidate.rb`; Rubin "
                           "`diaSource.reliability`); null when the alert has none.")
-    survey_score_name: Literal["drb", "rb", "reliability"] | None = Field(
+    survey_score_name: SurveyScoreName | None = Field(
         None, description="Which survey score `survey_score` is.")
     model_inputs: list[str] | None = Field(
         None, description="The raw images the model that gave the score took (its model card's "

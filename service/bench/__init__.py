@@ -21,6 +21,9 @@ import sys
 import traceback
 from pathlib import Path
 
+from service.score.model import DEVICES
+from service.surveys import SURVEYS
+
 BENCHMARKS = ("decode", "infer", "e2e", "api")
 
 log = logging.getLogger(__name__)
@@ -45,7 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="tiny settings to check that the benchmark runs (figures meaningless)")
     parser.add_argument("--repeats", type=int, default=0, help="runs per figure (default: decode 5, infer/e2e/api 3; --quick 1-2)")
     parser.add_argument("--models", default=None, help="models folder with <survey>/ subfolders (default models/)")
-    parser.add_argument("--survey", action="append", choices=("ztf", "rubin"),
+    parser.add_argument("--survey", action="append", choices=SURVEYS,
                         help="limit to this survey (repeatable; default both)")
     group = parser.add_argument_group("decode")
     group.add_argument("--messages", type=int, default=0,
@@ -62,7 +65,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--rate", type=float, default=500.0,
                        help="offered rate of the fixed-rate run, alerts/s (default 500: half the 1,000/s target)")
     group.add_argument("--batch-size", type=int, default=0, help="consumer --batch-size (default: the consumer's)")
-    group.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda", "tensorrt"),
+    group.add_argument("--device", default="cpu", choices=DEVICES,
                        help="inference device of the consumer and the API (default cpu)")
     group.add_argument("--profile", action="store_true",
                        help="run the consumer under cProfile; writes e2e-consumer.prof and e2e-profile.txt")

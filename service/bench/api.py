@@ -30,6 +30,7 @@ from pathlib import Path
 
 from service.bench import data
 from service.bench.report import Result, percentile, summarise
+from service.surveys import CUTOUT_FIELDS
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,6 @@ BODY_SIZES = (1, 64)
 BAD_SHARE = 0.25
 FULL_CLIENTS = (1, 8, 64)
 QUICK_CLIENTS = (1, 4)
-CUTOUTS = {"science": "cutoutScience", "template": "cutoutTemplate", "difference": "cutoutDifference"}
 
 
 def candidates(messages: list[bytes]) -> list[dict]:
@@ -49,7 +49,7 @@ def candidates(messages: list[bytes]) -> list[dict]:
     for message in messages:
         record = next(iter(fastavro.reader(io.BytesIO(message))))
         candidate = {"id": str(record.get("candid", len(out)))}
-        for name, field in CUTOUTS.items():
+        for name, field in CUTOUT_FIELDS.items():
             cutout = record[field]
             stamp = cutout["stampData"] if isinstance(cutout, dict) else cutout
             candidate[name] = base64.b64encode(stamp).decode("ascii")

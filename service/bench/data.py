@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 
 from service.contract import StampContract
+from service.surveys import SURVEYS
 
 REPO = Path(__file__).resolve().parents[2]
-SURVEYS = ("ztf", "rubin")
 
 
 def sample_dir() -> Path:

@@ -27,7 +27,7 @@ from service.bench.report import Result, summarise
 
 log = logging.getLogger(__name__)
 
-#: Issue 5's targets.
+#: The project's targets (the report says whether a run meets them).
 TARGET_ZTF_PER_CORE = 2000.0
 TARGET_SPEEDUP = 8.0
 #: Messages per `decode_stamps` call: the consumer's default batch size.

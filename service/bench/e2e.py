@@ -30,7 +30,7 @@ from service.bench.report import Result, percentile, summarise
 
 log = logging.getLogger(__name__)
 
-#: Issue 5's targets for 2 cores with CPU inference.
+#: The project's targets for 2 cores with CPU inference (the report says whether a run meets them).
 TARGET_THROUGHPUT = 1000.0  # alerts/s at full speed
 TARGET_P99_MS = 500.0  # at half that rate
 #: Alerts produced first, to wait out the consumer's group join and model warm-up.

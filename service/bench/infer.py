@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 FULL_BATCH_SIZES = tuple(2**i for i in range(13))  # 1 .. 4096
 QUICK_BATCH_SIZES = (1, 8, 64)
-#: The GPU target of issue 5: stamps/s at batch 1024 on one H100, default ZTF model.
+#: The project's GPU target: stamps/s at batch 1024 on one H100, default ZTF model.
 GPU_TARGET_STAMPS_PER_S = 100_000
 GPU_TARGET_BATCH = 1024
 

@@ -3,7 +3,7 @@
 A fresh ``fastavro.reader`` per message (the writer schema is parsed again for every
 alert), the standard library's gzip, and ``astropy.io.fits`` for every cutout.
 ``rbstream bench decode`` reports `service.decode.alerts.decode_message` against it in the
-same run (issue 5). Not used by the service.
+same run. Not used by the service.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ import warnings
 import fastavro
 import numpy as np
 
-from service.decode.alerts import CUTOUT_FIELDS, NEGATIVE_DETECTION
+from service.decode.alerts import NEGATIVE_DETECTION
+from service.surveys import CUTOUT_FIELDS
 
 
 def naive_decode(message: bytes) -> dict[str, np.ndarray]:

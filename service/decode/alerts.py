@@ -20,13 +20,13 @@ name (brokers rename schemas, e.g. ``topLevelRecord``, ``topLevelRecord.value``)
 Spark re-writes may have it) is ZTF, ``diaSource`` is Rubin. A record that is neither
 but holds one as a field (an envelope) is decoded as that alert.
 
-Speed (issue 5): each distinct writer schema is parsed once (`SchemaStore`); records
+Speed: each distinct writer schema is parsed once (`SchemaStore`); records
 are read with ``fastavro.schemaless_reader`` straight from the message bytes, with a
 reader schema that skips what scoring does not need; gzip is ISA-L's; FITS cutouts are
 read by `service.decode.fits.read_image`. Most of a ZTF alert's Avro time is its history
 (``prv_candidates``: ~100 fields per earlier detection), so for a ZTF message holding
 one record the ids are read from the record's head and the cutouts found from its end
-(`_read_ztf_from_both_ends`), never walking the history; any doubt (layout not
+(`service.decode.ztf_fast_path`), never walking the history; any doubt (layout not
 recognised, a stamp that does not decode) falls back to reading the record from the
 front. `Alert.record` still gives the whole record, decoded when first used.
 """
@@ -47,12 +47,12 @@ import fastavro
 import numpy as np
 from isal import isal_zlib
 
-from service.decode import fits
+from service.decode import fits, ztf_fast_path
 from service.contract import crop_around_source
 from service.limits import DEFAULT_LIMITS, DecodeLimits
+from service.surveys import CUTOUT_FIELDS, SURVEY_CHOICES, SURVEY_SCORES
 from service.decode.framing import (
     WIRE_MAGIC,
-    encode_long,
     is_container,
     read_container_header,
     read_long,
@@ -61,19 +61,6 @@ from service.decode.framing import (
 )
 from service.decode.schemas import SchemaStore, UnknownSchema, WriterSchema, default_store, survey_of_fields
 
-#: Surveys `decode_message` accepts for its ``survey`` argument.
-SURVEYS = ("auto", "ztf", "rubin")
-#: The survey's own real/bogus scores an alert may carry, in its detection record (ZTF
-#: ``candidate``, Rubin ``diaSource``), best first: braai's ``drb``, then the random forest's ``rb``.
-SURVEY_SCORES: Mapping[str, tuple[str, ...]] = {"ztf": ("drb", "rb"), "rubin": ("reliability",)}
-DETECTION_RECORD: Mapping[str, str] = {"ztf": "candidate", "rubin": "diaSource"}
-
-#: Alert field of each raw image (same names in ZTF and Rubin alerts).
-CUTOUT_FIELDS: Mapping[str, str] = {
-    "science": "cutoutScience",
-    "template": "cutoutTemplate",
-    "difference": "cutoutDifference",
-}
 
 #: Side of a full ZTF cutout; smaller ones were cut at the CCD edge.
 ZTF_CUTOUT_SIZE = 63
@@ -194,8 +181,8 @@ def decode_message(message: bytes, survey: str = "auto", schemas: SchemaStore | 
     DecodeError
         For every problem with the message; nothing else escapes.
     """
-    if survey not in SURVEYS:
-        raise ValueError(f"survey must be one of {SURVEYS}, got {survey!r}")
+    if survey not in SURVEY_CHOICES:
+        raise ValueError(f"survey must be one of {SURVEY_CHOICES}, got {survey!r}")
     store = default_store() if schemas is None else schemas
     token = _LIMITS.set(getattr(store, "limits", DEFAULT_LIMITS))
     try:
@@ -228,9 +215,9 @@ def _decode(message, survey: str, store: SchemaStore, crop: int | None):
             records = _read_records(message, store, FAST)
             return to_alerts(records), None
         except DecodeError as exc:
-            if exc.kind != "cutout" or not any(isinstance(r, _TailRecord) for r, _ in records):
+            if exc.kind != "cutout" or not any(isinstance(r, ztf_fast_path.TailRecord) for r, _ in records):
                 raise
-            # The cutouts were found from the record's end (see _cutouts_from_end); when they
+            # The cutouts were found from the record's end (see ztf_fast_path.cutouts_from_end); when they
             # do not decode, read the record the long way before blaming the alert.
             records = _read_records(message, store, SCORING)
             return to_alerts(records), None
@@ -501,7 +488,7 @@ def _read_container(message: bytes, store: SchemaStore, mode: str) -> list[tuple
         record = None
         if count == 1 and mode == FAST and writer.tail is not None:
             # One record in the block: its end is the block's end, and ZTF cutouts close the record.
-            record = _read_ztf_from_both_ends(buffer, block, start, end, writer)
+            record = ztf_fast_path.read_from_both_ends(buffer, block, start, end, writer)
         if record is not None:
             records.append((record, writer))
         else:
@@ -520,91 +507,6 @@ def _read_one(stream, writer: WriterSchema, mode: str):
     if mode == FULL or writer.reader is None:
         return fastavro.schemaless_reader(stream, writer.parsed)
     return fastavro.schemaless_reader(stream, writer.parsed, writer.reader)
-
-
-class _TailRecord(dict):
-    """A ZTF record read by `_read_ztf_from_both_ends` (a dict; the type marks where it came from)."""
-
-
-def _read_ztf_from_both_ends(buffer: bytes, stream, start: int, end: int, writer: WriterSchema):
-    """The fields an `Alert` needs of a ZTF record in ``buffer[start:end]``, without its history.
-
-    The ids and ``candidate`` lead the record and are read with the head schemas; the three
-    cutouts close it and are found backwards from ``end`` (`_cutouts_from_end`). The
-    history in between (``prv_candidates``, ``fp_hists``: most of the parsing time) is
-    never walked. Returns None when the layout is not recognised (the caller then reads
-    the record the usual way).
-    """
-    head_writer, head_reader = writer.head
-    record = fastavro.schemaless_reader(stream, head_writer, head_reader)
-    found = _cutouts_from_end(buffer, stream.tell(), end, writer.tail)
-    if found is None:
-        return None
-    tail = _TailRecord(record)
-    tail.update(found)
-    return tail
-
-
-_PRINTABLE_RUN = re.compile(rb"[\x20-\x7e]*")
-#: gzip magic and its only compression method (deflate): how every gzip stream starts.
-_GZIP_DEFLATE = b"\x1f\x8b\x08"
-#: Gzip-magic positions tried per cutout before giving up (the bytes 1f 8b 08 occur
-#: inside compressed data about once per 16 MB; the stamp's start is the first tried).
-_GZIP_MAGIC_TRIES = 3
-
-
-def _cutouts_from_end(buffer: bytes, low: int, end: int, layout) -> dict | None:
-    """The cutout fields that end a ZTF record at ``end``, found backwards; None if not found.
-
-    Each cutout is ``[union tag] varint(len) fileName varint(len) stampData``, with
-    gzip stampData (``1f 8b``) and a printable fileName. Working backwards from ``end``:
-    the stampData starts at a gzip magic preceded by the varint of its length to ``end``;
-    the fileName is the printable run before it, preceded by the varint of its length and
-    the union tag. The three cutouts so found tile ``[start, end)`` exactly, so they are a
-    valid parse of the record's tail; that they are *the* parse is then guaranteed by the
-    gzip CRC of each stamp (a wrong split cannot give three intact gzip streams), and the
-    caller re-reads the whole record when a stamp does not decode.
-    """
-    values: dict = {}
-    for name, record_tag, null_tag in reversed(layout):
-        found = _one_cutout_before(buffer, low, end, record_tag, null_tag)
-        if found is None:
-            return None
-        end, values[name] = found
-    return values
-
-
-def _one_cutout_before(buffer: bytes, low: int, end: int, record_tag, null_tag):
-    """(start, value) of the cutout field ending at ``end``; a null cutout only when no stamp fits."""
-    rfind = buffer.rfind
-    magic = rfind(_GZIP_DEFLATE, low, end)
-    tries = 0
-    while magic >= low and tries < _GZIP_MAGIC_TRIES:
-        tries += 1
-        length = encode_long(end - magic)
-        name_end = magic - len(length)
-        if name_end > low and buffer[name_end:magic] == length:
-            # The fileName is printable ASCII; the printable run before the stamp's length is
-            # the name plus, maybe, its own one- or two-byte length (which can be printable).
-            run = _PRINTABLE_RUN.match(buffer[max(low, name_end - 258) : name_end][::-1]).end()
-            for name_length in (run, run - 1, run - 2):
-                if name_length < 0:
-                    break
-                encoded = encode_long(name_length)
-                name_start = name_end - name_length
-                start = name_start - len(encoded)
-                if start < low or buffer[start:name_start] != encoded:
-                    continue
-                if record_tag is not None:
-                    start -= 1
-                    if start < low or buffer[start] != record_tag:
-                        continue
-                return start, {"fileName": buffer[name_start:name_end].decode("ascii"),
-                               "stampData": buffer[magic:end]}
-        magic = rfind(_GZIP_DEFLATE, low, magic)
-    if null_tag is not None and end - 1 >= low and buffer[end - 1] == null_tag:
-        return end - 1, None
-    return None
 
 
 # --------------------------------------------------------------------------- records -> alerts

@@ -2,7 +2,7 @@
 
 Alert cutouts are tiny (63x63 or 30x30 pixels) and their FITS structure is simple:
 one header of a few 2880-byte blocks and an image in the primary HDU. Opening them
-with ``astropy.io.fits`` costs ~0.3 ms each, more than all the rest of the decoding,
+with ``astropy.io.fits`` costs more than all the rest of the decoding (`rbstream bench decode`),
 so `read_image` parses the header cards it needs itself and reads the pixels with
 ``numpy.frombuffer``. Anything it does not recognise as the simple case (scaled
 integers, BLANK, random groups, no primary image, a header it cannot parse...) goes

@@ -66,11 +66,11 @@ class WriterSchema:
         instead of building thousands of dict entries. None when it cannot be derived.
     head : (dict, dict or None) or None
         ZTF only: parsed writer and reader schemas of the record's leading fields, up to
-        ``candidate`` (`head_schemas`): what comes before the history.
+        ``candidate`` (`service.decode.ztf_fast_path.head_schemas`): what comes before the history.
     tail : tuple or None
         ZTF only: ``(field name, record tag, null tag)`` of the three cutout fields when they
-        close the record (`cutout_tail_layout`), which lets the decoder find them from the
-        record's end without walking the history (`service.decode.alerts`).
+        close the record (`service.decode.ztf_fast_path.cutout_tail_layout`), which lets the decoder
+        find them from the record's end without walking the history.
     survey : str or None
         ``ztf`` or ``rubin``, recognised from the top-level field names (never from
         the schema name: community brokers rename it, e.g. ``topLevelRecord``), or
@@ -156,7 +156,9 @@ def parse_writer_schema(schema: Any, limits: DecodeLimits = DEFAULT_LIMITS) -> W
     survey = survey_of_fields(fields, candidate_field_names(parsed))
     head = tail = None
     if survey == "ztf":
-        head, tail = head_schemas(definition), cutout_tail_layout(definition)
+        from service.decode import ztf_fast_path  # it reads the scoring fields defined here
+
+        head, tail = ztf_fast_path.head_schemas(definition), ztf_fast_path.cutout_tail_layout(definition)
     return WriterSchema(parsed, survey, fields, str(parsed.get("name", "")), _scoring_reader(definition, survey),
                         head, tail if head is not None else None)
 
@@ -225,81 +227,6 @@ def _schema_height(node, depth: int, enclosing: frozenset, namespace: str, heigh
     return 0
 
 
-#: Leading ZTF fields an `Alert` needs (all come before ``prv_candidates``).
-ZTF_HEAD_FIELDS = frozenset({"objectId", "alertId", "candid", "candidate"})
-#: Names of the cutout fields, in the order ZTF writes them.
-CUTOUT_FIELD_NAMES = ("cutoutScience", "cutoutTemplate", "cutoutDifference")
-
-
-def head_schemas(definition: Mapping) -> tuple | None:
-    """Parsed (writer, reader) schemas of a ZTF record cut after its last `ZTF_HEAD_FIELDS` field.
-
-    Avro writes a record as its fields one after the other, so the first k fields of a
-    record are exactly readable with a schema of those k fields (and, for the last of
-    them when it is a record, of its own first fields). When ``candidate`` closes the
-    head it is cut after the last field `Alert` needs; either way the reader schema keeps
-    only what `Alert` needs (`scoring_reader_schema`).
-    """
-    try:
-        fields = list(definition["fields"])
-        last = max(i for i, f in enumerate(fields) if f["name"] in ZTF_HEAD_FIELDS)
-        writer = {k: v for k, v in definition.items() if not k.startswith("__")}
-        writer["fields"] = fields[: last + 1]
-        candidate = writer["fields"][-1]
-        keep = SCORING_FIELDS["ztf"]["candidate"]
-        if candidate["name"] == "candidate" and isinstance(candidate["type"], dict):
-            # candidate closes the head, so reading stops after the last of its fields we use
-            # (drb, the survey's score, is among its last; old schemas stop at jd..ypos).
-            inner = candidate["type"]["fields"]
-            upto = max(i for i, f in enumerate(inner) if f["name"] in keep)
-            writer["fields"] = writer["fields"][:-1] + [
-                dict(candidate, type=dict(candidate["type"], fields=inner[: upto + 1]))]
-        reader = fastavro.parse_schema(scoring_reader_schema(writer, "ztf"))
-        return fastavro.parse_schema(writer), reader
-    except Exception:  # an unusual schema: the decoder reads the whole record instead
-        return None
-
-
-def cutout_tail_layout(definition: Mapping) -> tuple | None:
-    """How the three cutouts close a ZTF record, or None when they do not.
-
-    Returns ``((field name, record tag, null tag), ...)`` for cutoutScience, Template and
-    Difference when they are the record's last three fields, each a record
-    ``{fileName: string, stampData: bytes}`` (or a union of it with null); a tag is the
-    byte that encodes the union branch (None: not a union / no null branch).
-    """
-    try:
-        fields = list(definition["fields"])[-3:]
-        if tuple(f["name"] for f in fields) != CUTOUT_FIELD_NAMES:
-            return None
-        cutout_name = None
-        layout = []
-        for field in fields:
-            branches = field["type"] if isinstance(field["type"], list) else [field["type"]]
-            record_tag = null_tag = None
-            for index, branch in enumerate(branches):
-                if branch == "null":
-                    null_tag = index * 2  # zig-zag encoding of a small non-negative long
-                elif isinstance(branch, dict) and branch.get("type") == "record":
-                    names = [(f["name"], f["type"]) for f in branch["fields"]]
-                    if names != [("fileName", "string"), ("stampData", "bytes")]:
-                        return None
-                    namespace = branch.get("namespace")
-                    cutout_name = branch["name"] if "." in branch["name"] or not namespace else f"{namespace}.{branch['name']}"
-                    record_tag = index * 2
-                elif isinstance(branch, str) and cutout_name is not None and branch in (cutout_name, cutout_name.rsplit(".", 1)[-1]):
-                    record_tag = index * 2
-                else:
-                    return None
-            if record_tag is None or len(branches) > 63:
-                return None
-            layout.append((field["name"], record_tag if isinstance(field["type"], list) else None,
-                           null_tag))
-        return tuple(layout)
-    except Exception:
-        return None
-
-
 #: Per survey: nested records kept by the scoring reader schema, and the fields kept in each.
 #: The survey's own real/bogus scores (ZTF ``rb``/``drb``, Rubin ``reliability``) are kept
 #: to be shown beside ours.
@@ -320,7 +247,7 @@ def scoring_reader_schema(definition: Mapping, survey: str | None) -> dict | Non
     Kept: top-level fields of primitive type (ids, versions...), the three cutouts, and
     the survey's detection records (`SCORING_FIELDS`) cut down to the fields we read.
     Everything else (histories, forced photometry, solar-system records) is skipped by
-    Avro schema resolution, which is about twice as fast as building it (issue 5).
+    Avro schema resolution, which is faster than building it (`rbstream bench decode` measures it).
     """
     if survey not in SCORING_FIELDS or not isinstance(definition, Mapping):
         return None
@@ -463,13 +390,6 @@ def rubin_versions() -> tuple[tuple[int, int], ...]:
             ).is_file():
                 versions.append((int(major.name), int(minor.name)))
     return tuple(sorted(versions))
-
-
-def latest_rubin_version() -> tuple[int, int]:
-    """The newest schema version ``lsst-alert-packet`` declares (its ``latest.txt``)."""
-    from lsst.alert.packet import get_latest_schema_version
-
-    return tuple(get_latest_schema_version())
 
 
 def official_rubin_schema(version) -> dict:

@@ -14,6 +14,8 @@ import logging
 import os
 from pathlib import Path
 
+from service.surveys import SURVEY_CHOICES
+
 log = logging.getLogger(__name__)
 
 
@@ -29,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="folder with one model per survey (default: models/; env RBSTREAM_MODELS_DIR)")
     parser.add_argument("--model-ztf", default=env("RBSTREAM_MODEL_ZTF"), metavar="PATH", help="ZTF model folder")
     parser.add_argument("--model-rubin", default=env("RBSTREAM_MODEL_RUBIN"), metavar="PATH", help="Rubin model folder")
-    parser.add_argument("--survey", default="auto", choices=("auto", "ztf", "rubin"),
+    parser.add_argument("--survey", default="auto", choices=SURVEY_CHOICES,
                         help="survey of the alert files (auto: told from the bytes)")
     parser.add_argument("--window", type=int, default=5, help="occlusion: side of the patch, pixels")
     parser.add_argument("--stride", type=int, default=2, help="occlusion: step of the patch, pixels")

@@ -23,12 +23,12 @@ from typing import Mapping
 import numpy as np
 
 from service.contract import ONNX_INPUT, ONNX_OUTPUT, StampContract
+from service.surveys import SURVEYS
 
 log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.onnx"
 CARD_FILE = "model_card.json"
-SURVEYS = ("ztf", "rubin")
 
 #: Where the default models are: ``models/`` at the repository root, or ``RBSTREAM_MODELS_DIR``.
 DEFAULT_MODELS_DIR = Path(__file__).resolve().parents[2] / "models"
@@ -60,17 +60,23 @@ class ModelCard:
             raise ModelError(f"model card {path}: {exc}") from exc
 
 
+#: ONNX Runtime execution providers of each device setting, in the order they are tried.
+DEVICE_PROVIDERS: Mapping[str, tuple[str, ...]] = {
+    "auto": ("CUDAExecutionProvider", "CPUExecutionProvider"),
+    "cpu": ("CPUExecutionProvider",),
+    "cuda": ("CUDAExecutionProvider", "CPUExecutionProvider"),
+    "tensorrt": ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"),
+}
+#: The device settings, for command-line choices.
+DEVICES: tuple[str, ...] = tuple(DEVICE_PROVIDERS)
+
+
 def resolve_providers(device: str = "auto") -> list[str]:
-    """ONNX Runtime execution providers for ``device`` (auto | cpu | cuda | tensorrt)."""
+    """ONNX Runtime execution providers for ``device`` (one of `DEVICES`)."""
     import onnxruntime as ort
 
     available = ort.get_available_providers()
-    wanted = {
-        "cpu": ["CPUExecutionProvider"],
-        "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
-        "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
-        "auto": ["CUDAExecutionProvider", "CPUExecutionProvider"],
-    }
+    wanted = DEVICE_PROVIDERS
     if device not in wanted:
         raise ValueError(f"device: unknown {device!r}; accepted: {', '.join(wanted)}")
     if device in ("cuda", "tensorrt") and wanted[device][0] not in available:
@@ -102,8 +108,8 @@ class Scorer:
     Environment: ``RBSTREAM_ORT_THREADS=N`` sets the intra-op threads of every scorer (the
     consumer and the API create theirs with the default); ``RBSTREAM_ORT_SPINNING=1`` lets ONNX
     Runtime's threads busy-wait between parallel sections, as ONNX Runtime does by default
-    (rbstream does not: the busy threads took the CPU the consumer decodes the next batch on,
-    1,435 against 2,181 alerts/s on 2 cores; single-stamp calls gain ~0.1 ms with it).
+    (rbstream does not: the busy threads took the CPU the consumer decodes the next batch on;
+    single-stamp calls gain a little with it).
     """
 
     def __init__(self, path: str | Path, device: str = "auto", intra_op_threads: int = 0, *,

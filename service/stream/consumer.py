@@ -37,13 +37,13 @@ from service import metrics
 from service.limits import LIMIT_OPTIONS, DecodeLimits
 from service.stream.pipeline import DecodedBatch, Outcome, Outgoing, ScoringPipeline, SourceMessage, dead_letter
 from service.registry import RegistryUnreachable
+from service.score.model import DEVICES
+from service.surveys import SURVEY_CHOICES, SURVEYS
 from service.settings import (COMMON_OPTIONS, Option, SettingsError, add_options, kafka_client_config,
                               non_negative_int, positive_int, redact, resolve)
 
 log = logging.getLogger(__name__)
 
-SURVEY_CHOICES = ("auto", "ztf", "rubin")
-DEVICE_CHOICES = ("auto", "cpu", "cuda", "tensorrt")
 
 #: Options of ``rbstream consume`` (each also ``RBSTREAM_<NAME>`` and a key of ``--config``).
 CONSUME_OPTIONS: tuple[Option, ...] = COMMON_OPTIONS + (
@@ -53,7 +53,7 @@ CONSUME_OPTIONS: tuple[Option, ...] = COMMON_OPTIONS + (
            metavar="TOPIC"),
     Option("group_id", "rbstream", "consumer group id", metavar="GROUP"),
     Option("survey", "auto", "survey of the input stream; auto recognises each alert by its fields",
-           choices=SURVEY_CHOICES, metavar="{auto,ztf,rubin}"),
+           choices=SURVEY_CHOICES, metavar="{" + ",".join(SURVEY_CHOICES) + "}"),
     Option("model", [], "model folder (or its model.onnx) to use instead of the default; SURVEY=PATH "
            "for one survey, or PATH alone (survey read from its model card); repeatable", kind="list",
            metavar="[SURVEY=]PATH"),
@@ -69,7 +69,7 @@ CONSUME_OPTIONS: tuple[Option, ...] = COMMON_OPTIONS + (
     Option("from_beginning", False, "start from the earliest offset when the group has no committed offset "
            "(else the latest)", kind="flag"),
     Option("device", "auto", "where to run the model: auto (CUDA when usable, else CPU), cpu, cuda, tensorrt",
-           choices=DEVICE_CHOICES, metavar="{auto,cpu,cuda,tensorrt}"),
+           choices=DEVICES, metavar="{" + ",".join(DEVICES) + "}"),
     Option("metrics_port", None, "serve Prometheus /metrics on this port (0 or unset: off)",
            type=non_negative_int, metavar="PORT"),
     Option("schema_registry_url", None, "Confluent schema registry: read Rubin wire-format schemas from it and "
@@ -104,7 +104,7 @@ def model_paths(entries: Sequence[str], survey: str) -> dict[str, str]:
     """
     from pathlib import Path
 
-    from service.score.model import CARD_FILE, SURVEYS, ModelCard, ModelError
+    from service.score.model import CARD_FILE, ModelCard, ModelError
 
     paths: dict[str, str] = {}
     for entry in entries:
@@ -126,7 +126,7 @@ def model_paths(entries: Sequence[str], survey: str) -> dict[str, str]:
 
 def load_models(settings: Mapping[str, Any]):
     """The scorers the settings ask for (one per survey), on the asked device."""
-    from service.score.model import SURVEYS, load_scorers
+    from service.score.model import load_scorers
 
     surveys = SURVEYS if settings["survey"] == "auto" else (settings["survey"],)
     return load_scorers(settings.get("models_dir"), model_paths(settings.get("model") or [], settings["survey"]),
@@ -135,7 +135,7 @@ def load_models(settings: Mapping[str, Any]):
 
 def load_fallback_models(settings: Mapping[str, Any]):
     """The fallback models without a difference image the settings name (``nodiff_model_<survey>``)."""
-    from service.score.model import SURVEYS, load_fallbacks
+    from service.score.model import load_fallbacks
 
     survey = settings.get("survey", "auto")
     surveys = SURVEYS if survey == "auto" else (survey,)
@@ -162,8 +162,8 @@ def record_encoder(settings: Mapping[str, Any]):
 
 #: librdkafka pauses a partition's fetching for ``fetch.queue.backoff.ms`` (default 1 s) once its
 #: prefetch queue holds ``queued.max.messages.kbytes`` (64 MB): only ~1,300 ZTF alerts, under a
-#: second of work. With the default the consumer idles about a third of the time on a backlog
-#: (measured on a full topic: 920 alerts/s, 1,500 with this value; README, performance).
+#: second of work. With the default the consumer idles a large part of the time on a backlog
+#: (the README's performance section has the measurement).
 FETCH_QUEUE_BACKOFF_MS = 20
 
 

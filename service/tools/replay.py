@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Mapping, Sequence
 
 from service.lifecycle import on_stop_signals, restore_signals
+from service.surveys import SURVEYS
 from service.stream.pipeline import HEADER_SOURCE_FILE
 from service.settings import (COMMON_OPTIONS, Option, SettingsError, add_options, kafka_client_config,
                               positive_int, resolve)
@@ -42,7 +43,7 @@ REPLAY_OPTIONS: tuple[Option, ...] = COMMON_OPTIONS + (
     Option("topic", None, "topic to produce the alerts to", required=True, metavar="TOPIC"),
     Option("rate", None, "messages per second (default: as fast as possible)", type=float, metavar="R"),
     Option("survey", None, "survey of the files (default: recognised from each alert's fields)",
-           choices=(None, "ztf", "rubin")),
+           choices=(None, *SURVEYS)),
     Option("wire_format", False, "send Rubin alerts in the Confluent wire format with the official "
            "lsst-alert-packet schema", kind="flag"),
     Option("repeat", 1, "send the files this many times (a longer stream)", type=positive_int, metavar="N"),
