@@ -13,14 +13,12 @@ record, blocks of ~100 kB, 63x63 cutouts of 20 kB; Rubin: 60 kB schemas, 30-100 
 cutouts) and low enough that one message cannot take more than a few hundred MB.
 
 Each limit is an `service.settings.Option`: ``--max-schema-bytes`` on the command line of
-``rbstream consume``/``run``/``serve``, ``RBSTREAM_MAX_SCHEMA_BYTES`` in the environment,
-``max_schema_bytes`` in the consumer's config file.
+``rbstream consume``/``serve``, ``RBSTREAM_MAX_SCHEMA_BYTES`` in the environment,
+``max_schema_bytes`` in their ``--config`` file.
 """
 
 from __future__ import annotations
 
-import argparse
-import os
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
@@ -97,32 +95,4 @@ LIMIT_OPTIONS: tuple[Option, ...] = (
 )
 
 
-def add_limit_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add `LIMIT_OPTIONS` to a parser that does not use `service.settings.add_options` (``rbstream serve``)."""
-    group = parser.add_argument_group("decoding limits (per message)")
-    for opt in LIMIT_OPTIONS:
-        group.add_argument(opt.flag, dest=opt.name, default=None, metavar=opt.metavar,
-                           help=f"{opt.help} (env {opt.env}; default {opt.default})")
-
-
-def limits_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> DecodeLimits:
-    """`DecodeLimits` from the command line, else ``RBSTREAM_<NAME>``, else the defaults.
-
-    Raises
-    ------
-    SettingsError
-        A value that does not parse.
-    """
-    environ = os.environ if environ is None else environ
-    values = {}
-    for opt in LIMIT_OPTIONS:
-        raw = getattr(args, opt.name, None)
-        if raw is not None:
-            values[opt.name] = opt.parse(raw, "command line")
-        elif opt.env in environ:
-            values[opt.name] = opt.parse(environ[opt.env], f"env {opt.env}")
-    return DecodeLimits.from_settings(values)
-
-
-__all__ = ["DEFAULT_LIMITS", "DecodeLimits", "LIMIT_OPTIONS", "SettingsError", "add_limit_arguments",
-           "limits_from_args"]
+__all__ = ["DEFAULT_LIMITS", "DecodeLimits", "LIMIT_OPTIONS", "SettingsError"]

@@ -1,9 +1,10 @@
-"""Settings of the Kafka commands, from command line, environment and a TOML file.
+"""Settings of the commands, from command line, environment and a TOML file.
 
-Every option of ``rbstream consume`` (and of ``replay``, ``tail``, ``run``) can be given
+Every option of ``rbstream consume`` (and of ``replay``, ``tail``, ``run``, ``serve``) can be given
 
 1. on the command line (``--batch-size 64``),
-2. as an environment variable ``RBSTREAM_<NAME>`` (``RBSTREAM_BATCH_SIZE=64``),
+2. as an environment variable ``RBSTREAM_<NAME>`` (``RBSTREAM_BATCH_SIZE=64``; a few options
+   keep an older name, e.g. ``rbstream serve --max-batch`` is ``RBSTREAM_API_MAX_BATCH``),
 3. in a TOML file given by ``--config FILE`` (or ``RBSTREAM_CONFIG``), top-level keys named
    like the options (``batch_size = 64``; dashes or underscores),
 
@@ -24,6 +25,7 @@ Later sources override earlier ones key by key (file < environment < command lin
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import tomllib
 from dataclasses import dataclass
@@ -65,7 +67,9 @@ class Option:
     """One setting: its name (``batch_size``), how to parse it, its default and help.
 
     ``kind`` is ``value`` (parsed with ``type``), ``flag`` (boolean switch; ``--no-NAME``
-    turns it off again) or ``list`` (repeatable).
+    turns it off again) or ``list`` (repeatable; with ``nargs="+"`` one flag also takes
+    several values, ``--samples a b``). ``env_var`` replaces the environment variable's
+    usual name ``RBSTREAM_<NAME>`` where an option had another before.
     """
 
     name: str
@@ -76,6 +80,8 @@ class Option:
     choices: tuple | None = None
     required: bool = False
     metavar: str | None = None
+    env_var: str | None = None
+    nargs: str | None = None
 
     @property
     def flag(self) -> str:
@@ -83,7 +89,7 @@ class Option:
 
     @property
     def env(self) -> str:
-        return ENV_PREFIX + self.name.upper()
+        return self.env_var or ENV_PREFIX + self.name.upper()
 
     def parse(self, raw: Any, source: str) -> Any:
         try:
@@ -123,8 +129,8 @@ def add_options(parser: argparse.ArgumentParser, options: Iterable[Option]) -> N
             parser.add_argument(opt.flag, dest=opt.name, action=argparse.BooleanOptionalAction, default=None,
                                 help=help_text)
         elif opt.kind == "list":
-            parser.add_argument(opt.flag, dest=opt.name, action="append", default=None, metavar=opt.metavar,
-                                help=help_text)
+            parser.add_argument(opt.flag, dest=opt.name, action="extend" if opt.nargs else "append",
+                                nargs=opt.nargs, default=None, metavar=opt.metavar, help=help_text)
         else:
             parser.add_argument(opt.flag, dest=opt.name, default=None, metavar=opt.metavar,
                                 choices=None, help=help_text)
@@ -262,16 +268,57 @@ def kafka_client_config(settings: Mapping[str, Any], role: str, **overrides: Any
     return conf
 
 
+def _integer(value: Any) -> int:
+    """``value`` as an int; a TOML float with a fraction or a boolean is refused, not truncated."""
+    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+        raise ValueError(f"not an integer: {value!r}")
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"not an integer: {value!r}") from None
+
+
 def positive_int(text: str) -> int:
-    value = int(text)
+    value = _integer(text)
     if value <= 0:
         raise ValueError(f"must be a positive integer, got {value}")
     return value
 
 
 def non_negative_int(text: str) -> int:
-    value = int(text)
+    value = _integer(text)
     if value < 0:
         raise ValueError(f"must be >= 0, got {value}")
     return value
+
+
+def _finite_float(value: Any) -> float:
+    if isinstance(value, bool):
+        raise ValueError(f"not a number: {value!r}")
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError(f"not a number: {value!r}") from None
+    if not math.isfinite(number):
+        raise ValueError(f"must be a finite number, got {value!r}")
+    return number
+
+
+def positive_float(text: str) -> float:
+    value = _finite_float(text)
+    if value <= 0:
+        raise ValueError(f"must be a positive number, got {value:g}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = _finite_float(text)
+    if value < 0:
+        raise ValueError(f"must be >= 0, got {value:g}")
+    return value
+
+
+def comma_separated(value: str | list) -> list[str]:
+    """A list given as one comma-separated string (command line, environment) or a TOML array."""
+    return _parse_list(value)
 

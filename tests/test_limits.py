@@ -1,5 +1,5 @@
-"""The decoding limits are settings: command line, environment and config file for the consumer,
-command line and environment for ``rbstream serve``; each has a documented default."""
+"""The decoding limits are settings: command line, environment and config file for the consumer
+and ``rbstream serve``; each has a documented default."""
 
 from __future__ import annotations
 
@@ -40,11 +40,11 @@ def test_a_bad_limit_names_its_setting():
 
 
 def test_serve_takes_the_same_limits_and_its_timeouts():
-    from service.api.app import settings_from_args
+    from service.api.app import SERVE_OPTIONS, ApiSettings
 
     args = build_parser(only="serve").parse_args(["serve", "--max-records", "7", "--header-timeout-s", "2.5",
                                                   "--max-concurrent-decodes", "2"])
-    api = settings_from_args(args)
+    api = ApiSettings.from_settings(resolve(args, SERVE_OPTIONS, {}))
     assert api.limits.max_records == 7 and api.header_timeout_s == 2.5 and api.max_concurrent_decodes == 2
     assert api.limits == DecodeLimits(max_records=7)
 

@@ -24,11 +24,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
-from typing import Annotated, Callable, Iterable, Literal, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Annotated, Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 from fastapi import FastAPI, Query, Request
@@ -48,7 +47,11 @@ from service.api.auth import BearerAuthMiddleware, TokenAuth
 from service.decode.stamps import fallback_key
 from service.contract import RAW_IMAGES, StampError, assemble
 from service.api.server import KEEP_ALIVE_S
-from service.limits import DEFAULT_LIMITS, DecodeLimits, add_limit_arguments, limits_from_args
+from service.limits import DEFAULT_LIMITS, LIMIT_OPTIONS, DecodeLimits
+from service.score.model import DEVICES
+from service.surveys import SURVEYS, SurveyChoice
+from service.settings import (Option, SettingsError, add_options, comma_separated, non_negative_float,
+                              non_negative_int, positive_int, resolve)
 from service.api.coalesce import RequestCoalescer
 
 log = logging.getLogger(__name__)
@@ -63,7 +66,7 @@ JSON_CONTENT_TYPES = frozenset({"application/json", ""})
 
 @dataclass
 class ApiSettings:
-    """Limits and behaviour of the API (CLI options and ``RBSTREAM_API_*`` variables of ``rbstream serve``).
+    """Limits and behaviour of the API (`SERVE_OPTIONS` of ``rbstream serve``, built by `from_settings`).
 
     Attributes
     ----------
@@ -119,6 +122,18 @@ class ApiSettings:
     scan_bootstrap_servers: str | None = None
     scan_recent: int = 200
     scan_labels_dir: str = "scan-labels"
+
+    @classmethod
+    def from_settings(cls, values: Mapping[str, Any]) -> "ApiSettings":
+        """From resolved settings (`service.settings.resolve` with `SERVE_OPTIONS`); missing keys keep defaults."""
+        derived = {"model_paths", "nodiff_model_paths", "limits"}
+        plain = {f.name: values[f.name] for f in fields(cls)
+                 if f.name not in derived and values.get(f.name) is not None}
+        return cls(**plain,
+                   model_paths={s: values[f"model_{s}"] for s in SURVEYS if values.get(f"model_{s}")},
+                   nodiff_model_paths={s: values[f"nodiff_model_{s}"] for s in SURVEYS
+                                       if values.get(f"nodiff_model_{s}")},
+                   limits=DecodeLimits.from_settings(values))
 
 
 class ApiError(Exception):
@@ -237,7 +252,7 @@ def create_app(scorers: Mapping | None = None, settings: ApiSettings | None = No
     )
     async def classify(
         request: Request,
-        survey: Annotated[Literal["auto", "ztf", "rubin"], Query(
+        survey: Annotated[SurveyChoice, Query(
             description="Raw alert bodies only: the survey of the alert (`auto` tells from the bytes).")] = "auto",
     ) -> ClassifyResponse:
         """Score one or many candidates.
@@ -738,116 +753,84 @@ def _version() -> str:
 
 # ---- command line ------------------------------------------------------------------------------------
 
+_API = ApiSettings()
+
+#: Options of ``rbstream serve``: flag ``--NAME``, key ``NAME`` of ``--config``, and the environment
+#: variable each had before the API shared `service.settings` (mostly ``RBSTREAM_API_<NAME>``).
+SERVE_OPTIONS: tuple[Option, ...] = (
+    Option("host", "127.0.0.1", "address to listen on (0.0.0.0 in containers)", env_var="RBSTREAM_API_HOST",
+           metavar="HOST"),
+    Option("port", 8000, "port", type=non_negative_int, env_var="RBSTREAM_API_PORT", metavar="PORT"),
+    Option("models_dir", None, "folder with one model per survey (<dir>/ztf, <dir>/rubin); default models/",
+           metavar="DIR"),
+    Option("model_ztf", None, "ZTF model folder or .onnx, instead of <models-dir>/ztf", metavar="PATH"),
+    Option("model_rubin", None, "Rubin model folder or .onnx", metavar="PATH"),
+    Option("nodiff_model_ztf", None, "fallback ZTF model without the difference image (e.g. trained on template "
+           "and science): scores what lacks a usable difference, refused (422) without it", metavar="PATH"),
+    Option("nodiff_model_rubin", None, "the same for Rubin", metavar="PATH"),
+    Option("device", "auto", "inference device", choices=DEVICES, metavar="{" + ",".join(DEVICES) + "}"),
+    Option("default_survey", None, "model of JSON requests naming no survey (default: ztf if loaded, else the "
+           "only one)", choices=SURVEYS, env_var="RBSTREAM_API_DEFAULT_SURVEY", metavar="{" + ",".join(SURVEYS) + "}"),
+    Option("max_candidates", _API.max_candidates, "most candidates per request", type=positive_int,
+           env_var="RBSTREAM_API_MAX_CANDIDATES", metavar="N"),
+    Option("max_body_bytes", _API.max_body_bytes, "largest request body", type=positive_int,
+           env_var="RBSTREAM_API_MAX_BODY_BYTES", metavar="BYTES"),
+    Option("max_batch", _API.max_batch, "most stamps per inference batch", type=positive_int,
+           env_var="RBSTREAM_API_MAX_BATCH", metavar="N"),
+    Option("max_wait_ms", _API.max_wait_ms, "longest wait for a batch to fill", type=non_negative_float,
+           env_var="RBSTREAM_API_MAX_WAIT_MS", metavar="MS"),
+    Option("token_file", None, "file holding the bearer token, e.g. a mounted Kubernetes Secret; or set the token "
+           "itself in RBSTREAM_API_TOKEN (never on the command line, where `ps` shows it)",
+           env_var="RBSTREAM_API_TOKEN_FILE", metavar="FILE"),
+    Option("open_paths", None, "comma-separated paths served without the token (default: /healthz,/readyz,/metrics "
+           "and the docs)", type=comma_separated, env_var="RBSTREAM_API_OPEN_PATHS", metavar="PATH,..."),
+    Option("max_concurrent_decodes", _API.max_concurrent_decodes, "bodies decoded at once; others wait",
+           type=positive_int, env_var="RBSTREAM_API_MAX_CONCURRENT_DECODES", metavar="N"),
+    Option("header_timeout_s", _API.header_timeout_s, "seconds a client has to send its request line and headers; "
+           "408 after (0: no limit)", type=non_negative_float, env_var="RBSTREAM_API_HEADER_TIMEOUT_S",
+           metavar="S"),
+    Option("body_timeout_s", _API.body_timeout_s, "seconds a client has to send the whole body; 408 after "
+           "(0: no limit)", type=non_negative_float, env_var="RBSTREAM_API_BODY_TIMEOUT_S", metavar="S"),
+    Option("keep_alive_timeout_s", _API.keep_alive_timeout_s, "seconds an idle kept-alive connection stays open",
+           type=non_negative_float, env_var="RBSTREAM_API_KEEP_ALIVE_TIMEOUT_S", metavar="S"),
+    Option("max_header_bytes", _API.max_header_bytes, "most bytes of request line and headers; 414 or 431 beyond",
+           type=positive_int, env_var="RBSTREAM_API_MAX_HEADER_BYTES", metavar="BYTES"),
+    Option("scan_alerts", None, "folder of alert files the scanning page GET /scan queues", metavar="DIR"),
+    Option("scan_topic", None, "instead of --scan-alerts: queue the last --scan-recent alerts of this Kafka topic",
+           metavar="TOPIC"),
+    Option("scan_bootstrap_servers", "localhost:9092", "broker of --scan-topic", metavar="HOST:PORT"),
+    Option("scan_recent", _API.scan_recent, "how many of the topic's last alerts the queue holds",
+           type=positive_int, metavar="N"),
+    Option("scan_labels_dir", _API.scan_labels_dir, "folder of the scanning page's labels: labels.sqlite and "
+           "labels.csv, the CSV training reads", metavar="DIR"),
+) + LIMIT_OPTIONS
+
+
 def add_arguments(parser) -> None:
-    env = os.environ.get
-    parser.add_argument("--host", default=env("RBSTREAM_API_HOST", "127.0.0.1"),
-                        help="address to listen on (env RBSTREAM_API_HOST; 0.0.0.0 in containers)")
-    parser.add_argument("--port", type=int, default=int(env("RBSTREAM_API_PORT", "8000")),
-                        help="port (env RBSTREAM_API_PORT)")
-    parser.add_argument("--models-dir", default=env("RBSTREAM_MODELS_DIR"),
-                        help="folder with one model per survey (<dir>/ztf, <dir>/rubin); default: models/ "
-                             "(env RBSTREAM_MODELS_DIR)")
-    parser.add_argument("--model-ztf", default=env("RBSTREAM_MODEL_ZTF"), metavar="PATH",
-                        help="ZTF model folder or .onnx, instead of <models-dir>/ztf (env RBSTREAM_MODEL_ZTF)")
-    parser.add_argument("--model-rubin", default=env("RBSTREAM_MODEL_RUBIN"), metavar="PATH",
-                        help="Rubin model folder or .onnx (env RBSTREAM_MODEL_RUBIN)")
-    parser.add_argument("--nodiff-model-ztf", default=env("RBSTREAM_NODIFF_MODEL_ZTF"), metavar="PATH",
-                        help="fallback ZTF model without the difference image (e.g. trained on template and "
-                             "science): scores what lacks a usable difference, refused (422) without it "
-                             "(env RBSTREAM_NODIFF_MODEL_ZTF)")
-    parser.add_argument("--nodiff-model-rubin", default=env("RBSTREAM_NODIFF_MODEL_RUBIN"), metavar="PATH",
-                        help="the same for Rubin (env RBSTREAM_NODIFF_MODEL_RUBIN)")
-    parser.add_argument("--device", default=env("RBSTREAM_DEVICE", "auto"), choices=("auto", "cpu", "cuda", "tensorrt"),
-                        help="inference device (env RBSTREAM_DEVICE)")
-    defaults = ApiSettings()
-    parser.add_argument("--default-survey", choices=("ztf", "rubin"), default=env("RBSTREAM_API_DEFAULT_SURVEY"),
-                        help="model of JSON requests naming no survey (default: ztf if loaded, else the only one)")
-    parser.add_argument("--max-candidates", type=int, default=int(env("RBSTREAM_API_MAX_CANDIDATES",
-                                                                      defaults.max_candidates)),
-                        help="most candidates per request (env RBSTREAM_API_MAX_CANDIDATES)")
-    parser.add_argument("--max-body-bytes", type=int, default=int(env("RBSTREAM_API_MAX_BODY_BYTES",
-                                                                      defaults.max_body_bytes)),
-                        help="largest request body (env RBSTREAM_API_MAX_BODY_BYTES)")
-    parser.add_argument("--max-batch", type=int, default=int(env("RBSTREAM_API_MAX_BATCH", defaults.max_batch)),
-                        help="most stamps per inference batch (env RBSTREAM_API_MAX_BATCH)")
-    parser.add_argument("--max-wait-ms", type=float, default=float(env("RBSTREAM_API_MAX_WAIT_MS",
-                                                                       defaults.max_wait_ms)),
-                        help="longest wait for a batch to fill (env RBSTREAM_API_MAX_WAIT_MS)")
-    parser.add_argument("--token-file", default=env("RBSTREAM_API_TOKEN_FILE"),
-                        help="file holding the bearer token, e.g. a mounted Kubernetes Secret (env "
-                             "RBSTREAM_API_TOKEN_FILE); or set the token itself in RBSTREAM_API_TOKEN "
-                             "(never on the command line, where `ps` shows it)")
-    parser.add_argument("--open-paths", default=env("RBSTREAM_API_OPEN_PATHS"),
-                        help="comma-separated paths served without the token (env RBSTREAM_API_OPEN_PATHS; "
-                             "default: /healthz,/readyz,/metrics and the docs)")
-    parser.add_argument("--max-concurrent-decodes", type=int, default=int(env("RBSTREAM_API_MAX_CONCURRENT_DECODES",
-                                                                              defaults.max_concurrent_decodes)),
-                        help="bodies decoded at once; others wait (env RBSTREAM_API_MAX_CONCURRENT_DECODES)")
-    parser.add_argument("--header-timeout-s", type=float, default=float(env("RBSTREAM_API_HEADER_TIMEOUT_S",
-                                                                            defaults.header_timeout_s)),
-                        help="seconds a client has to send its request line and headers; 408 after "
-                             "(env RBSTREAM_API_HEADER_TIMEOUT_S)")
-    parser.add_argument("--body-timeout-s", type=float, default=float(env("RBSTREAM_API_BODY_TIMEOUT_S",
-                                                                          defaults.body_timeout_s)),
-                        help="seconds a client has to send the whole body; 408 after (env RBSTREAM_API_BODY_TIMEOUT_S)")
-    parser.add_argument("--keep-alive-timeout-s", type=float, default=float(env("RBSTREAM_API_KEEP_ALIVE_TIMEOUT_S",
-                                                                                defaults.keep_alive_timeout_s)),
-                        help="seconds an idle kept-alive connection stays open (env RBSTREAM_API_KEEP_ALIVE_TIMEOUT_S)")
-    parser.add_argument("--max-header-bytes", type=int, default=int(env("RBSTREAM_API_MAX_HEADER_BYTES",
-                                                                        defaults.max_header_bytes)),
-                        help="most bytes of request line and headers; 414 or 431 beyond "
-                             "(env RBSTREAM_API_MAX_HEADER_BYTES)")
-    parser.add_argument("--scan-alerts", default=env("RBSTREAM_SCAN_ALERTS"), metavar="DIR",
-                        help="folder of alert files the scanning page GET /scan queues (env RBSTREAM_SCAN_ALERTS)")
-    parser.add_argument("--scan-topic", default=env("RBSTREAM_SCAN_TOPIC"), metavar="TOPIC",
-                        help="instead of --scan-alerts: queue the last --scan-recent alerts of this Kafka topic "
-                             "(env RBSTREAM_SCAN_TOPIC)")
-    parser.add_argument("--scan-bootstrap-servers", default=env("RBSTREAM_SCAN_BOOTSTRAP_SERVERS", "localhost:9092"),
-                        metavar="HOST:PORT", help="broker of --scan-topic (env RBSTREAM_SCAN_BOOTSTRAP_SERVERS)")
-    parser.add_argument("--scan-recent", type=int, default=int(env("RBSTREAM_SCAN_RECENT", defaults.scan_recent)),
-                        help="how many of the topic's last alerts the queue holds (env RBSTREAM_SCAN_RECENT)")
-    parser.add_argument("--scan-labels-dir", default=env("RBSTREAM_SCAN_LABELS_DIR", defaults.scan_labels_dir),
-                        metavar="DIR", help="folder of the scanning page's labels: labels.sqlite and labels.csv, "
-                                            "the CSV training reads (env RBSTREAM_SCAN_LABELS_DIR)")
-    add_limit_arguments(parser)
-
-
-def settings_from_args(args) -> ApiSettings:
-    paths = {s: p for s, p in (("ztf", args.model_ztf), ("rubin", args.model_rubin)) if p}
-    nodiff_paths = {s: p for s, p in (("ztf", args.nodiff_model_ztf), ("rubin", args.nodiff_model_rubin)) if p}
-    return ApiSettings(max_candidates=args.max_candidates, max_body_bytes=args.max_body_bytes,
-                       max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, default_survey=args.default_survey,
-                       models_dir=args.models_dir, model_paths=paths, nodiff_model_paths=nodiff_paths,
-                       device=args.device,
-                       limits=limits_from_args(args), max_concurrent_decodes=args.max_concurrent_decodes,
-                       header_timeout_s=args.header_timeout_s, body_timeout_s=args.body_timeout_s,
-                       keep_alive_timeout_s=args.keep_alive_timeout_s, max_header_bytes=args.max_header_bytes,
-                       scan_alerts=args.scan_alerts, scan_topic=args.scan_topic,
-                       scan_bootstrap_servers=args.scan_bootstrap_servers, scan_recent=args.scan_recent,
-                       scan_labels_dir=args.scan_labels_dir)
+    add_options(parser, SERVE_OPTIONS)
 
 
 def main(args) -> int:
     from service.api.server import ApiServer, server_config
     from service.score.model import ModelError
-    from service.settings import SettingsError
 
     try:
-        settings = settings_from_args(args)
+        values = resolve(args, SERVE_OPTIONS)
     except SettingsError as exc:
         log.error("%s", exc)
         return 2
-    open_paths = None if args.open_paths is None else [p.strip() for p in args.open_paths.split(",") if p.strip()]
+    settings = ApiSettings.from_settings(values)
     try:
-        auth = TokenAuth.from_env(token_file=args.token_file, open_paths=open_paths)
+        auth = TokenAuth.from_env(token_file=values["token_file"], open_paths=values["open_paths"])
         app = create_app(settings=settings, auth=auth)
     except (ModelError, OSError, ValueError) as exc:
         log.error("cannot start the API: %s", exc)
         return 2
-    log.info("API on http://%s:%d (docs at /docs); token %s", args.host, args.port,
+    host, port = values["host"], values["port"]
+    log.info("API on http://%s:%d (docs at /docs); token %s", host, port,
              "required" if auth.enabled else "not required")
     # Guards against slow clients, logged closes, keep-alive longer than the clients', bounded shutdown.
-    config = server_config(app, args.host, args.port, header_timeout_s=settings.header_timeout_s,
+    config = server_config(app, host, port, header_timeout_s=settings.header_timeout_s,
                            body_timeout_s=settings.body_timeout_s, keep_alive_timeout_s=settings.keep_alive_timeout_s,
                            max_header_bytes=settings.max_header_bytes,
                            log_level=logging.getLevelName(log.getEffectiveLevel()).lower())

@@ -31,7 +31,10 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from service.stream import pipeline
-from service.settings import SettingsError, non_negative_int, positive_int
+from service.surveys import display_name
+from service.score.model import DEVICES
+from service.settings import (Option, SettingsError, add_options, non_negative_int,
+                              positive_float, positive_int, resolve)
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +43,6 @@ OUTPUT_TOPIC = "scores"
 DLQ_TOPIC = "alerts-dlq"
 GROUP_ID = "rbstream-run"
 
-SURVEY_NAMES = {"ztf": "ZTF", "rubin": "Rubin"}
 
 
 def _port_free(port: int, host: str = "127.0.0.1") -> bool:
@@ -69,7 +71,7 @@ def _pick_port(wanted: int, host: str, what: str) -> int:
 def score_line(record: Mapping[str, Any]) -> str:
     """One line for a score record: survey, object id, candidate id, score, label, model, and the
     survey's own score when the alert has one (``survey drb 0.998``, ``survey reliability 0.420``)."""
-    survey = SURVEY_NAMES.get(record.get("survey"), str(record.get("survey")))
+    survey = display_name(record.get("survey"))
     theirs = record.get("survey_score")
     theirs = f"  survey {record.get('survey_score_name') or 'score'} {theirs:.3f}" if theirs is not None else ""
     return (f"  {survey:<5}  object {record.get('object_id') or '-':<20}  candidate {record.get('candidate_id'):<20}"
@@ -150,28 +152,34 @@ class Printer:
 
 # -- the command ---------------------------------------------------------------------------------
 
+#: Options of ``rbstream run`` (flag ``--NAME``, key ``NAME`` of ``--config``, ``RBSTREAM_<NAME>`` unless
+#: named otherwise: host and port are the API's, as for ``rbstream serve``).
+RUN_OPTIONS: tuple[Option, ...] = (
+    Option("samples", ["../shared/data"], "alert files or folders to replay", kind="list", nargs="+",
+           env_var="RBSTREAM_SAMPLE_DATA", metavar="PATH"),
+    Option("host", "127.0.0.1", "API host", env_var="RBSTREAM_API_HOST", metavar="HOST"),
+    Option("port", 8000, "API port (another free one if busy; 0: any)", type=non_negative_int,
+           env_var="RBSTREAM_API_PORT", metavar="PORT"),
+    Option("broker_port", 9092, "local broker port (another free one if busy; 0: any)", type=non_negative_int,
+           metavar="PORT"),
+    Option("models_dir", None, "models folder (default models/)", metavar="DIR"),
+    Option("device", "auto", "where to run the models (auto: CUDA when usable, else CPU)", choices=DEVICES,
+           metavar="{" + ",".join(DEVICES) + "}"),
+    Option("batch_size", 64, "consumer batch size", type=positive_int, metavar="N"),
+    Option("rate", None, "replay rate, alerts per second (default: all at once)", type=positive_float,
+           metavar="PER_S"),
+    Option("repeat", 1, "replay the samples this many times", type=positive_int, metavar="N"),
+    Option("wire_format", True, "replay Rubin alerts in the Confluent wire format (--no-wire-format: as Avro "
+           "containers)", kind="flag"),
+    Option("exit_after_replay", False, "stop once every replayed alert is accounted for (else serve until Ctrl-C)",
+           kind="flag"),
+    Option("verbose", False, "show the service's INFO logs between the score lines (default: warnings only)",
+           kind="flag"),
+)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    env = os.environ.get
-    parser.add_argument("--samples", nargs="+", default=[env("RBSTREAM_SAMPLE_DATA", "../shared/data")],
-                        metavar="PATH", help="alert files or folders to replay (default: ../shared/data, "
-                                             "env RBSTREAM_SAMPLE_DATA)")
-    parser.add_argument("--host", default=env("RBSTREAM_API_HOST", "127.0.0.1"), help="API host (default 127.0.0.1)")
-    parser.add_argument("--port", type=non_negative_int, default=int(env("RBSTREAM_API_PORT", 8000)),
-                        help="API port (default 8000; another free one if busy; 0: any)")
-    parser.add_argument("--broker-port", type=non_negative_int, default=int(env("RBSTREAM_BROKER_PORT", 9092)),
-                        help="local broker port (default 9092; another free one if busy; 0: any)")
-    parser.add_argument("--models-dir", default=env("RBSTREAM_MODELS_DIR"), help="models folder (default models/)")
-    parser.add_argument("--device", default=env("RBSTREAM_DEVICE", "auto"), choices=("auto", "cpu", "cuda", "tensorrt"),
-                        help="where to run the models (default auto: CUDA when usable, else CPU)")
-    parser.add_argument("--batch-size", type=positive_int, default=64, help="consumer batch size (default 64)")
-    parser.add_argument("--rate", type=float, default=None, help="replay rate, alerts per second (default: all at once)")
-    parser.add_argument("--repeat", type=positive_int, default=1, help="replay the samples this many times")
-    parser.add_argument("--no-wire-format", dest="wire_format", action="store_false",
-                        help="replay Rubin alerts as Avro containers instead of the Confluent wire format")
-    parser.add_argument("--exit-after-replay", action="store_true",
-                        help="stop once every replayed alert is accounted for (else serve until Ctrl-C)")
-    parser.add_argument("--verbose", action="store_true",
-                        help="show the service's INFO logs between the score lines (default: warnings only)")
+    add_options(parser, RUN_OPTIONS)
 
 
 def _start_api(scorers, host: str, port: int, readiness_checks, bootstrap_servers: str | None = None):
@@ -213,10 +221,14 @@ def main(args: argparse.Namespace) -> int:
     from service.tools.broker import LocalBroker
     from service.stream.consumer import AlertConsumer, CONSUME_OPTIONS
     from service.score.model import ModelError, load_scorers
-    from service.settings import resolve
 
     from service.lifecycle import on_stop_signals
 
+    try:
+        options = resolve(args, RUN_OPTIONS)
+    except SettingsError as exc:
+        print(f"rbstream run: {exc}", file=sys.stderr)
+        return 2
     stop = threading.Event()
 
     def on_signal(signum: signal.Signals) -> None:
@@ -225,15 +237,15 @@ def main(args: argparse.Namespace) -> int:
         stop.set()
 
     on_stop_signals(on_signal)
-    if not args.verbose:
+    if not options["verbose"]:
         # One line per alert reads best without the INFO logs of every part in between.
         service_log = logging.getLogger("service")
         service_log.setLevel(max(service_log.getEffectiveLevel(), logging.WARNING))
 
-    samples = [Path(p) for p in args.samples]
+    samples = [Path(p) for p in options["samples"]]
     try:
-        messages = replay.load_messages(samples, wire_format=args.wire_format)
-        scorers = load_scorers(args.models_dir, device=args.device)
+        messages = replay.load_messages(samples, wire_format=options["wire_format"])
+        scorers = load_scorers(options["models_dir"], device=options["device"])
     except (FileNotFoundError, ModelError, SettingsError) as exc:
         print(f"rbstream run: {exc}", file=sys.stderr)
         return 2
@@ -241,11 +253,11 @@ def main(args: argparse.Namespace) -> int:
 
     print("rbstream: real/bogus scores for ZTF and Rubin alerts", flush=True)
     for survey, scorer in scorers.items():
-        print(f"  model  {SURVEY_NAMES.get(survey, survey):<5}  {scorer.card.name} {scorer.card.version}"
+        print(f"  model  {display_name(survey):<5}  {scorer.card.name} {scorer.card.version}"
               f"  threshold {scorer.card.threshold:.3f}  on {scorer.provider}", flush=True)
 
     broker_log = Path(tempfile.gettempdir()) / f"rbstream-run-tansu-{os.getpid()}.log"
-    broker = LocalBroker(port=_pick_port(args.broker_port, "127.0.0.1", "broker"), log_path=broker_log)
+    broker = LocalBroker(port=_pick_port(options["broker_port"], "127.0.0.1", "broker"), log_path=broker_log)
     consumer = server = printer = admin = None
     consumer_thread = api_thread = None
     exit_code = 0
@@ -255,8 +267,9 @@ def main(args: argparse.Namespace) -> int:
         _create_topics(broker.bootstrap_servers)
         settings = resolve(argparse.Namespace(
             bootstrap_servers=broker.bootstrap_servers, input_topic=INPUT_TOPIC, output_topic=OUTPUT_TOPIC,
-            dlq_topic=DLQ_TOPIC, group_id=GROUP_ID, from_beginning=True, batch_size=str(args.batch_size),
-            device=args.device, kafka_option=["consumer.session.timeout.ms=6000"]), CONSUME_OPTIONS, environ={})
+            dlq_topic=DLQ_TOPIC, group_id=GROUP_ID, from_beginning=True, batch_size=options["batch_size"],
+            device=options["device"], kafka_option=["consumer.session.timeout.ms=6000"]),
+            CONSUME_OPTIONS, environ={})
         consumer = AlertConsumer(settings, scorers)
 
         from confluent_kafka.admin import AdminClient
@@ -270,9 +283,10 @@ def main(args: argparse.Namespace) -> int:
             admin.list_topics(timeout=2)
             return True, f"broker {broker.bootstrap_servers} reachable"
 
-        api_port = _pick_port(args.port, args.host, "API")
-        server, api_thread = _start_api(scorers, args.host, api_port, [broker_reachable], broker.bootstrap_servers)
-        url = f"http://{args.host}:{api_port}"
+        host = options["host"]
+        api_port = _pick_port(options["port"], host, "API")
+        server, api_thread = _start_api(scorers, host, api_port, [broker_reachable], broker.bootstrap_servers)
+        url = f"http://{host}:{api_port}"
         print(f"  API    {url}  (POST /classify, /readyz, /model, docs {url}/docs)", flush=True)
         print(f"  metrics {url}/metrics", flush=True)
 
@@ -280,21 +294,21 @@ def main(args: argparse.Namespace) -> int:
         consumer_thread.start()
         printer = Printer({"bootstrap_servers": broker.bootstrap_servers, "kafka": {}}, samples_root).start()
 
-        total = len(messages) * args.repeat
+        total = len(messages) * options["repeat"]
         print(f"replaying {total} alerts from {', '.join(map(str, samples))} into topic {INPUT_TOPIC!r} "
               f"(scores -> {OUTPUT_TOPIC!r}, rejected -> {DLQ_TOPIC!r}):", flush=True)
         result = replay.replay({"bootstrap_servers": broker.bootstrap_servers, "kafka": {}}, INPUT_TOPIC, messages,
-                               rate=args.rate, repeat=args.repeat, progress=False, stop=stop)
+                               rate=options["rate"], repeat=options["repeat"], progress=False, stop=stop)
         while printer.seen < result.sent and not stop.is_set() and consumer_thread.is_alive():
             time.sleep(0.1)
         if printer.seen >= result.sent:
-            per_survey = ", ".join(f"{n} {SURVEY_NAMES.get(s, s)}" for s, n in sorted(printer.by_survey.items()))
+            per_survey = ", ".join(f"{n} {display_name(s)}" for s, n in sorted(printer.by_survey.items()))
             print(f"done: {result.sent} alerts replayed, {printer.scored} scored ({per_survey}), "
                   f"{printer.rejected} rejected.", flush=True)
         if not consumer_thread.is_alive():
             print("the consumer stopped unexpectedly (see the log above)", file=sys.stderr, flush=True)
             exit_code = 1
-        elif not args.exit_after_replay and not stop.is_set():
+        elif not options["exit_after_replay"] and not stop.is_set():
             print(f"serving: API {url}, metrics {url}/metrics, broker {broker.bootstrap_servers} "
                   f"(topic {INPUT_TOPIC!r}: `rbstream replay --bootstrap-servers {broker.bootstrap_servers} "
                   f"--topic {INPUT_TOPIC} FILES` scores more). Ctrl-C stops.", flush=True)
