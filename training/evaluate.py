@@ -389,11 +389,14 @@ def side_by_side(r: Mapping, with_synthetic: bool) -> list[str]:
     for label, m in r["models"].items():
         lines.append(row(model_name(label, m["model"]), m["ours"], _cells(m.get("synthetic"))))
     for score in r["survey_scores"]:
-        for label, m in r["models"].items():
-            pair = m["survey_scores"][score]["ours_on_same"]
-            lines.append(row(f"`{label}`, the {pair['n']} alerts {score} is judged on", pair))
+        same = all(m["survey_scores"][score]["ours_on_same"] == m["ours"] for m in r["models"].values())
+        if not same:  # judged on fewer alerts than all labelled: the models again, on those alone
+            for label, m in r["models"].items():
+                pair = m["survey_scores"][score]["ours_on_same"]
+                lines.append(row(f"`{label}`, the {pair['n']} alerts {score} is judged on", pair))
         theirs = r["survey_scores"][score]["theirs"]
-        lines.append(row(f"{score} (survey), the {theirs['n']} alerts it did not label", theirs, none_on_synthetic))
+        where = "the same alerts" if same else f"the {theirs['n']} alerts it did not label"
+        lines.append(row(f"{score} (survey), {where}", theirs, none_on_synthetic))
     return lines
 
 
