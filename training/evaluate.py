@@ -257,7 +257,8 @@ def evaluate(spec: Sequence[str | Path], out: str | Path | None = None,
                          scorer.threshold if threshold is None else threshold)
                 for label, path, scorer in zip(model_labels(paths, [s.card for s in scorers]), paths, scorers)]
         common = score_together(group, runs)
-        result = {"models": {}}
+        result: dict = {"models": {}}
+        drawn = None
         for run in runs:
             result["models"][run.label] = {"model": run.identity, "threshold": run.threshold,
                                            "unscorable": len(run.failures),
@@ -278,7 +279,7 @@ def evaluate(spec: Sequence[str | Path], out: str | Path | None = None,
         report["surveys"][survey] = {
             **{k: v for k, v in first.items() if k != "synthetic"}, "holdout": list(shares),
             "unscorable": len(group) - len(common), "unscorable_examples": unscorable[:20], **result}
-        plotted[survey] = (common, runs, drawn if synthetic else None)
+        plotted[survey] = (common, runs, drawn)
     if out is not None:
         write_report(report, plotted, Path(out))
     return report
