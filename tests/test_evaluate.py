@@ -116,3 +116,102 @@ def test_evaluate_on_the_held_out_rubin_split_uses_the_eye_labels(tmp_path, rubi
     assert set(rubin["label_sources"]) == {"eye_labels.csv"}
     bogus = sum(1 for e in expected if e is not None and e[0] == 0)
     assert sum(v["n"] for v in rubin["scored_real_by_family"].values()) == bogus
+
+
+ZTF_MODELS = ("ztf", "ztf-nodiff")
+SYNTHETIC = 48
+
+
+@pytest.fixture(scope="module")
+def side_by_side(tmp_path_factory):
+    """One run of the command: the triplet and the no-diff ZTF model on 60 real ZTF alerts labelled
+    by drb, and on SYNTHETIC simulated triplets."""
+    folder = tmp_path_factory.mktemp("side-by-side")
+    files = sorted((REAL_DATA / "ztf").glob("*.avro"))[:60]
+    for path in files:
+        (folder / path.name).write_bytes(path.read_bytes())
+    out = folder / "report"
+    models = [arg for name in ZTF_MODELS for arg in ("--model", str(MODELS_DIR / name))]
+    result = subprocess.run(RBSTREAM + ["evaluate", str(folder), "--labels", "none", "--label-from", "drb", *models,
+                                        "--synthetic", str(SYNTHETIC), "--out", str(out)],
+                            cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return files, out, json.loads((out / "report.json").read_text())["surveys"]["ztf"]
+
+
+def test_two_models_of_one_survey_are_judged_on_the_same_alerts(side_by_side):
+    from sklearn.metrics import roc_auc_score
+
+    from service.model import Scorer
+
+    files, out, ztf = side_by_side
+    assert list(ztf["models"]) == list(ZTF_MODELS)
+    alerts, _ = real.read_alerts(files)
+    labelled = [a for a in alerts if "drb" in a.survey_scores]
+    labels = np.array([a.survey_scores["drb"] >= 0.5 for a in labelled])
+    for name in ZTF_MODELS:
+        entry = ztf["models"][name]
+        assert entry["model"]["name"] == json.loads((MODELS_DIR / name / "model_card.json").read_text())["name"]
+        assert entry["n_alerts"] == ztf["n_alerts"] and entry["ours"]["n"] == ztf["n_labelled"] == len(labelled)
+        assert entry["survey_scores"]["rb"]["ours_on_same"]["n"] == ztf["survey_scores"]["rb"]["theirs"]["n"]
+        scorer = Scorer(MODELS_DIR / name, device="cpu")
+        scores = scorer.score(real.stamps(labelled, scorer.contract)[0])
+        assert entry["ours"]["roc_auc"] == pytest.approx(roc_auc_score(labels, scores), abs=1e-6), name
+    # one-model readers find the first model where they always did
+    assert ztf["model"] == ztf["models"]["ztf"]["model"] and ztf["ours"] == ztf["models"]["ztf"]["ours"]
+    assert ztf["models"]["ztf"]["ours"]["roc_auc"] != ztf["models"]["ztf-nodiff"]["ours"]["roc_auc"]
+    summary = (out / "report.md").read_text()
+    for row in ("| `ztf` (rbstream-ztf ", "| `ztf-nodiff` (rbstream-ztf-nodiff ", "| rb (survey)"):
+        assert row in summary, row
+    assert (out / "roc_ztf.png").stat().st_size > 1000
+
+
+def test_synthetic_triplets_are_the_cards_test_set_and_each_model_gets_only_its_channels(side_by_side):
+    """The simulated stamps are those training draws for the test split (its config and seed), and
+    the no-diff model was given their template and science alone: its scores are those of its
+    own Scorer on exactly those images."""
+    pytest.importorskip("torch")
+    from service.model import Scorer
+    from training.config import from_dict
+    from training.data import SPLITS, _simulate
+    from training.report import metrics
+
+    _, out, ztf = side_by_side
+    assert ztf["synthetic"]["n"] == SYNTHETIC and ztf["synthetic"]["survey_scores"] is None
+    saved = np.load(out / "synthetic_scores_ztf.npz")
+    assert list(saved["models"]) == list(ZTF_MODELS)
+    for k, name in enumerate(ZTF_MODELS):
+        scorer = Scorer(MODELS_DIR / name, device="cpu")
+        config = from_dict(_without_unset(scorer.card.raw["config"]))
+        drawn = _simulate(config, scorer.contract, SYNTHETIC, seed=config.seed * 10 + SPLITS.index("test"))
+        assert drawn.stamps.shape[1] == len(scorer.contract.raw_inputs)
+        np.testing.assert_array_equal(saved["labels"], drawn.labels)
+        np.testing.assert_allclose(saved["scores"][k], scorer.score(drawn.stamps), atol=1e-6)
+        expected = metrics(drawn.labels, saved["scores"][k], scorer.threshold, drawn.kinds)
+        for key in ("n", "roc_auc", "accuracy", "fpr", "fnr", "fpr_at_fnr_5pct", "ece", "accuracy_by_kind"):
+            assert ztf["models"][name]["synthetic"][key] == pytest.approx(expected[key]), (name, key)
+    assert scorer.contract.raw_inputs == ("template", "science")
+    summary = (out / "report.md").read_text()
+    assert "no score on simulated alerts" in summary and (out / "roc_synthetic_ztf.png").stat().st_size > 1000
+
+
+def _without_unset(raw: dict) -> dict:
+    """A card's config as a config file would give it: unset (None) keys left out, so defaults apply."""
+    return {k: _without_unset(v) if isinstance(v, dict) else v for k, v in raw.items() if v is not None}
+
+
+def test_models_trained_on_different_splits_are_refused(tmp_path):
+    """Their held-out objects differ, so no one test split is fair to both."""
+    from training.evaluate import EvaluateError, evaluate
+
+    other = tmp_path / "ztf-other-split"
+    other.mkdir()
+    (other / "model.onnx").write_bytes((MODELS_DIR / "ztf-nodiff" / "model.onnx").read_bytes())
+    card = json.loads((MODELS_DIR / "ztf-nodiff" / "model_card.json").read_text())
+    card["data"]["holdout"] = [0.3, 0.3]
+    (other / "model_card.json").write_text(json.dumps(card))
+    files = sorted((REAL_DATA / "ztf").glob("*.avro"))[:5]
+    with pytest.raises(EvaluateError, match="different holdouts"):
+        evaluate(files, models={"ztf": [MODELS_DIR / "ztf", other]}, label_from=("drb",), split="test")
+    evaluate(files, models={"ztf": [MODELS_DIR / "ztf", other]}, label_from=("drb",), split="test",
+             holdout=(0.15, 0.15))

@@ -1,21 +1,25 @@
-"""``rbstream evaluate``: how good a model is on real, labelled alerts.
+"""``rbstream evaluate``: how good models are on real, labelled alerts, and on simulated ones.
 
-Decodes the alerts with the service's own decoder, scores them with the ONNX model the
-service would use (by default the shipped model of each alert's survey), labels them
+Decodes the alerts with the service's own decoder, scores them with the ONNX models the
+service would use (by default the shipped model of each alert's survey; several models of one
+survey are judged side by side on the alerts every one of them can score), labels them
 (`training.real`: human labels first, then the survey's own score as a weak label) and
-writes, per survey, the metrics of our score and of the survey's own score on the same
-alerts, with plots:
+writes, per survey, the metrics of each model and of the survey's own score on the same
+alerts, with plots. With ``synthetic`` it also scores simulated triplets drawn as the first
+model's synthetic test set, each model given only the images its contract takes:
 
 ``report.json``, ``report.md``
     every number below, and how many alerts could not be used and why;
 ``roc_<survey>.png``
-    ROC curves of our score and the survey's scores on the same labelled alerts;
+    ROC curves of every model and the survey's scores on the same labelled alerts;
+``roc_synthetic_<survey>.png``, ``synthetic_scores_<survey>.npz``
+    every model's ROC curve and scores on the simulated triplets (with ``synthetic``);
 ``reliability_<survey>.png``
-    the reliability diagram (fraction real against mean score, per bin);
+    the reliability diagram of every model (fraction real against mean score, per bin);
 ``histogram_<survey>.png``
-    our score per label;
+    each model's score per label;
 ``disagreements_<survey>.png``
-    science, template and difference of the alerts whose score is furthest from their label.
+    science, template and difference of the alerts the first model scores furthest from their label.
 
 No torch: evaluation needs ONNX Runtime, scikit-learn and matplotlib only.
 """
@@ -25,12 +29,15 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
 
+from service.score.model import DEVICES
 from training import real
 from training.report import metrics
 
@@ -43,17 +50,102 @@ SCORE_BANDS = ((0.0, 0.2), (0.2, 0.5), (0.5, 0.8), (0.8, 1.01))
 WORST_SHOWN = 12
 
 
+class EvaluateError(ValueError):
+    """An evaluation that cannot be made as asked (models that disagree on their split, no simulator config...)."""
+
+
 def score_alerts(alerts: Sequence[real.RealAlert], model: str | Path, device: str = "cpu"
                  ) -> tuple[np.ndarray, list[real.RealAlert], list[tuple[str, str]], dict]:
     """Scores of ``alerts`` by one model; also the alerts scored, the failures and the model's identity."""
     from service.score.model import Scorer
 
-    scorer = Scorer(model, device=device)
+    return _score_with(Scorer(model, device=device), alerts, model)
+
+
+def _score_with(scorer, alerts: Sequence[real.RealAlert], model: str | Path
+                ) -> tuple[np.ndarray, list[real.RealAlert], list[tuple[str, str]], dict]:
     x, kept, failures = real.stamps(alerts, scorer.contract)
     scores = scorer.score(x) if len(x) else np.empty(0, np.float32)
-    identity = {"name": scorer.card.name, "version": scorer.card.version, "path": str(model),
-                "threshold": scorer.threshold}
-    return scores.astype(np.float64), kept, failures, identity
+    return scores.astype(np.float64), kept, failures, model_identity(scorer, model)
+
+
+def model_identity(scorer, model: str | Path) -> dict:
+    """What the report says of a model: card name and version, path, threshold, the images it takes."""
+    return {"name": scorer.card.name, "version": scorer.card.version, "path": str(model),
+            "threshold": scorer.threshold, "inputs": list(scorer.contract.raw_inputs)}
+
+
+@dataclass
+class ModelRun:
+    """One model of a survey in a report: its scorer, its name there and what it scored."""
+
+    label: str
+    path: Path
+    scorer: object
+    identity: dict
+    threshold: float
+    scores: np.ndarray = field(default_factory=lambda: np.empty(0))
+    failures: list = field(default_factory=list)
+    synthetic_scores: np.ndarray | None = None
+
+
+def model_labels(paths: Sequence[Path], cards: Sequence) -> list[str]:
+    """A distinct name per model: its folder's name, with the card's name and version where folders share one."""
+    folders = [(p.parent if p.suffix == ".onnx" else p).name or str(p) for p in paths]
+    labels = [f if folders.count(f) == 1 else f"{f} ({c.name} {c.version})" for f, c in zip(folders, cards)]
+    for i, label in enumerate(labels):
+        if labels.count(label) > 1:  # same folder name and same card: number them in the order given
+            labels[i] = f"{label} #{labels[:i + 1].count(label)}"
+    return labels
+
+
+def score_together(alerts: Sequence[real.RealAlert], runs: Sequence[ModelRun]) -> list[real.RealAlert]:
+    """Score ``alerts`` with every model; return the alerts every model could score, each run's
+    ``scores`` set on exactly those, so that all models are judged on one population."""
+    by_alert = []
+    for run in runs:
+        scores, kept, run.failures, _ = _score_with(run.scorer, alerts, run.path)
+        by_alert.append({id(a): s for a, s in zip(kept, scores)})
+    common = [a for a in alerts if all(id(a) in scored for scored in by_alert)]
+    for run, scored in zip(runs, by_alert):
+        run.scores = np.array([scored[id(a)] for a in common], dtype=np.float64)
+    return common
+
+
+def synthetic_set(runs: Sequence[ModelRun], survey: str, n: int) -> dict:
+    """``n`` labelled simulated triplets, drawn as the synthetic test set of the first model whose card
+    holds its training config: the same simulator settings, stamp size and seed, so that the first ``n``
+    stamps are those of that card's ``synthetic_test``. Every model then takes its own channels of them."""
+    from dataclasses import replace
+
+    from training.data import SPLITS
+    from training.profiles import get_profile
+    from training.simulate import SimulatorConfig, simulate
+
+    source = next((r for r in runs if isinstance(r.scorer.card.raw.get("config"), Mapping)), None)
+    if source is None:
+        raise EvaluateError(f"--synthetic: no model of {survey} has its training config in its card, so its "
+                            "synthetic test set cannot be drawn again")
+    config = source.scorer.card.raw["config"]
+    settings = dict(config.get("simulator") or {})
+    weights = settings.pop("bogus_weights", None)
+    if "snr_range" in settings:
+        settings["snr_range"] = tuple(settings["snr_range"])
+    simulator = SimulatorConfig(**settings, **({"bogus_weights": weights} if weights is not None else {}))
+    # the test split's seed of training.data.simulated: never the stamps a model was trained on
+    seed = int(config["seed"]) * 10 + SPLITS.index("test")
+    profile = replace(get_profile(str(config.get("survey", survey))), stamp_size=source.scorer.contract.size)
+    drawn = simulate(profile, n, seed=seed, config=simulator, workers=os.cpu_count() or 1)
+    return {**drawn, "seed": seed, "drawn_as": source.label, "size": profile.stamp_size}
+
+
+def score_synthetic(runs: Sequence[ModelRun], synthetic: Mapping) -> None:
+    """Each run's scores of the simulated stamps, given only the images its contract takes."""
+    from training.data import to_contract
+
+    for run in runs:
+        stamps = to_contract(synthetic["stamps"], synthetic["channels"], run.scorer.contract)
+        run.synthetic_scores = run.scorer.score(stamps).astype(np.float64)
 
 
 def judged_by(alerts: Sequence[real.RealAlert], name: str) -> np.ndarray:
@@ -100,10 +192,11 @@ def compare(alerts: Sequence[real.RealAlert], scores: np.ndarray, threshold: flo
     return out
 
 
-def evaluate(spec: Sequence[str | Path], out: str | Path | None = None, models: Mapping[str, str | Path] | None = None,
+def evaluate(spec: Sequence[str | Path], out: str | Path | None = None,
+             models: Mapping[str, str | Path | Sequence[str | Path]] | None = None,
              label_tables: Sequence[str | Path] = (), label_from: Sequence[str] = ("drb",),
              label_threshold: float = 0.5, split: str = "all", holdout: tuple[float, float] | None = None,
-             threshold: float | None = None, device: str = "cpu") -> dict:
+             threshold: float | None = None, device: str = "cpu", synthetic: int = 0) -> dict:
     """Evaluate models on alert files and write the report.
 
     Parameters
@@ -112,8 +205,9 @@ def evaluate(spec: Sequence[str | Path], out: str | Path | None = None, models: 
         Folders, globs or CSV lists of alert files (`training.real.alert_files`).
     out : path, optional
         Folder for the report and plots; nothing is written without it.
-    models : mapping of survey to model path
-        Default: the shipped model of each survey found (`service.score.model.models_dir`).
+    models : mapping of survey to model path, or to a sequence of them
+        Default: the shipped model of each survey found (`service.score.model.models_dir`). Several
+        models of one survey are judged side by side on the alerts every one of them can score.
     label_tables : sequence of path
         Labels CSVs, first one first (they take precedence over survey scores).
     label_from : sequence of str
@@ -123,12 +217,22 @@ def evaluate(spec: Sequence[str | Path], out: str | Path | None = None, models: 
     split : ``all``, ``train``, ``valid`` or ``test``
         Keep only the alerts of this object split (`training.real.object_split`).
     holdout : (valid, test), optional
-        The split's shares; default: those the model was trained with (`held_out`).
+        The split's shares; default: those the models were trained with (`held_out`).
     threshold : float, optional
         Our score at or above it is real; default: each model card's threshold.
-    """
-    from service.score.model import models_dir
+    synthetic : int
+        Also score this many simulated triplets per survey (`synthetic_set`); 0: none.
 
+    Returns
+    -------
+    dict
+        Per survey, the first model's metrics at the top (as with one model) and every model's
+        under ``models``, keyed by `model_labels`.
+    """
+    from service.score.model import Scorer, models_dir
+
+    if synthetic < 0:
+        raise EvaluateError(f"--synthetic: {synthetic}; accepted: 0 (none) or a number of stamps")
     files = [f for s in spec for f in real.alert_files(s)]
     alerts, failures = real.read_alerts(files)
     tables = [real.read_label_table(p) for p in label_tables]
@@ -136,26 +240,60 @@ def evaluate(spec: Sequence[str | Path], out: str | Path | None = None, models: 
     report: dict = {"files": len(files), "split": split, "holdout": None if holdout is None else list(holdout),
                     "labels": {"tables": [str(p) for p in label_tables], "label_from": list(label_from),
                                "label_threshold": label_threshold},
+                    "synthetic": synthetic,
                     "surveys": {}, "undecodable": len(failures),
                     "undecodable_reasons": dict(Counter(_reason_kind(r) for _, r in failures)),
                     "undecodable_examples": failures[:20]}
     plotted = {}
     for survey in sorted({a.survey for a in alerts}):
         group = [a for a in alerts if a.survey == survey]
-        model = Path((models or {}).get(survey) or models_dir() / survey)
+        given = (models or {}).get(survey) or models_dir() / survey
+        paths = [Path(p) for p in ([given] if isinstance(given, (str, Path)) else given)]
+        shares = survey_holdout(survey, paths, holdout)
         if split != "all":
             group = [a for a in group if real.object_split(a.survey, a.object_id or str(a.candidate_id),
-                                                           held_out(model, holdout)) == split]
-        scores, kept, stamp_failures, identity = score_alerts(group, model, device)
-        t = identity["threshold"] if threshold is None else threshold
-        result = {"model": identity, "threshold": t, "holdout": list(held_out(model, holdout)),
-                  "unscorable": len(stamp_failures),
-                  "unscorable_examples": stamp_failures[:20], **compare(kept, scores, t)}
-        report["surveys"][survey] = result
-        plotted[survey] = (kept, scores, t)
+                                                           shares) == split]
+        scorers = [Scorer(p, device=device) for p in paths]
+        runs = [ModelRun(label, path, scorer, model_identity(scorer, path),
+                         scorer.threshold if threshold is None else threshold)
+                for label, path, scorer in zip(model_labels(paths, [s.card for s in scorers]), paths, scorers)]
+        common = score_together(group, runs)
+        result: dict = {"models": {}}
+        drawn = None
+        for run in runs:
+            result["models"][run.label] = {"model": run.identity, "threshold": run.threshold,
+                                           "unscorable": len(run.failures),
+                                           "unscorable_examples": run.failures[:20],
+                                           **compare(common, run.scores, run.threshold)}
+        if synthetic:
+            drawn = synthetic_set(runs, survey, synthetic)
+            score_synthetic(runs, drawn)
+            for run in runs:
+                result["models"][run.label]["synthetic"] = metrics(drawn["labels"], run.synthetic_scores,
+                                                                   run.threshold, drawn["kinds"])
+            result["synthetic"] = {"n": synthetic, "seed": drawn["seed"], "drawn_as": drawn["drawn_as"],
+                                   "size": drawn["size"], "survey_scores": None,
+                                   "note": "simulated alerts carry no survey score"}
+        first = result["models"][runs[0].label]
+        unscorable = [f for run in runs for f in run.failures]
+        # the first model's numbers at the top, where one-model reports always had them
+        report["surveys"][survey] = {
+            **{k: v for k, v in first.items() if k != "synthetic"}, "holdout": list(shares),
+            "unscorable": len(group) - len(common), "unscorable_examples": unscorable[:20], **result}
+        plotted[survey] = (common, runs, drawn)
     if out is not None:
         write_report(report, plotted, Path(out))
     return report
+
+
+def survey_holdout(survey: str, paths: Sequence[Path], holdout: tuple[float, float] | None) -> tuple[float, float]:
+    """The object split's shares for all models of a survey: they must agree, or the split one model
+    holds out would hold alerts another was trained on."""
+    shares = {held_out(p, holdout) for p in paths}
+    if len(shares) > 1:
+        raise EvaluateError(f"the models of {survey} were trained with different holdouts "
+                            f"{sorted(shares)}: their held-out splits differ; give --holdout VALID TEST")
+    return shares.pop()
 
 
 def held_out(model: Path, holdout: tuple[float, float] | None) -> tuple[float, float]:
@@ -179,12 +317,17 @@ def _reason_kind(reason: str) -> str:
 def write_report(report: dict, plotted: Mapping, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=2, default=_plain) + "\n")
-    for survey, (alerts, scores, threshold) in plotted.items():
+    for survey, (alerts, runs, synthetic) in plotted.items():
         labels = np.array([a.label if a.label is not None else -1 for a in alerts])
-        plot_roc(alerts, scores, labels, out / f"roc_{survey}.png", survey)
-        plot_reliability(scores, labels, out / f"reliability_{survey}.png", survey)
-        plot_histogram(scores, labels, threshold, out / f"histogram_{survey}.png", survey)
-        plot_disagreements(alerts, scores, labels, out / f"disagreements_{survey}.png", survey)
+        plot_roc(alerts, runs, labels, out / f"roc_{survey}.png", survey)
+        plot_reliability(runs, labels, out / f"reliability_{survey}.png", survey)
+        plot_histogram(runs, labels, out / f"histogram_{survey}.png", survey)
+        plot_disagreements(alerts, runs, labels, out / f"disagreements_{survey}.png", survey)
+        if synthetic is not None:
+            plot_synthetic_roc(runs, synthetic["labels"], out / f"roc_synthetic_{survey}.png", survey)
+            np.savez_compressed(out / f"synthetic_scores_{survey}.npz", labels=synthetic["labels"],
+                                kinds=synthetic["kinds"], models=np.array([r.label for r in runs]),
+                                scores=np.stack([r.synthetic_scores for r in runs]))
     (out / "report.md").write_text(markdown(report))
 
 
@@ -212,6 +355,51 @@ def metric_row(name: str, m: Mapping | None) -> str:
 
 METRIC_HEADER = ("| score | alerts | AUC | accuracy | FPR | FNR | threshold at FPR 1% | FPR at FNR 5% | ECE | Brier |\n"
                  "|---|---|---|---|---|---|---|---|---|---|")
+#: The side-by-side table's metrics, for real alerts and again for simulated ones.
+SIDE_BY_SIDE = ("roc_auc", "accuracy", "fpr", "fnr", "fpr_at_fnr_5pct", "ece")
+SIDE_BY_SIDE_NAMES = "AUC | accuracy | FPR | FNR | FPR at FNR 5% | ECE"
+
+
+def _cells(m: Mapping | None, unit: str = "") -> list[str]:
+    if not m:
+        return ["–"] * (1 + len(SIDE_BY_SIDE))
+    return [f"{m['n']} ({m['n_real']}{unit})"] + [_fmt(m[k]) for k in SIDE_BY_SIDE]
+
+
+def model_name(label: str, model: Mapping) -> str:
+    """A model as the tables name it: its folder (or report label) and its card's name and version."""
+    return f"`{label}` ({model['name']} {model['version']})"
+
+
+def side_by_side(r: Mapping, with_synthetic: bool) -> list[str]:
+    """One table: every model on the same labelled real alerts (and simulated stamps), and each
+    survey score beside every model on the alerts that score is judged on."""
+    header = f"| score | real alerts (real) | {SIDE_BY_SIDE_NAMES} |"
+    rule = "|---" * (2 + len(SIDE_BY_SIDE))
+    if with_synthetic:
+        header += f" synthetic (real) | {SIDE_BY_SIDE_NAMES} |"
+        rule += "|---" * (1 + len(SIDE_BY_SIDE))
+    lines = [header, rule + "|"]
+    none_on_synthetic = ["no score on simulated alerts"] + ["–"] * len(SIDE_BY_SIDE)
+
+    def row(name: str, real_metrics, synthetic_cells=None) -> str:
+        cells = [name, *_cells(real_metrics)]
+        if with_synthetic:
+            cells += synthetic_cells or ["–"] * (1 + len(SIDE_BY_SIDE))
+        return "| " + " | ".join(cells) + " |"
+
+    for label, m in r["models"].items():
+        lines.append(row(model_name(label, m["model"]), m["ours"], _cells(m.get("synthetic"))))
+    for score in r["survey_scores"]:
+        same = all(m["survey_scores"][score]["ours_on_same"] == m["ours"] for m in r["models"].values())
+        if not same:  # judged on fewer alerts than all labelled: the models again, on those alone
+            for label, m in r["models"].items():
+                pair = m["survey_scores"][score]["ours_on_same"]
+                lines.append(row(f"`{label}`, the {pair['n']} alerts {score} is judged on", pair))
+        theirs = r["survey_scores"][score]["theirs"]
+        where = "the same alerts" if same else f"the {theirs['n']} alerts it did not label"
+        lines.append(row(f"{score} (survey), {where}", theirs, none_on_synthetic))
+    return lines
 
 
 def markdown(report: dict) -> str:
@@ -221,22 +409,45 @@ def markdown(report: dict) -> str:
              f"{report['labels']['label_from'] or 'none'} at >= {report['labels']['label_threshold']:g}.",
              f"Undecodable: {report['undecodable']} {report['undecodable_reasons'] or ''}", ""]
     for survey, r in report["surveys"].items():
-        model = r["model"]
-        lines += [f"## {survey}: {model['name']} {model['version']}", "",
-                  f"{r['n_alerts']} alerts scored ({r['unscorable']} could not be), {r['n_labelled']} labelled "
-                  f"({r['label_sources']}); our threshold {r['threshold']:g}, the survey's 0.5.", "",
-                  METRIC_HEADER, metric_row("ours (all labelled)", r["ours"])]
+        runs = r["models"]
+        names = ", ".join(f"{m['model']['name']} {m['model']['version']}" for m in runs.values())
+        thresholds = ", ".join(f"`{label}` {m['threshold']:g}" for label, m in runs.items())
+        lines += [f"## {survey}: {names}", "",
+                  f"{r['n_alerts']} alerts scored by every model ({r['unscorable']} could not be: "
+                  + ", ".join(f"`{label}` {m['unscorable']}" for label, m in runs.items())
+                  + f"), {r['n_labelled']} labelled ({r['label_sources']}), split holdout {r['holdout']}; "
+                  f"our thresholds {thresholds}, the survey's 0.5.", ""]
+        synthetic = r.get("synthetic")
+        if synthetic:
+            lines += [f"Synthetic: {synthetic['n']} simulated triplets ({synthetic['size']} px, seed "
+                      f"{synthetic['seed']}, the synthetic test set of `{synthetic['drawn_as']}`'s training "
+                      "config), each model given only the images it takes; simulated alerts carry no survey "
+                      "score.", ""]
+        lines += side_by_side(r, bool(synthetic)) + ["", "### Real alerts, all metrics", "", METRIC_HEADER]
+        for label, m in runs.items():
+            lines.append(metric_row(f"{model_name(label, m['model'])} (all labelled)", m["ours"]))
         for name, pair in r["survey_scores"].items():
-            lines += [metric_row(f"ours (alerts with {name}, not labelled by it)", pair["ours_on_same"]),
-                      metric_row(f"{name} (survey)", pair["theirs"])]
-        for name, bands in r.get("mean_score_by_survey_score", {}).items():
-            lines += ["", f"Our mean score by {name}: " + ", ".join(
-                f"{band}: {b['mean_ours']:.3f} (n={b['n']})" for band, b in bands.items())]
-        if r.get("scored_real_by_family"):
-            lines += ["", "Labelled artifacts scored real, by family: " + ", ".join(
-                f"{f} {v['scored_real']}/{v['n']}" for f, v in r["scored_real_by_family"].items())]
-        lines += ["", f"![ROC](roc_{survey}.png) ![reliability](reliability_{survey}.png) "
-                      f"![histogram](histogram_{survey}.png)", "", f"![worst](disagreements_{survey}.png)", ""]
+            for label, m in runs.items():
+                lines.append(metric_row(f"`{label}` (alerts with {name}, not labelled by it)",
+                                        m["survey_scores"][name]["ours_on_same"]))
+            lines.append(metric_row(f"{name} (survey)", pair["theirs"]))
+        if synthetic:
+            lines += ["", "### Synthetic, all metrics", "", METRIC_HEADER.replace("| alerts |", "| stamps |")]
+            for label, m in runs.items():
+                lines.append(metric_row(model_name(label, m["model"]), m["synthetic"]))
+            lines.append("| survey scores | no score on simulated alerts | – | – | – | – | – | – | – | – |")
+        for label, m in runs.items():
+            for name, bands in m.get("mean_score_by_survey_score", {}).items():
+                lines += ["", f"`{label}`'s mean score by {name}: " + ", ".join(
+                    f"{band}: {b['mean_ours']:.3f} (n={b['n']})" for band, b in bands.items())]
+            if m.get("scored_real_by_family"):
+                lines += ["", f"Labelled artifacts `{label}` scored real, by family: " + ", ".join(
+                    f"{f} {v['scored_real']}/{v['n']}" for f, v in m["scored_real_by_family"].items())]
+        pictures = f"![ROC](roc_{survey}.png) ![reliability](reliability_{survey}.png) "
+        if synthetic:
+            pictures += f"![ROC, synthetic](roc_synthetic_{survey}.png) "
+        lines += ["", pictures + f"![histogram](histogram_{survey}.png)", "",
+                  f"![worst](disagreements_{survey}.png)", ""]
     return "\n".join(lines) + "\n"
 
 
@@ -249,31 +460,57 @@ def _pyplot():
     return plt
 
 
-def plot_roc(alerts, scores, labels, path: Path, survey: str) -> None:
+def _finish(fig, ax, path: Path, title: str, dpi: int = 90) -> None:
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    _pyplot().close(fig)
+
+
+def plot_roc(alerts, runs, labels, path: Path, survey: str) -> None:
+    """ROC of every model on all labelled alerts, and of each survey score beside every model on
+    the alerts that score is judged on (`judged_by`), all on one set of axes."""
     from sklearn.metrics import RocCurveDisplay
 
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5.5, 5))
+    fig, ax = plt.subplots(figsize=(6, 5.5))
     labelled = labels >= 0
     if len(set(labels[labelled])) == 2:
-        RocCurveDisplay.from_predictions(labels[labelled], scores[labelled], ax=ax, name="rbstream (all labelled)")
+        for run in runs:
+            RocCurveDisplay.from_predictions(labels[labelled], run.scores[labelled], ax=ax,
+                                             name=f"{run.label} (all labelled)")
         for name in sorted({n for a in alerts for n in a.survey_scores}):
             has = judged_by(alerts, name)
             if len(set(labels[has])) == 2:
                 theirs = np.array([a.survey_scores.get(name, np.nan) for a in alerts])
-                RocCurveDisplay.from_predictions(labels[has], scores[has], ax=ax, name=f"rbstream (with {name})")
+                for run in runs:
+                    RocCurveDisplay.from_predictions(labels[has], run.scores[has], ax=ax,
+                                                     name=f"{run.label} (with {name})",
+                                                     curve_kwargs={"linestyle": ":"})
                 RocCurveDisplay.from_predictions(labels[has], theirs[has], ax=ax, name=f"{name} (survey)",
                                                  curve_kwargs={"linestyle": "--"})
+        ax.legend(fontsize=7, loc="lower right")
     else:
         ax.text(0.5, 0.5, "one class only: no ROC", ha="center")
-    ax.set_title(f"ROC, {survey}")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    _finish(fig, ax, path, f"ROC, {survey}")
 
 
-def plot_reliability(scores, labels, path: Path, survey: str, bins: int = 10) -> None:
+def plot_synthetic_roc(runs, labels, path: Path, survey: str) -> None:
+    """ROC of every model on the simulated stamps (no survey score exists for them)."""
+    from sklearn.metrics import RocCurveDisplay
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 5.5))
+    if len(set(np.asarray(labels).tolist())) == 2:
+        for run in runs:
+            RocCurveDisplay.from_predictions(labels, run.synthetic_scores, ax=ax, name=run.label)
+    else:
+        ax.text(0.5, 0.5, "one class only: no ROC", ha="center")
+    _finish(fig, ax, path, f"ROC, simulated {survey} triplets")
+
+
+def plot_reliability(runs, labels, path: Path, survey: str, bins: int = 10) -> None:
     from sklearn.calibration import calibration_curve
 
     plt = _pyplot()
@@ -281,28 +518,28 @@ def plot_reliability(scores, labels, path: Path, survey: str, bins: int = 10) ->
     labelled = labels >= 0
     ax.plot([0, 1], [0, 1], ls=":", color="grey", label="perfectly calibrated")
     if labelled.any():
-        frac, mean = calibration_curve(labels[labelled], scores[labelled], n_bins=bins, strategy="uniform")
-        ax.plot(mean, frac, "o-", label="rbstream")
-    ax.set(xlabel="mean score in bin", ylabel="fraction real", title=f"reliability, {survey}", xlim=(0, 1),
-           ylim=(0, 1))
-    ax.grid(alpha=0.3)
+        for run in runs:
+            frac, mean = calibration_curve(labels[labelled], run.scores[labelled], n_bins=bins, strategy="uniform")
+            ax.plot(mean, frac, "o-", label=run.label)
+    ax.set(xlabel="mean score in bin", ylabel="fraction real", xlim=(0, 1), ylim=(0, 1))
     ax.legend(loc="upper left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    _finish(fig, ax, path, f"reliability, {survey}")
 
 
-def plot_histogram(scores, labels, threshold: float, path: Path, survey: str) -> None:
+def plot_histogram(runs, labels, path: Path, survey: str) -> None:
+    """Each model's scores per label, one panel per model."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, axes = plt.subplots(1, len(runs), figsize=(6 * len(runs), 4), squeeze=False)
     edges = np.linspace(0, 1, 26)
-    for value, name in ((1, "real"), (0, "bogus"), (-1, "unlabelled")):
-        inside = labels == value
-        if inside.any():
-            ax.hist(scores[inside], bins=edges, histtype="step", lw=2, label=f"{name} ({inside.sum()})")
-    ax.axvline(threshold, color="k", ls=":", label=f"threshold {threshold:g}")
-    ax.set(xlabel="rbstream score", ylabel="alerts", title=f"scores by label, {survey}", yscale="log")
-    ax.legend()
+    for ax, run in zip(axes[0], runs):
+        for value, name in ((1, "real"), (0, "bogus"), (-1, "unlabelled")):
+            inside = labels == value
+            if inside.any():
+                ax.hist(run.scores[inside], bins=edges, histtype="step", lw=2, label=f"{name} ({inside.sum()})")
+        ax.axvline(run.threshold, color="k", ls=":", label=f"threshold {run.threshold:g}")
+        ax.set(xlabel=f"{run.label} score", ylabel="alerts", title=f"scores by label, {survey}: {run.label}",
+               yscale="log")
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -318,8 +555,10 @@ def display_stretch(image: np.ndarray) -> np.ndarray:
     return np.where(np.isfinite(image), np.arcsinh(10 * scaled) / np.arcsinh(10), np.nan)
 
 
-def plot_disagreements(alerts, scores, labels, path: Path, survey: str, n: int = WORST_SHOWN) -> None:
+def plot_disagreements(alerts, runs, labels, path: Path, survey: str, n: int = WORST_SHOWN) -> None:
+    """The alerts the first model scores furthest from their label, with every model's score."""
     plt = _pyplot()
+    scores = runs[0].scores
     labelled = np.flatnonzero(labels >= 0)
     worst = labelled[np.argsort(-np.abs(scores[labelled] - labels[labelled]), kind="stable")][:n]
     rows = max(len(worst), 1)
@@ -328,6 +567,7 @@ def plot_disagreements(alerts, scores, labels, path: Path, survey: str, n: int =
     for row, i in enumerate(worst):
         a = alerts[i]
         theirs = ", ".join(f"{k} {v:.2f}" for k, v in a.survey_scores.items()) or "no survey score"
+        ours = "; ".join(f"{run.label} {run.scores[i]:.2f}" for run in runs)
         for col, name in enumerate(("science", "template", "difference")):
             ax = axes[row, col]
             image = a.images.get(name)
@@ -338,10 +578,10 @@ def plot_disagreements(alerts, scores, labels, path: Path, survey: str, n: int =
             if row == 0:
                 ax.set_title(name, fontsize=9)
         axes[row, 0].set_ylabel(f"{a.candidate_id}\n{'real' if labels[i] else 'bogus'} ({a.label_source})\n"
-                                f"ours {scores[i]:.2f}; {theirs}", fontsize=7)
+                                f"{ours}\n{theirs}", fontsize=6)
     if not len(worst):
         axes[0, 1].text(0.5, 0.5, "no labelled alert", ha="center")
-    fig.suptitle(f"largest disagreements with the label, {survey}", fontsize=10)
+    fig.suptitle(f"largest disagreements of {runs[0].label} with the label, {survey}", fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 0.98))
     fig.savefig(path, dpi=60)
     plt.close(fig)
@@ -352,8 +592,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("alerts", nargs="+", metavar="ALERTS",
                         help="folders (searched recursively), globs or CSV lists ('file' column) of alert files")
     parser.add_argument("--model", action="append", default=[], metavar="[SURVEY=]PATH",
-                        help="model folder, for the survey its card names (or SURVEY=PATH); default: the shipped "
-                             "model of each survey")
+                        help="model folder, for the survey its card names (or SURVEY=PATH); repeatable, also for "
+                             "one survey: its models are judged side by side on the same alerts; default: the "
+                             "shipped model of each survey")
     parser.add_argument("--labels", action="append", default=None, metavar="CSV",
                         help="labels CSV (candid/diaSourceId/id or file, label real/bogus/unsure[, family]); "
                              "repeatable, first wins; default: the project's eye labels; 'none' for no CSV")
@@ -365,18 +606,22 @@ def add_arguments(parser) -> None:
     parser.add_argument("--split", choices=("all", *real.SPLITS), default="all",
                         help="only the alerts of this object split (the split training holds out is 'test')")
     parser.add_argument("--holdout", type=float, nargs=2, default=None, metavar=("VALID", "TEST"),
-                        help="with --split: the shares of objects held out (default: the model card's, else "
+                        help="with --split: the shares of objects held out (default: the model cards', else "
                              "0.15 0.15)")
     parser.add_argument("--threshold", type=float, default=None,
-                        help="our score at or above this is real (default: the model card's threshold)")
+                        help="our score at or above this is real (default: each model card's threshold)")
+    parser.add_argument("--synthetic", type=int, default=0, metavar="N",
+                        help="also score N simulated triplets per survey, drawn as the first model's synthetic "
+                             "test set (its card's training config and seed); default 0: none")
     parser.add_argument("--out", type=Path, default=Path("evaluation"), help="report folder (default evaluation/)")
-    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"), help="ONNX Runtime device")
+    parser.add_argument("--device", default="cpu", choices=DEVICES, help="ONNX Runtime device")
 
 
-def _models(values: Sequence[str]) -> dict[str, Path]:
+def _models(values: Sequence[str]) -> dict[str, list[Path]]:
+    """``--model`` values by survey, in the order given."""
     from service.score.model import ModelCard, ModelError, CARD_FILE
 
-    out = {}
+    out: dict[str, list[Path]] = {}
     for value in values:
         survey, _, path = value.rpartition("=")
         path = Path(path)
@@ -386,12 +631,14 @@ def _models(values: Sequence[str]) -> dict[str, Path]:
                 survey = ModelCard.read(folder / CARD_FILE).survey
             except ModelError as exc:
                 raise real.LabelError(f"--model {value}: {exc}") from None
-        out[survey] = path
+        out.setdefault(survey, []).append(path)
     return out
 
 
 def main(args) -> int:
     import sys
+
+    from service.score.model import ModelError
 
     if args.labels is None:
         tables = [EYE_LABELS] if EYE_LABELS.exists() else []
@@ -399,8 +646,8 @@ def main(args) -> int:
         tables = [Path(p) for p in args.labels if p.lower() != "none"]
     try:
         evaluate(args.alerts, args.out, _models(args.model), tables, args.label_from, args.label_threshold,
-                 args.split, args.holdout, threshold=args.threshold, device=args.device)
-    except real.LabelError as exc:
+                 args.split, args.holdout, threshold=args.threshold, device=args.device, synthetic=args.synthetic)
+    except (real.LabelError, EvaluateError, ModelError) as exc:
         print(f"rbstream evaluate: {exc}", file=sys.stderr)
         return 2
     print((args.out / "report.md").read_text())
