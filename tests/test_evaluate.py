@@ -142,7 +142,7 @@ def side_by_side(tmp_path_factory):
 def test_two_models_of_one_survey_are_judged_on_the_same_alerts(side_by_side):
     from sklearn.metrics import roc_auc_score
 
-    from service.model import Scorer
+    from service.score.model import Scorer
 
     files, out, ztf = side_by_side
     assert list(ztf["models"]) == list(ZTF_MODELS)
@@ -171,7 +171,7 @@ def test_synthetic_triplets_are_the_cards_test_set_and_each_model_gets_only_its_
     the no-diff model was given their template and science alone: its scores are those of its
     own Scorer on exactly those images."""
     pytest.importorskip("torch")
-    from service.model import Scorer
+    from service.score.model import Scorer
     from training.config import from_dict
     from training.data import SPLITS, _simulate
     from training.report import metrics
