@@ -353,7 +353,7 @@ class _Classifier:
     async def classify_json(self, body: bytes) -> ClassifyResponse:
         # Parsing and pixel work are CPU-bound: a worker thread keeps the event loop answering.
         async with self._decoding:
-            prepared = await run_in_threadpool(self._stamps_of_json, body)
+            prepared = await run_in_threadpool(self.stamps_of_json, body)
         scores = await self._score_rows(prepared)
         _check_finite(scores, "candidate")
         results = []
@@ -361,7 +361,7 @@ class _Classifier:
             results.append(self._result(key, ident, score))
         return ClassifyResponse(results=results)
 
-    def _stamps_of_json(self, body: bytes) -> list[tuple[str, np.ndarray, object]]:
+    def stamps_of_json(self, body: bytes) -> list[tuple[str, np.ndarray, object]]:
         """(model key, model-ready stamp, id) per candidate, in order; `ApiError` naming what is wrong.
 
         The model key is the survey, or `service.decode.stamps.fallback_key` of it for a candidate its
@@ -477,7 +477,7 @@ class _Classifier:
         if not body:
             raise ApiError(400, "empty body; send the bytes of one alert message")
         async with self._decoding:
-            batches = await run_in_threadpool(self._stamps_of_alert, body, survey)
+            batches = await run_in_threadpool(self.stamps_of_alert, body, survey)
         results = []
         for batch in batches:
             key = fallback_key(batch.survey) if batch.fallback else batch.survey
@@ -489,7 +489,7 @@ class _Classifier:
                            for alert, score in zip(batch.alerts, scores))
         return ClassifyResponse(results=results)
 
-    def _stamps_of_alert(self, body: bytes, survey: str) -> list:
+    def stamps_of_alert(self, body: bytes, survey: str) -> list:
         """The body's `service.decode.stamps.SurveyStamps` es, made exactly as the consumer makes them
         (`service.decode.stamps.decode_stamps`), so an alert scores the same here and from Kafka."""
         from service.decode.stamps import decode_stamps

@@ -181,9 +181,9 @@ async def prepare_rows(classifier, body: bytes, is_raw: bool, survey: str) -> li
         raise ApiError(400, "empty body; send the bytes of one alert message")
     async with classifier._decoding:
         if not is_raw:
-            prepared = await run_in_threadpool(classifier._prepare_json, body)
+            prepared = await run_in_threadpool(classifier.stamps_of_json, body)
             return [{"survey": s, "stamp": stamp, "id": ident} for s, stamp, ident in prepared]
-        batches = await run_in_threadpool(classifier._prepare_alert, body, survey)
+        batches = await run_in_threadpool(classifier.stamps_of_alert, body, survey)
     return [{"survey": batch.survey, "stamp": stamp, "id": alert.candidate_id, "object_id": alert.object_id,
              "survey_score": alert.survey_score, "survey_score_name": alert.survey_score_name}
             for batch in batches for alert, stamp in zip(batch.alerts, batch.stamps)]
