@@ -168,7 +168,7 @@ def held_out(model: Path, holdout: tuple[float, float] | None) -> tuple[float, f
         card = ModelCard.read((model.parent if model.suffix == ".onnx" else model) / CARD_FILE)
     except ModelError:
         return real.DEFAULT_HOLDOUT
-    return tuple(card.raw.get("data", {}).get("holdout") or real.DEFAULT_HOLDOUT)
+    return card.holdout or real.DEFAULT_HOLDOUT
 
 
 def _reason_kind(reason: str) -> str:
