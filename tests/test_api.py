@@ -16,6 +16,7 @@ from conftest import rubin_files, ztf_fits_files
 from service.api.app import ApiSettings, create_app
 from service.api.auth import TokenAuth
 from service.contract import assemble
+from service.score.card import label_for
 from service.api.coalesce import RequestCoalescer
 
 
@@ -89,7 +90,7 @@ def test_result_fields_follow_the_model_card(client):
     (result,) = _score(client, good_request("ztf"))["results"]
     assert result["model"] == card.name and result["model_version"] == card.version
     assert result["threshold"] == card.threshold
-    assert result["label"] == ("real" if result["score"] >= card.threshold else "bogus")
+    assert result["label"] == label_for(result["score"], card.threshold)
 
 
 def test_missing_pixels_as_null_nan_or_infinity_are_masked_alike(client):
@@ -191,7 +192,7 @@ def test_readyz_without_models_is_503():
 def test_model_route_returns_the_whole_cards(client):
     body = client.get("/model").json()
     for survey, scorer in real_scorers().items():
-        assert body["models"][survey] == dict(scorer.card.raw)
+        assert body["models"][survey] == json.loads((scorer.path.parent / "model_card.json").read_text())
         assert body["providers"][survey] == scorer.provider
 
 

@@ -13,6 +13,7 @@ import pytest
 from conftest import rubin_files, ztf_fits_files, ztf_jpeg_files
 from service.stream import pipeline
 from service.publish import records
+from service.score.card import label_for
 from service.tools import replay
 from streaming import (committed, consumer_settings, create_topic, default_models, end_offsets,  # noqa: F401
                        expected_ids, read_topic, running_consumer, scorers, wait_for)
@@ -67,7 +68,7 @@ def test_every_decodable_sample_has_exactly_one_score_record_with_its_ids(stream
         assert read.key == object_id.encode()  # keyed by object id: per-object order holds
         card = stream["consumer"].scorers[survey].card
         assert record["model_name"] == card.name and record["model_version"] == card.version
-        assert record["label"] == ("real" if record["score"] >= card.threshold else "bogus")
+        assert record["label"] == label_for(record["score"], card.threshold)
         assert record["observation_mjd"] is not None and 50000 < record["observation_mjd"] < 70000
     assert len(stream["scores"]) == 26 + stream["n_wire"], "no other score record"
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import EYE_LABELS, MODELS_DIR, REAL_DATA, REPO
+from service.score.card import ModelCard
 from training import real
 
 pytest.importorskip("sklearn")
@@ -79,7 +80,7 @@ def test_evaluate_writes_the_report_and_plots_with_the_survey_score_beside_ours(
     assert report["files"] == len(files) + 1 and report["undecodable"] == 1
     assert report["undecodable_examples"][0][0] == "broken.avro"
     ztf = report["surveys"]["ztf"]
-    assert ztf["model"]["name"] == json.loads((MODELS_DIR / "ztf" / "model_card.json").read_text())["name"]
+    assert ztf["model"]["name"] == ModelCard.read(MODELS_DIR / "ztf" / "model_card.json").name
     # the numbers are those of scikit-learn on the same scores and drb labels
     from sklearn.metrics import roc_auc_score
 

@@ -19,7 +19,10 @@ torch = pytest.importorskip("torch")
 from conftest import EYE_LABELS, REAL_DATA, REPO, ztf_fits_files  # noqa: E402
 from service.decode.alerts import decode_message  # noqa: E402
 from service.contract import StampContract, assemble  # noqa: E402
+from service.score.card import ModelCard  # noqa: E402
 from service.score.model import Scorer  # noqa: E402
+from training import real  # noqa: E402
+from training.calibrate import sigmoid  # noqa: E402
 from training.config import from_dict  # noqa: E402
 from training.data import DataError, read_alerts, read_chunk, write_chunks  # noqa: E402
 from training.model import load_weights  # noqa: E402
@@ -35,9 +38,6 @@ TINY = {
     "savestep": 4, "ini_patience": 1000, "threads": 1, "progress": False, "input": {"size": 16},
 }
 
-CARD_FIELDS = ("name", "version", "survey", "created", "git_commit", "threshold", "input", "config", "data",
-               "test_metrics", "training", "verification")
-METRIC_FIELDS = ("accuracy", "roc_auc", "fpr", "fnr", "threshold_at_fpr_1pct")
 
 
 def tiny(**changes):
@@ -89,14 +89,10 @@ def test_end_to_end_cli_produces_every_artefact(tmp_path):
         assert (out / name).stat().st_size > 0, name
     for png in ("history.png", "roc.png", "det.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    card = json.loads((out / "model_card.json").read_text())
-    for field in CARD_FIELDS:
-        assert field in card, field
-    for field in METRIC_FIELDS:
-        assert isinstance(card["test_metrics"][field], float), field
-    assert card["data"]["source"] == "simulator" and card["data"]["size"] == {"train": 256, "valid": 64, "test": 128}
-    assert card["input"]["channels"] == ["template", "science", "difference", "snr_difference"]
-    assert card["verification"]["parity_max_abs_diff"] <= 1e-5
+    card = ModelCard.read(out / "model_card.json")  # every section a run writes, each field typed
+    assert None not in (card.data, card.training, card.test_metrics, card.verification, card.inference)
+    assert card.data.source == "simulator" and card.data.size == {"train": 256, "valid": 64, "test": 128}
+    assert card.contract.channels == ("template", "science", "difference", "snr_difference")
     # TensorBoard scalars
     events = list((out / "tensorboard").glob("events.out.tfevents.*"))
     assert events
@@ -108,7 +104,11 @@ def test_end_to_end_cli_produces_every_artefact(tmp_path):
     # the service loads it
     scorer = Scorer(out, device="cpu")
     x = simulate(ZTF, 4, seed=99)["stamps"][:, [1, 0, 2], 8:24, 8:24]
-    assert scorer.score(np.ascontiguousarray(x)).shape == (4,)
+    x = np.ascontiguousarray(x)
+    assert scorer.score(x).shape == (4,)
+    with torch.no_grad():
+        np.testing.assert_allclose(load_weights(out / "weights.pt")(torch.from_numpy(x)).numpy(), scorer.score(x),
+                                   atol=1e-5)
 
 
 def test_bad_config_exits_with_a_message(tmp_path):
@@ -159,21 +159,19 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(tmp_path):
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
     assert a["history"] == b["history"]
-    card_a = json.loads((whole / "model_card.json").read_text())
-    card_b = json.loads((broken / "model_card.json").read_text())
-    assert card_a["test_metrics"] == card_b["test_metrics"]
+    assert ModelCard.read(whole / "model_card.json").test_metrics == ModelCard.read(broken / "model_card.json").test_metrics
 
 
 def test_early_stopping_stops(tmp_path):
     # patience of 8 iterations that no improvement can extend (it would need a 99% lower loss)
     config = tiny(n_epochs=50, ini_patience=8, improvement_threshold=0.01, validate_every_batches=4)
     card = train(config, tmp_path / "run")
-    t = card["training"]
-    assert t["stopped_early"] is True
-    assert t["iterations"] == 8 < t["max_iterations"] == 50 * 8
+    t = card.training
+    assert t.stopped_early is True
+    assert t.iterations == 8 < t.max_iterations == 50 * 8
     # a generous patience does not stop
     card = train(tiny(n_epochs=1, ini_patience=1000), tmp_path / "run2")
-    assert card["training"]["stopped_early"] is False and card["training"]["iterations"] == 8
+    assert card.training.stopped_early is False and card.training.iterations == 8
 
 
 def test_fine_tuning_from_a_checkpoint_with_frozen_layers(tmp_path):
@@ -181,7 +179,7 @@ def test_fine_tuning_from_a_checkpoint_with_frozen_layers(tmp_path):
     base = torch.load(sorted((tmp_path / "base" / "checkpoints").glob("*.pt"))[-1], weights_only=False)
     config = tiny(n_epochs=1, seed=8, finetune={"from": str(tmp_path / "base"), "freeze": 1})
     card = train(config, tmp_path / "tuned")
-    assert card["training"]["frozen_layers"] == 1 and card["training"]["finetuned_from"]
+    assert card.training.frozen_layers == 1 and card.training.finetuned_from
     tuned = torch.load(sorted((tmp_path / "tuned" / "checkpoints").glob("*.pt"))[-1], weights_only=False)
     start = base["best"]["model"]
     first = [k for k in start if k.startswith("trunk.0.")]
@@ -202,7 +200,7 @@ def test_chunk_directory_and_random_sources(tmp_path):
     config = tiny(n_epochs=1, path_to_chunks=str(tmp_path / "chunks"), data_interface="directory",
                   data={"source": "chunks"})
     card = train(config, tmp_path / "dir_run")
-    assert card["data"]["source"] == "chunks" and card["data"]["size"] == {"train": 96, "valid": 32, "test": 40}
+    assert card.data.source == "chunks" and card.data.size == {"train": 96, "valid": 32, "test": 40}
 
     stamps, labels, channels = _simulated_arrays(120, 4)
     # chunks may hold their images in any order: `channels` names axis 1
@@ -214,7 +212,7 @@ def test_chunk_directory_and_random_sources(tmp_path):
     config = tiny(n_epochs=1, path_to_chunks=str(tmp_path / "pool"), data_interface="random", N_valid=20,
                   N_test=30, data={"source": "chunks"})
     card = train(config, tmp_path / "random_run")
-    assert card["data"]["size"] == {"train": 70, "valid": 20, "test": 30}
+    assert card.data.size == {"train": 70, "valid": 20, "test": 30}
 
     np.savez(tmp_path / "pool" / "broken.npz", stamps=stamps[:3])
     with pytest.raises(DataError, match="'stamps' and 'labels'"):
@@ -231,7 +229,7 @@ def test_braai_source(tmp_path):
     config = tiny(n_epochs=1, N_valid=20, N_test=20, data={"source": "braai", "triplets": str(tmp_path / "triplets.npy"),
                                                            "labels": str(tmp_path / "labels.csv")})
     card = train(config, tmp_path / "run")
-    assert card["data"]["source"] == "braai" and card["data"]["size"]["train"] == 50
+    assert card.data.source == "braai" and card.data.size["train"] == 50
 
 
 def test_alert_files_source_uses_the_service_decoder(tmp_path):
@@ -253,7 +251,7 @@ def test_alert_files_source_uses_the_service_decoder(tmp_path):
                   data={"source": "alerts", "alerts": str(files[0].parent), "labels": str(labels_csv),
                         "split": "random"})
     card = train(config, tmp_path / "run")  # the JPEG prototypes are skipped with a warning
-    assert card["data"]["source"] == "alerts" and sum(card["data"]["size"].values()) == len(files)
+    assert card.data.source == "alerts" and sum(card.data.size.values()) == len(files)
 
 
 def test_defaults_trains_both_stages_and_publishes_each_survey(tmp_path, monkeypatch):
@@ -291,24 +289,29 @@ def test_defaults_trains_both_stages_and_publishes_each_survey(tmp_path, monkeyp
         scorer = Scorer(folder, device="cpu")
         # the shipped torch weights give the ONNX file's scores (gradient explanations use them)
         stamps = np.random.default_rng(0).normal(size=(4, *scorer.contract.input_shape)).astype(np.float32)
+        graph = load_weights(folder / "weights.pt")
         with torch.no_grad():
-            torch_scores = load_weights(folder / "weights.pt")(torch.from_numpy(stamps)).numpy()
+            torch_scores = graph(torch.from_numpy(stamps)).numpy()
+            logits = graph.net(torch.from_numpy(stamps)).numpy()
         np.testing.assert_allclose(torch_scores, scorer.score(stamps), atol=1e-5)
-        card = scorer.card.raw
-        assert scorer.card.survey == survey and card["data"]["source"] == "alerts"
-        assert card["training"]["finetuned_from"].endswith("simulation")
-        assert card["calibration"]["method"] == "temperature" and card["calibration"]["temperature"] > 0
+        card = scorer.card
+        assert card.survey == survey and card.data.source == "alerts"
+        assert card.training.finetuned_from.endswith("simulation")
+        # the graph divides its logits by the temperature the card states
+        np.testing.assert_allclose(scorer.score(stamps), sigmoid(logits, card.calibration.temperature), atol=1e-5)
         # the test split is whole objects that training never saw
         train_objects = {a.object_id for a in real_split(survey, "train")}
         assert not train_objects & {a.object_id for a in real_split(survey, "test")}
-        roc = card["real_validation"]["roc"]
-        assert len(roc["fpr"]) == len(roc["tpr"]) == len(roc["thresholds"]) and roc["fpr"][-1] == 1.0
-        assert sum(card["real_validation"]["score_histogram"]["counts"]) == card["real_validation"]["n"]
+        # the validation reference is the published model's scores on the real validation split
+        valid, _, _ = real.stamps(real_split(survey, "valid"), scorer.contract)
+        assert len(valid) == card.real_validation.n
+        assert card.real_validation.score_histogram.counts == np.histogram(scorer.score(valid).astype(np.float64),
+                                                                            bins=20, range=(0, 1))[0].tolist()
         for stage in ("simulation_only", "adapted"):
-            assert card["real_test"][stage]["n_labelled"] > 0
-            assert card["synthetic_test"][stage]["n"] == TINY["N_test"]
+            assert getattr(card.real_test, stage).n_labelled > 0
+            assert getattr(card.synthetic_test, stage).n == TINY["N_test"]
         if survey == "ztf":
-            assert "drb" in card["real_test"]["adapted"]["survey_scores"]
+            assert "drb" in card.real_test.adapted.survey_scores
 
 
 def real_split(survey: str, split: str):
@@ -333,8 +336,8 @@ def test_deephits_input_txt_trains_on_chunks(tmp_path):
     result = subprocess.run(RBSTREAM + ["train", "--config", str(tmp_path / "input.txt"), "--out", str(out)],
                             cwd=REPO, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
-    card = json.loads((out / "model_card.json").read_text())
-    assert card["architecture"]["conv_channels"] == [32, 32, 64, 64, 64]
-    assert card["architecture"]["activation_function"] == "prelu"
-    assert card["data"]["source"] == "chunks" and card["data"]["size"] == {"train": 64, "valid": 32, "test": 32}
-    assert card["config"]["base_lr"] == 0.04 and card["config"]["optimizer"] == "sgd"
+    card = ModelCard.read(out / "model_card.json")
+    assert card.architecture.conv_channels == [32, 32, 64, 64, 64]
+    assert card.architecture.activation_function == "prelu"
+    assert card.data.source == "chunks" and card.data.size == {"train": 64, "valid": 32, "test": 32}
+    assert card.config["base_lr"] == 0.04 and card.config["optimizer"] == "sgd"

@@ -98,7 +98,7 @@ def _defaults(args) -> int:
             config = load_config(adapt_config, {**_overrides(args),
                                                 "finetune": {"from": str(stages["simulation_only"])}})
             card = train(config, stages["adapted"], resume=_resumable(stages["adapted"], args))
-            card.update(side_by_side(config, stages, stages["adapted"]))
+            card = card.extended(side_by_side(config, stages, stages["adapted"]))
             write_card(card, stages["adapted"])
         final = list(stages.values())[-1]
         target = publish(final, Path(models_dir) / name, extra=(REAL_ROC,) if "adapted" in stages else ())
@@ -112,8 +112,8 @@ def _resumable(run_dir: Path, args) -> Path | None:
     return run_dir if args.resume and (run_dir / "checkpoints").is_dir() else None
 
 
-def _summary(card: dict, where: Path) -> None:
-    m = card["test_metrics"]
-    print(f"{card['name']} ({card['survey']}): test accuracy {m['accuracy']:.4f}, ROC AUC {m['roc_auc']:.4f}, "
-          f"FPR {m['fpr']:.4f} / FNR {m['fnr']:.4f} at {card['threshold']:g}, "
-          f"{card['training']['seconds']:.0f} s -> {where}")
+def _summary(card, where: Path) -> None:
+    m = card.test_metrics
+    print(f"{card.name} ({card.survey}): test accuracy {m.accuracy:.4f}, ROC AUC {m.roc_auc:.4f}, "
+          f"FPR {m.fpr:.4f} / FNR {m.fnr:.4f} at {card.threshold:g}, "
+          f"{card.training.seconds:.0f} s -> {where}")

@@ -37,6 +37,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from service.score.card import is_real
 from service.score.model import DEVICES
 from training import real
 from training.report import metrics
@@ -187,7 +188,7 @@ def compare(alerts: Sequence[real.RealAlert], scores: np.ndarray, threshold: flo
     if families:
         out["scored_real_by_family"] = {
             family: {"n": n, "scored_real": int(sum(1 for a, s in zip(alerts, scores)
-                                                    if a.family == family and a.label == 0 and s >= threshold))}
+                                                    if a.family == family and a.label == 0 and is_real(s, threshold)))}
             for family, n in sorted(families.items())}
     return out
 
@@ -306,7 +307,7 @@ def held_out(model: Path, holdout: tuple[float, float] | None) -> tuple[float, f
         card = ModelCard.read((model.parent if model.suffix == ".onnx" else model) / CARD_FILE)
     except ModelError:
         return real.DEFAULT_HOLDOUT
-    return tuple(card.raw.get("data", {}).get("holdout") or real.DEFAULT_HOLDOUT)
+    return card.holdout or real.DEFAULT_HOLDOUT
 
 
 def _reason_kind(reason: str) -> str:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
 import os
 import shutil
@@ -24,7 +23,8 @@ import numpy as np
 import torch
 
 from service.contract import ONNX_INPUT, ONNX_OUTPUT
-from service.score.model import CARD_FILE, MODEL_FILE
+from service.score.card import CARD_FILE, ModelCard
+from service.score.model import MODEL_FILE
 from training.model import WEIGHTS_FILE, RealBogusNet, ScoringGraph, save_weights
 
 log = logging.getLogger(__name__)
@@ -159,9 +159,15 @@ def git_commit(cwd: Path | None = None) -> str:
 
 
 def model_card(config, contract, data_info: dict, test_metrics: dict, verification: dict,
-               training: dict, inference: dict | None = None, calibration: dict | None = None) -> dict:
-    """The model card: what the model is, what it takes, how it was trained, how good it is."""
-    return {
+               training: dict, inference: dict | None = None, calibration: dict | None = None) -> ModelCard:
+    """The model card: what the model is, what it takes, how it was trained, how good it is.
+
+    Raises
+    ------
+    service.score.card.ModelError
+        When a section is not what `ModelCard` reads (a field missing or of the wrong type).
+    """
+    return ModelCard.from_dict({
         "name": config.name,
         "version": config.version,
         "survey": config.survey,
@@ -179,23 +185,12 @@ def model_card(config, contract, data_info: dict, test_metrics: dict, verificati
         "inference": inference,
         "calibration": calibration,
         "config": config.to_dict(),
-    }
+    }, f"model card of {config.name}")
 
 
-def write_card(card: dict, folder: Path) -> Path:
-    path = Path(folder) / CARD_FILE
-    path.write_text(json.dumps(card, indent=2, sort_keys=False, default=_json_default) + "\n")
-    return path
-
-
-def _json_default(value):
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    if isinstance(value, (np.ndarray, tuple)):
-        return list(value)
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"not JSON serialisable: {type(value)}")
+def write_card(card: ModelCard, folder: Path) -> Path:
+    """Write ``card`` into the run folder ``folder`` (as `CARD_FILE`)."""
+    return card.write(Path(folder) / CARD_FILE)
 
 
 def publish(run_dir: Path, target: Path, extra: tuple[str, ...] = ()) -> Path:

@@ -7,6 +7,8 @@ from statistics import NormalDist
 
 import numpy as np
 
+from service.score.card import is_real
+
 
 def roc_curve(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """False- and true-positive rates at every distinct score threshold (``score >= t`` is real)."""
@@ -36,7 +38,7 @@ def metrics(labels: np.ndarray, scores: np.ndarray, threshold: float, kinds: np.
     """
     labels = np.asarray(labels).astype(bool)
     scores = np.asarray(scores, dtype=np.float64)
-    predicted = scores >= threshold
+    predicted = is_real(scores, threshold)
     n_pos, n_neg = int(labels.sum()), int((~labels).sum())
     fp = int((predicted & ~labels).sum())
     fn = int((~predicted & labels).sum())
@@ -71,7 +73,7 @@ def _fpr_at_fnr(labels: np.ndarray, scores: np.ndarray, fnr: float) -> float:
         return float("nan")
     real_scores = np.sort(scores[labels])
     threshold = real_scores[int(np.floor(fnr * len(real_scores)))]
-    return float((scores[~labels] >= threshold).mean())
+    return float(is_real(scores[~labels], threshold).mean())
 
 
 def calibration(labels: np.ndarray, scores: np.ndarray, bins: int = 10) -> dict:
@@ -150,8 +152,8 @@ def plot_det(labels, scores, path: Path, threshold: float | None = None, title: 
     ax.plot(probit(fpr), probit(fnr), label="model")
     if threshold is not None:
         y = np.asarray(labels).astype(bool)
-        s = np.asarray(scores)
-        ax.plot(probit((s[~y] >= threshold).mean()), probit((s[y] < threshold).mean()), "o",
+        called_real = is_real(np.asarray(scores), threshold)
+        ax.plot(probit(called_real[~y].mean()), probit((~called_real[y]).mean()), "o",
                 label=f"threshold {threshold:g}")
     ticks = [1e-3, 1e-2, 0.05, 0.2, 0.5]
     ax.set_xticks(probit(ticks), [f"{t:g}" for t in ticks])

@@ -295,10 +295,10 @@ def create_app(scorers: Mapping | None = None, settings: ApiSettings | None = No
     @app.get("/model", response_model=ModelsResponse, tags=["operations"], summary="The model cards in service",
              responses=_AUTH_ERRORS if auth.enabled else None)
     async def model() -> ModelsResponse:
-        return ModelsResponse(models={s: dict(sc.card.raw) for s, sc in scorers.items()},
+        return ModelsResponse(models={s: sc.card.to_dict() for s, sc in scorers.items()},
                               providers={s: sc.provider for s, sc in scorers.items()},
                               inputs={s: list(sc.contract.raw_inputs) for s, sc in scorers.items()},
-                              fallbacks={s: dict(sc.card.raw) for s, sc in fallbacks.items()},
+                              fallbacks={s: sc.card.to_dict() for s, sc in fallbacks.items()},
                               fallback_inputs={s: list(sc.contract.raw_inputs) for s, sc in fallbacks.items()})
 
     @app.get("/metrics", tags=["operations"], summary="Prometheus metrics (text exposition format)",
@@ -543,7 +543,7 @@ class _Classifier:
         card = scorer.card
         score = float(score)
         return ScoreResult(id=ident, object_id=object_id, survey=survey, score=score,
-                           label="real" if score >= card.threshold else "bogus", threshold=card.threshold,
+                           label=card.label(score), threshold=card.threshold,
                            model=card.name, model_version=card.version, survey_score=survey_score,
                            survey_score_name=survey_score_name, model_inputs=list(card.contract.raw_inputs))
 

@@ -43,7 +43,7 @@ def contracts(models: str | os.PathLike | None = None) -> tuple[dict[str, StampC
     (contracts by survey, notes) — a survey without a model card gets the default
     `StampContract` and a note saying so.
     """
-    from service.score.model import CARD_FILE, ModelCard
+    from service.score.card import CARD_FILE, ModelCard
 
     root = models_root(models)
     found, notes = {}, []

@@ -25,6 +25,7 @@ import fastavro
 
 from service.decode.framing import SYNC_SIZE, container_block, is_container, is_wire_format, split_wire_format, wire_header
 from service.registry import SchemaRegistry
+from service.score.card import label_for
 
 SCHEMA_DIR = Path(__file__).resolve().parent / "schemas"
 SCORE_SCHEMA_PATH = SCHEMA_DIR / "score_record.avsc"
@@ -57,11 +58,6 @@ class RecordError(ValueError):
 def score_schema() -> dict:
     """The score record schema (``score_record.avsc``) as a dict."""
     return json.loads(SCORE_SCHEMA_PATH.read_text())
-
-
-def label_for(score: float, threshold: float) -> str:
-    """``real`` when ``score >= threshold``, else ``bogus``."""
-    return "real" if score >= threshold else "bogus"
 
 
 def score_record(*, survey: str, candidate_id: int, object_id: str, score: float, threshold: float,

@@ -5,18 +5,17 @@ A model is a folder (or an ``.onnx`` path inside one) holding
 * ``model.onnx`` — input `contract.ONNX_INPUT` float32 ``[batch, raw_inputs, size, size]``
   of raw pixels (NaN allowed), output `contract.ONNX_OUTPUT` float32 ``[batch]``,
   the probability that the detection is real;
-* ``model_card.json`` — written by training: ``name``, ``version``, ``survey``,
-  ``input`` (a `StampContract` dict), ``threshold`` and metrics.
+* ``model_card.json`` — written by training, read as a `service.score.card.ModelCard`:
+  ``name``, ``version``, ``survey``, ``input`` (a `StampContract` dict), ``threshold`` and
+  what training measured.
 
 The default models live in ``models/<survey>/``.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
@@ -24,40 +23,15 @@ import numpy as np
 
 from service.contract import ONNX_INPUT, ONNX_OUTPUT, StampContract
 from service.surveys import SURVEYS
+# The card's definition is service.score.card's; importable from here as before.
+from service.score.card import CARD_FILE, ModelCard, ModelError  # noqa: F401
 
 log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.onnx"
-CARD_FILE = "model_card.json"
 
 #: Where the default models are: ``models/`` at the repository root, or ``RBSTREAM_MODELS_DIR``.
 DEFAULT_MODELS_DIR = Path(__file__).resolve().parents[2] / "models"
-
-
-class ModelError(RuntimeError):
-    """A model folder that cannot be loaded."""
-
-
-@dataclass(frozen=True)
-class ModelCard:
-    """The parts of a model card the service uses; ``raw`` holds all of it."""
-
-    name: str
-    version: str
-    survey: str
-    threshold: float
-    contract: StampContract
-    raw: Mapping
-
-    @classmethod
-    def read(cls, path: Path) -> "ModelCard":
-        try:
-            raw = json.loads(path.read_text())
-            return cls(name=str(raw["name"]), version=str(raw["version"]), survey=str(raw["survey"]),
-                       threshold=float(raw["threshold"]), contract=StampContract.from_dict(raw["input"]),
-                       raw=raw)
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise ModelError(f"model card {path}: {exc}") from exc
 
 
 #: ONNX Runtime execution providers of each device setting, in the order they are tried.
