@@ -183,7 +183,7 @@ def test_synthetic_triplets_are_the_cards_test_set_and_each_model_gets_only_its_
     assert list(saved["models"]) == list(ZTF_MODELS)
     for k, name in enumerate(ZTF_MODELS):
         scorer = Scorer(MODELS_DIR / name, device="cpu")
-        config = from_dict(_without_unset(scorer.card.raw["config"]))
+        config = from_dict(_without_unset(scorer.card.config))
         drawn = _simulate(config, scorer.contract, SYNTHETIC, seed=config.seed * 10 + SPLITS.index("test"))
         assert drawn.stamps.shape[1] == len(scorer.contract.raw_inputs)
         np.testing.assert_array_equal(saved["labels"], drawn.labels)

@@ -123,11 +123,11 @@ def synthetic_set(runs: Sequence[ModelRun], survey: str, n: int) -> dict:
     from training.profiles import get_profile
     from training.simulate import SimulatorConfig, simulate
 
-    source = next((r for r in runs if isinstance(r.scorer.card.raw.get("config"), Mapping)), None)
+    source = next((r for r in runs if isinstance(r.scorer.card.config, Mapping)), None)
     if source is None:
         raise EvaluateError(f"--synthetic: no model of {survey} has its training config in its card, so its "
                             "synthetic test set cannot be drawn again")
-    config = source.scorer.card.raw["config"]
+    config = source.scorer.card.config
     settings = dict(config.get("simulator") or {})
     weights = settings.pop("bogus_weights", None)
     if "snr_range" in settings:
