@@ -12,11 +12,13 @@ import sys
 import time
 from pathlib import Path
 
+from service.surveys import SURVEYS
+
 log = logging.getLogger(__name__)
 
 #: Surveys whose default model `--defaults` trains (hits with --with-hits; each one's
 #: template+science model, ``<survey>-nodiff``, with --with-nodiff).
-DEFAULT_SURVEYS = ("ztf", "rubin")
+DEFAULT_SURVEYS = SURVEYS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--with-nodiff", action="store_true",
                         help="with --defaults: also the no-difference-image models (template and science only), "
                              "models/<survey>-nodiff")
-    parser.add_argument("--surveys", nargs="+", choices=("ztf", "rubin", "hits", "ztf-nodiff", "rubin-nodiff"),
+    parser.add_argument("--surveys", nargs="+", choices=(*SURVEYS, "hits", *(f"{s}-nodiff" for s in SURVEYS)),
                         help="with --defaults: only these default models")
     parser.add_argument("--models-dir", type=Path, default=None,
                         help="with --defaults: where to publish (default: the service's models/ folder)")

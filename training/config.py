@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from service.contract import CHANNELS, StampContract
+from service.surveys import SURVEY_CHOICES
 from training.model import ACTIVATIONS, ARCHITECTURES, ArchConfig, canonical_activation
 from training.profiles import PROFILES, get_profile
 from training.real import DEFAULT_HOLDOUT, WEAK_LABELS
@@ -133,7 +134,7 @@ TABLES: dict[str, dict[str, Key]] = {
         "triplet_channels": Key("str_list", ["science", "template", "difference"],
                                 "image order inside braai triplets / chunks without a `channels` entry",
                                 ("science", "template", "difference")),
-        "survey_format": Key("choice", "auto", "alert format for source = alerts", ("auto", "ztf", "rubin")),
+        "survey_format": Key("choice", "auto", "alert format for source = alerts", SURVEY_CHOICES),
         "label_from": Key("str_list", [], "source = alerts: survey scores that label the alerts `labels` does not "
                           "(first present first)", check=lambda v: all(x in WEAK_LABELS for x in v),
                           accepted="a list of " + ", ".join(WEAK_LABELS)),
