@@ -130,3 +130,20 @@ def kill_leftovers(pids) -> None:
                 os.kill(pid, signal.SIGKILL)
             except OSError:
                 pass
+
+
+def wait_until_healthy(url: str, process: subprocess.Popen, log: Path, timeout: float = 60.0,
+                       what: str = "the server did not start") -> None:
+    """Wait for ``GET url/healthz`` to answer 200; fail with the log's tail if ``process`` ends first."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        assert process.poll() is None, log.read_text()[-2000:]
+        assert time.monotonic() < deadline, what
+        time.sleep(0.2)

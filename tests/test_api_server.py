@@ -18,6 +18,7 @@ import httpx
 import pytest
 
 import hostile
+from processes import wait_until_healthy
 from conftest import REPO, rubin_files, ztf_fits_files
 from service.tools.broker import free_port
 
@@ -42,16 +43,7 @@ def server(tmp_path_factory):
                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert process.poll() is None, log.read_text()[-2000:]
-            assert time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.2)
+        wait_until_healthy(url, process, log)
         yield {"url": url, "port": port, "process": process, "log": log}
     finally:
         process.terminate()

@@ -14,12 +14,12 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
+from processes import wait_until_healthy
 from conftest import REPO, ztf_fits_files
 from service.tools.broker import free_port
 
@@ -35,16 +35,8 @@ def start_server(port: int, alerts: Path, labels: Path, log: Path) -> subprocess
                "--port", str(port), "--device", "cpu", "--scan-alerts", str(alerts), "--scan-labels-dir", str(labels)]
     process = subprocess.Popen(command, cwd=REPO, stdout=open(log, "ab"), stderr=subprocess.STDOUT,
                                env={**os.environ, "PYTHONUNBUFFERED": "1", "RBSTREAM_API_TOKEN": TOKEN})
-    deadline = time.monotonic() + 90
-    while True:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
-                return process
-        except httpx.HTTPError:
-            pass
-        assert process.poll() is None, log.read_text()[-2000:]
-        assert time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.2)
+    wait_until_healthy(f"http://127.0.0.1:{port}", process, log, timeout=90)
+    return process
 
 
 def stop(process: subprocess.Popen) -> None:

@@ -10,11 +10,11 @@ import os
 import re
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
 
+from processes import wait_until_healthy
 from conftest import REPO
 from service import settings
 from service.api.app import SERVE_OPTIONS, ApiSettings
@@ -162,16 +162,7 @@ def test_serve_process_takes_its_settings_from_config_file_environment_and_comma
                                stdout=open(log, "wb"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert process.poll() is None, log.read_text()[-2000:]
-            assert time.monotonic() < deadline, "the server did not start on the config file's port"
-            time.sleep(0.2)
+        wait_until_healthy(url, process, log, what="the server did not start on the config file's port")
 
         def classify(candidates: int) -> httpx.Response:
             body = {"survey": "ztf", "candidates": [{"id": i} for i in range(candidates)]}
