@@ -118,3 +118,28 @@ def test_run_killed_with_sigkill_takes_its_broker_down(tmp_path, default_models)
     finally:
         command.kill()
         kill_leftovers(brokers)
+
+
+def test_run_scores_alerts_without_a_difference_with_the_nodiff_model(tmp_path, default_models):
+    """``--nodiff-model-ztf``: the alert whose difference cutout is null is scored by the no-diff
+    model instead of being rejected; the whole alert by the triplet model, as before."""
+    from nodiff_support import ztf_without_difference
+
+    samples = tmp_path / "data" / "ztf"
+    samples.mkdir(parents=True)
+    whole = ztf_fits_files()[0]
+    shutil.copy(whole, samples / whole.name)
+    (samples / "no-difference.avro").write_bytes(ztf_without_difference("null", whole))
+    run = Command("--log-level", "WARNING", "run", "--samples", str(samples.parent), "--port", "0",
+                  "--broker-port", "0", "--device", "cpu", "--exit-after-replay",
+                  "--nodiff-model-ztf", str(REPO / "models" / "ztf-nodiff"))
+    try:
+        run.until(r"model\s+ZTF\s+rbstream-ztf-nodiff .*no difference image")
+        done = run.until(r"done: (\d+) alerts replayed, (\d+) scored .*, (\d+) rejected")
+        assert tuple(map(int, done.groups())) == (2, 2, 0), run.output()
+        assert run.wait(timeout=60) == 0, run.output()
+        _, candidate, _ = expected_ids(whole)
+        scored_by = re.findall(rf"candidate {candidate}\s+score [01]\.\d{{3}}\s+(?:real|bogus)\s+(\S+)", run.output())
+        assert sorted(scored_by) == sorted(["rbstream-ztf", "rbstream-ztf-nodiff"]), run.output()
+    finally:
+        run.kill()

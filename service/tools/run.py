@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from service.stream import pipeline
-from service.surveys import display_name
+from service.surveys import SURVEYS, display_name
 from service.score.model import DEVICES
 from service.settings import (Option, SettingsError, add_options, non_negative_int,
                               positive_float, positive_int, resolve)
@@ -163,6 +163,9 @@ RUN_OPTIONS: tuple[Option, ...] = (
     Option("broker_port", 9092, "local broker port (another free one if busy; 0: any)", type=non_negative_int,
            metavar="PORT"),
     Option("models_dir", None, "models folder (default models/)", metavar="DIR"),
+    *(Option(f"nodiff_model_{survey}", None, f"fallback {display_name(survey)} model without the difference image "
+             f"(e.g. models/{survey}-nodiff): scores the alerts whose difference cutout is missing or unusable, "
+             "as rbstream consume and serve do", metavar="PATH") for survey in SURVEYS),
     Option("device", "auto", "where to run the models (auto: CUDA when usable, else CPU)", choices=DEVICES,
            metavar="{" + ",".join(DEVICES) + "}"),
     Option("batch_size", 64, "consumer batch size", type=positive_int, metavar="N"),
@@ -182,14 +185,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_options(parser, RUN_OPTIONS)
 
 
-def _start_api(scorers, host: str, port: int, readiness_checks, bootstrap_servers: str | None = None):
+def _start_api(scorers, host: str, port: int, readiness_checks, bootstrap_servers: str | None = None,
+               fallbacks=None):
     from service.api.app import ApiSettings, create_app
     from service.api.server import ApiServer, server_config
 
     # The scanning page (/scan) queues the last alerts of the stream this run scores.
     settings = ApiSettings(scan_topic=INPUT_TOPIC, scan_bootstrap_servers=bootstrap_servers) if bootstrap_servers \
         else None
-    app = create_app(scorers, settings, readiness_checks=readiness_checks)
+    app = create_app(scorers, settings, readiness_checks=readiness_checks, fallbacks=fallbacks or {})
     server = ApiServer(server_config(app, host, port, log_level="warning", lifespan="on"))
     # In a thread uvicorn installs no signal handlers: Ctrl-C stays ours.
     thread = threading.Thread(target=server.run, name="api", daemon=True)
@@ -220,7 +224,7 @@ def main(args: argparse.Namespace) -> int:
     from service.tools import replay
     from service.tools.broker import LocalBroker
     from service.stream.consumer import AlertConsumer, CONSUME_OPTIONS
-    from service.score.model import ModelError, load_scorers
+    from service.score.model import ModelError, load_fallbacks, load_scorers
 
     from service.lifecycle import on_stop_signals
 
@@ -246,6 +250,8 @@ def main(args: argparse.Namespace) -> int:
     try:
         messages = replay.load_messages(samples, wire_format=options["wire_format"])
         scorers = load_scorers(options["models_dir"], device=options["device"])
+        fallbacks = load_fallbacks({s: options[f"nodiff_model_{s}"] for s in SURVEYS if options[f"nodiff_model_{s}"]},
+                                   device=options["device"])
     except (FileNotFoundError, ModelError, SettingsError) as exc:
         print(f"rbstream run: {exc}", file=sys.stderr)
         return 2
@@ -255,6 +261,10 @@ def main(args: argparse.Namespace) -> int:
     for survey, scorer in scorers.items():
         print(f"  model  {display_name(survey):<5}  {scorer.card.name} {scorer.card.version}"
               f"  threshold {scorer.card.threshold:.3f}  on {scorer.provider}", flush=True)
+    for survey, scorer in fallbacks.items():
+        print(f"  model  {display_name(survey):<5}  {scorer.card.name} {scorer.card.version}"
+              f"  threshold {scorer.card.threshold:.3f}  on {scorer.provider}"
+              "  (no difference image: for alerts without a usable one)", flush=True)
 
     broker_log = Path(tempfile.gettempdir()) / f"rbstream-run-tansu-{os.getpid()}.log"
     broker = LocalBroker(port=_pick_port(options["broker_port"], "127.0.0.1", "broker"), log_path=broker_log)
@@ -270,7 +280,7 @@ def main(args: argparse.Namespace) -> int:
             dlq_topic=DLQ_TOPIC, group_id=GROUP_ID, from_beginning=True, batch_size=options["batch_size"],
             device=options["device"], kafka_option=["consumer.session.timeout.ms=6000"]),
             CONSUME_OPTIONS, environ={})
-        consumer = AlertConsumer(settings, scorers)
+        consumer = AlertConsumer(settings, scorers, fallbacks=fallbacks)
 
         from confluent_kafka.admin import AdminClient
 
@@ -285,7 +295,8 @@ def main(args: argparse.Namespace) -> int:
 
         host = options["host"]
         api_port = _pick_port(options["port"], host, "API")
-        server, api_thread = _start_api(scorers, host, api_port, [broker_reachable], broker.bootstrap_servers)
+        server, api_thread = _start_api(scorers, host, api_port, [broker_reachable], broker.bootstrap_servers,
+                                        fallbacks)
         url = f"http://{host}:{api_port}"
         print(f"  API    {url}  (POST /classify, /readyz, /model, docs {url}/docs)", flush=True)
         print(f"  metrics {url}/metrics", flush=True)
