@@ -216,3 +216,37 @@ def test_models_trained_on_different_splits_are_refused(tmp_path):
         evaluate(files, models={"ztf": [MODELS_DIR / "ztf", other]}, label_from=("drb",), split="test")
     evaluate(files, models={"ztf": [MODELS_DIR / "ztf", other]}, label_from=("drb",), split="test",
              holdout=(0.15, 0.15))
+
+
+def test_write_reference_puts_the_models_scores_on_the_alerts_into_its_card(tmp_path):
+    """``--write-reference``: a card without ``real_validation`` gets one, made of this model's scores
+    on the evaluated alerts (histogram of all, ROC of the labelled); the rest of the card is kept."""
+    import shutil
+
+    from service.score.card import CARD_FILE
+    from service.score.model import Scorer
+
+    model = tmp_path / "ztf"
+    shutil.copytree(MODELS_DIR / "ztf", model)
+    card = json.loads((model / CARD_FILE).read_text())
+    del card["real_validation"]
+    (model / CARD_FILE).write_text(json.dumps(card, indent=2))
+    assert ModelCard.read(model / CARD_FILE).real_validation is None
+    files = sorted(real.alert_files(REAL_DATA / "ztf"))[:40]
+    listing = tmp_path / "alerts.csv"
+    listing.write_text("file\n" + "\n".join(str(f) for f in files) + "\n")
+    done = subprocess.run([*RBSTREAM, "evaluate", str(listing), "--model", str(model), "--labels", "none",
+                           "--write-reference", "--out", str(tmp_path / "report")],
+                          cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr
+    written = ModelCard.read(model / CARD_FILE)
+    reference = written.real_validation
+    alerts, _ = real.read_alerts(files)
+    scorer = Scorer(MODELS_DIR / "ztf", device="cpu")
+    scores = scorer.score(real.stamps(alerts, scorer.contract)[0])
+    assert reference.n == len(scores) and sum(reference.score_histogram.counts) == len(scores)
+    assert reference.score_histogram.counts == np.histogram(scores, bins=20, range=(0, 1))[0].tolist()
+    assert reference.roc is not None and reference.n_labelled == sum("drb" in a.survey_scores for a in alerts)
+    original = ModelCard.read(MODELS_DIR / "ztf" / CARD_FILE).to_dict()
+    restored = written.extended({"real_validation": original["real_validation"]}).to_dict()
+    assert restored == original  # nothing but real_validation changed

@@ -23,7 +23,7 @@ import numpy as np
 
 from service.score.model import MODEL_FILE
 from training import real
-from training.evaluate import compare, judged_by, score_alerts
+from training.evaluate import compare, judged_by, score_alerts, validation_reference
 from training.report import metrics
 
 #: A survey score at or above this is a real label, when judging (not training) a model.
@@ -38,23 +38,6 @@ def real_splits(config) -> dict[str, list[real.RealAlert]]:
     tables = [real.read_label_table(d["labels"])] if d["labels"] else []
     real.assign_labels(found, tables, d["label_from"], (EVALUATION_THRESHOLD, EVALUATION_THRESHOLD))
     return real.by_split(found, tuple(d["holdout"]))
-
-
-def validation_reference(alerts: list[real.RealAlert], scores: np.ndarray, bins: int = 20) -> dict:
-    """What operating the model needs from the real validation split: its ROC points (to set a
-    threshold by error rate) and the distribution of its scores (to watch a stream drift from it)."""
-    from training.report import roc_curve
-
-    labels = np.array([-1 if a.label is None else a.label for a in alerts])
-    keep = labels >= 0
-    out = {"n": len(alerts), "n_labelled": int(keep.sum()),
-           "score_histogram": {"edges": np.linspace(0, 1, bins + 1).tolist(),
-                               "counts": np.histogram(scores, bins=bins, range=(0, 1))[0].tolist()}}
-    if len(set(labels[keep])) == 2:
-        fpr, tpr, thresholds = roc_curve(labels[keep], scores[keep])
-        out["roc"] = {"fpr": fpr.tolist(), "tpr": tpr.tolist(),
-                      "thresholds": np.minimum(thresholds, 1.0).tolist()}
-    return out
 
 
 def side_by_side(config, stages: dict[str, Path], out: Path) -> dict:

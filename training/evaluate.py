@@ -197,7 +197,8 @@ def evaluate(spec: Sequence[str | Path], out: str | Path | None = None,
              models: Mapping[str, str | Path | Sequence[str | Path]] | None = None,
              label_tables: Sequence[str | Path] = (), label_from: Sequence[str] = ("drb",),
              label_threshold: float = 0.5, split: str = "all", holdout: tuple[float, float] | None = None,
-             threshold: float | None = None, device: str = "cpu", synthetic: int = 0) -> dict:
+             threshold: float | None = None, device: str = "cpu", synthetic: int = 0,
+             write_reference: bool = False) -> dict:
     """Evaluate models on alert files and write the report.
 
     Parameters
@@ -223,6 +224,10 @@ def evaluate(spec: Sequence[str | Path], out: str | Path | None = None,
         Our score at or above it is real; default: each model card's threshold.
     synthetic : int
         Also score this many simulated triplets per survey (`synthetic_set`); 0: none.
+    write_reference : bool
+        Write each model's scores on these alerts into its card as the reference a stream is
+        watched against and thresholds are set by (``real_validation``: `validation_reference`),
+        replacing the one it has. Meant for ``--split valid`` alerts the model was not trained on.
 
     Returns
     -------
@@ -275,6 +280,9 @@ def evaluate(spec: Sequence[str | Path], out: str | Path | None = None,
             result["synthetic"] = {"n": synthetic, "seed": drawn["seed"], "drawn_as": drawn["drawn_as"],
                                    "size": drawn["size"], "survey_scores": None,
                                    "note": "simulated alerts carry no survey score"}
+        if write_reference:
+            for run in runs:
+                result["models"][run.label]["reference_written"] = str(write_card_reference(run, common))
         first = result["models"][runs[0].label]
         unscorable = [f for run in runs for f in run.failures]
         # the first model's numbers at the top, where one-model reports always had them
@@ -285,6 +293,38 @@ def evaluate(spec: Sequence[str | Path], out: str | Path | None = None,
     if out is not None:
         write_report(report, plotted, Path(out))
     return report
+
+
+def validation_reference(alerts: list[real.RealAlert], scores: np.ndarray, bins: int = 20) -> dict:
+    """What operating the model needs from the real validation split: its ROC points (to set a
+    threshold by error rate) and the distribution of its scores (to watch a stream drift from it)."""
+    from training.report import roc_curve
+
+    labels = np.array([-1 if a.label is None else a.label for a in alerts])
+    keep = labels >= 0
+    out = {"n": len(alerts), "n_labelled": int(keep.sum()),
+           "score_histogram": {"edges": np.linspace(0, 1, bins + 1).tolist(),
+                               "counts": np.histogram(scores, bins=bins, range=(0, 1))[0].tolist()}}
+    if len(set(labels[keep])) == 2:
+        fpr, tpr, thresholds = roc_curve(labels[keep], scores[keep])
+        out["roc"] = {"fpr": fpr.tolist(), "tpr": tpr.tolist(),
+                      "thresholds": np.minimum(thresholds, 1.0).tolist()}
+    return out
+
+
+def write_card_reference(run: ModelRun, alerts: Sequence[real.RealAlert]) -> Path:
+    """Replace ``real_validation`` in the card of ``run``'s model with its scores on ``alerts``;
+    returns the card's path."""
+    from service.score.card import CARD_FILE
+
+    if not len(alerts):
+        raise EvaluateError(f"--write-reference: no alert scored by {run.label}; a reference needs alerts")
+    folder = run.path.parent if run.path.suffix == ".onnx" else run.path
+    card = run.scorer.card.extended({"real_validation": validation_reference(list(alerts), run.scores)})
+    card.write(folder / CARD_FILE)
+    log.info("%s: real_validation written from %d alerts (%d labelled)", folder / CARD_FILE, len(alerts),
+             card.real_validation.n_labelled)
+    return folder / CARD_FILE
 
 
 def survey_holdout(survey: str, paths: Sequence[Path], holdout: tuple[float, float] | None) -> tuple[float, float]:
@@ -614,6 +654,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--synthetic", type=int, default=0, metavar="N",
                         help="also score N simulated triplets per survey, drawn as the first model's synthetic "
                              "test set (its card's training config and seed); default 0: none")
+    parser.add_argument("--write-reference", action="store_true",
+                        help="write each model's scores on these alerts (score histogram, and ROC points where "
+                             "they are labelled) into its model card as real_validation: the reference for "
+                             "drift monitoring and for thresholds by error rate; use alerts the model was not "
+                             "trained on (e.g. --split valid)")
     parser.add_argument("--out", type=Path, default=Path("evaluation"), help="report folder (default evaluation/)")
     parser.add_argument("--device", default="cpu", choices=DEVICES, help="ONNX Runtime device")
 
@@ -647,7 +692,8 @@ def main(args) -> int:
         tables = [Path(p) for p in args.labels if p.lower() != "none"]
     try:
         evaluate(args.alerts, args.out, _models(args.model), tables, args.label_from, args.label_threshold,
-                 args.split, args.holdout, threshold=args.threshold, device=args.device, synthetic=args.synthetic)
+                 args.split, args.holdout, threshold=args.threshold, device=args.device, synthetic=args.synthetic,
+                 write_reference=args.write_reference)
     except (real.LabelError, EvaluateError, ModelError) as exc:
         print(f"rbstream evaluate: {exc}", file=sys.stderr)
         return 2

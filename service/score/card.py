@@ -277,7 +277,7 @@ class RocPoints(_Section):
 
 class RealValidation(_Section):
     """The adapted model on the real validation split: for setting a threshold by error rate
-    and for watching a stream's scores drift (`training.adapt.validation_reference`)."""
+    and for watching a stream's scores drift (`training.evaluate.validation_reference`)."""
 
     n: int
     n_labelled: int
