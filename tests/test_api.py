@@ -229,6 +229,7 @@ class CountingScorer:
 
     def __init__(self, scorer):
         self.scorer, self.card, self.provider, self.contract = scorer, scorer.card, scorer.provider, scorer.contract
+        self.threshold, self.threshold_rule, self.label = scorer.threshold, scorer.threshold_rule, scorer.label
         self.calls: list[int] = []
 
     def score(self, stamps):

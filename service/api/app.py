@@ -41,7 +41,8 @@ from starlette.routing import Match
 
 from service import metrics
 from service.api.models import (Candidate, ClassifyRequest, ClassifyResponse, ErrorResponse, HealthResponse,
-                                ModelsResponse, ReadinessCheck, ReadinessResponse, ScoreResult)
+                                ModelsResponse, ReadinessCheck, ReadinessResponse, ScoreResult,
+                                ThresholdInfo)
 from service.api.stamps import MaskedStampError, StampInputError, stamp_to_array
 from service.api.auth import BearerAuthMiddleware, TokenAuth
 from service.decode.stamps import fallback_key
@@ -49,6 +50,7 @@ from service.contract import RAW_IMAGES, StampError, assemble
 from service.api.server import KEEP_ALIVE_S
 from service.limits import DEFAULT_LIMITS, LIMIT_OPTIONS, DecodeLimits
 from service.score.model import DEVICES
+from service.score.thresholds import THRESHOLD_HELP, ThresholdSetting, apply_thresholds, parse_threshold
 from service.surveys import SURVEYS, SurveyChoice
 from service.settings import (Option, SettingsError, add_options, comma_separated, non_negative_float,
                               non_negative_int, positive_int, resolve)
@@ -100,6 +102,9 @@ class ApiSettings:
         Or: the last ``scan_recent`` alerts of this Kafka topic (the stream's input) are the queue.
     scan_labels_dir : str
         Folder of the scanning page's labels (``labels.sqlite``, ``labels.csv``).
+    threshold : ThresholdSetting or str, optional
+        Decision thresholds instead of the model cards' (`service.score.thresholds.parse_threshold`:
+        ``0.7``, ``fpr=0.01``, ``ztf:tpr=0.95,rubin:0.6``); applied to the models and their fallbacks.
     """
 
     max_candidates: int = 512
@@ -122,6 +127,7 @@ class ApiSettings:
     scan_bootstrap_servers: str | None = None
     scan_recent: int = 200
     scan_labels_dir: str = "scan-labels"
+    threshold: ThresholdSetting | str | None = None
 
     @classmethod
     def from_settings(cls, values: Mapping[str, Any]) -> "ApiSettings":
@@ -198,6 +204,12 @@ def create_app(scorers: Mapping | None = None, settings: ApiSettings | None = No
 
         fallbacks = load_fallbacks(settings.nodiff_model_paths, device=settings.device)
     fallbacks = dict(fallbacks)
+    # The scorers are copies when a rule applies: those passed in keep their own threshold.
+    scorers = apply_thresholds(scorers, settings.threshold)
+    fallbacks = apply_thresholds(fallbacks, settings.threshold)
+    for name, scorer in {**scorers, **{f"{s} fallback": f for s, f in fallbacks.items()}}.items():
+        log.info("%s: %s %s, threshold %.4g (%s)", name, scorer.card.name, scorer.card.version,
+                 scorer.threshold, scorer.threshold_rule)
     auth = auth if auth is not None else TokenAuth.from_env()
     metrics.record_models(scorers)
     models = {**scorers, **{fallback_key(survey): scorer for survey, scorer in fallbacks.items()}}
@@ -299,7 +311,9 @@ def create_app(scorers: Mapping | None = None, settings: ApiSettings | None = No
                               providers={s: sc.provider for s, sc in scorers.items()},
                               inputs={s: list(sc.contract.raw_inputs) for s, sc in scorers.items()},
                               fallbacks={s: sc.card.to_dict() for s, sc in fallbacks.items()},
-                              fallback_inputs={s: list(sc.contract.raw_inputs) for s, sc in fallbacks.items()})
+                              fallback_inputs={s: list(sc.contract.raw_inputs) for s, sc in fallbacks.items()},
+                              thresholds={s: _threshold_info(sc) for s, sc in scorers.items()},
+                              fallback_thresholds={s: _threshold_info(sc) for s, sc in fallbacks.items()})
 
     @app.get("/metrics", tags=["operations"], summary="Prometheus metrics (text exposition format)",
              response_class=Response, responses={200: {"content": {"text/plain": {}}}})
@@ -543,9 +557,13 @@ class _Classifier:
         card = scorer.card
         score = float(score)
         return ScoreResult(id=ident, object_id=object_id, survey=survey, score=score,
-                           label=card.label(score), threshold=card.threshold,
+                           label=scorer.label(score), threshold=scorer.threshold,
                            model=card.name, model_version=card.version, survey_score=survey_score,
                            survey_score_name=survey_score_name, model_inputs=list(card.contract.raw_inputs))
+
+
+def _threshold_info(scorer) -> ThresholdInfo:
+    return ThresholdInfo(threshold=scorer.threshold, threshold_rule=scorer.threshold_rule)
 
 
 def _check_finite(scores: np.ndarray, what: str) -> None:
@@ -768,6 +786,7 @@ SERVE_OPTIONS: tuple[Option, ...] = (
     Option("nodiff_model_ztf", None, "fallback ZTF model without the difference image (e.g. trained on template "
            "and science): scores what lacks a usable difference, refused (422) without it", metavar="PATH"),
     Option("nodiff_model_rubin", None, "the same for Rubin", metavar="PATH"),
+    Option("threshold", None, THRESHOLD_HELP, type=parse_threshold, metavar="[SURVEY:]{T,fpr=X,tpr=Y}[,...]"),
     Option("device", "auto", "inference device", choices=DEVICES, metavar="{" + ",".join(DEVICES) + "}"),
     Option("default_survey", None, "model of JSON requests naming no survey (default: ztf if loaded, else the "
            "only one)", choices=SURVEYS, env_var="RBSTREAM_API_DEFAULT_SURVEY", metavar="{" + ",".join(SURVEYS) + "}"),

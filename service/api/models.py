@@ -113,7 +113,8 @@ class ScoreResult(BaseModel):
                          json_schema_extra={"minimum": 0.0, "maximum": 1.0})
     label: Literal["real", "bogus"] = Field(
         ..., description="`real` when `score` >= `threshold`, else `bogus`.")
-    threshold: float = Field(..., description="The model's decision threshold (from its model card).")
+    threshold: float = Field(..., description="The decision threshold: the model card's, or the one "
+                                              "`--threshold` set (see `GET /model`, `thresholds`).")
     model: str = Field(..., description="Model name (model card `name`).")
     model_version: str = Field(..., description="Model version (model card `version`).")
     survey_score: float | None = Field(
@@ -167,6 +168,13 @@ class ReadinessResponse(BaseModel):
     checks: list[ReadinessCheck]
 
 
+class ThresholdInfo(BaseModel):
+    threshold: float = Field(..., description="The threshold labels are made with: `real` when score >= it.")
+    threshold_rule: str = Field(..., description="How it was set: `card` (the model card's), a number, or a "
+                                                 "target rate on the card's real validation ROC (`fpr=0.01`, "
+                                                 "`tpr=0.95`), from `--threshold`.")
+
+
 class ModelsResponse(BaseModel):
     """The model card of each loaded model, by survey, plus the execution provider it runs on."""
 
@@ -180,3 +188,7 @@ class ModelsResponse(BaseModel):
                                           "difference; absent surveys refuse such input.")
     fallback_inputs: dict[str, list[str]] = Field(
         default_factory=dict, description="survey -> the raw images its fallback model takes.")
+    thresholds: dict[str, ThresholdInfo] = Field(
+        default_factory=dict, description="survey -> the decision threshold in service and how it was set.")
+    fallback_thresholds: dict[str, ThresholdInfo] = Field(
+        default_factory=dict, description="survey -> the same for its fallback model.")

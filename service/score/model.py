@@ -14,6 +14,7 @@ The default models live in ``models/<survey>/``.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from pathlib import Path
@@ -24,7 +25,7 @@ import numpy as np
 from service.contract import ONNX_INPUT, ONNX_OUTPUT, StampContract
 from service.surveys import SURVEYS
 # The card's definition is service.score.card's; importable from here as before.
-from service.score.card import CARD_FILE, ModelCard, ModelError  # noqa: F401
+from service.score.card import CARD_FILE, ModelCard, ModelError, label_for  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +101,10 @@ class Scorer:
         if precision not in ("auto", "fp32", "fp16"):
             raise ValueError(f"precision: unknown {precision!r}; accepted: auto, fp32, fp16")
         self.card = ModelCard.read(folder / CARD_FILE)
+        #: The threshold every label of this scorer is made with, and how it was set: the
+        #: card's own one until `with_threshold` (``rbstream consume/serve --threshold``).
+        self.threshold: float = self.card.threshold
+        self.threshold_rule: str = "card"
         self.path = onnx_path
         self._options = ort.SessionOptions()
         # 0: the environment's RBSTREAM_ORT_THREADS if set, else ONNX Runtime's default (one per core).
@@ -164,9 +169,17 @@ class Scorer:
     def contract(self) -> StampContract:
         return self.card.contract
 
-    @property
-    def threshold(self) -> float:
-        return self.card.threshold
+    def with_threshold(self, threshold: float, rule: str) -> "Scorer":
+        """This scorer (sharing its session) deciding by ``threshold``, set by ``rule`` (e.g. ``fpr=0.01``)."""
+        if not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"threshold {threshold!r} is not in [0, 1]")
+        scorer = copy.copy(self)
+        scorer.threshold, scorer.threshold_rule = float(threshold), rule
+        return scorer
+
+    def label(self, score: float) -> str:
+        """`service.score.card.label_for` the score against this scorer's threshold."""
+        return label_for(score, self.threshold)
 
     def input_buffer(self, rows: int) -> np.ndarray:
         """A ``[rows, *contract.input_shape]`` float32 host buffer to fill in place and pass to `score`.

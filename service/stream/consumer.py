@@ -38,6 +38,7 @@ from service.limits import LIMIT_OPTIONS, DecodeLimits
 from service.stream.pipeline import DecodedBatch, Outcome, Outgoing, ScoringPipeline, SourceMessage, dead_letter
 from service.registry import RegistryUnreachable
 from service.score.model import DEVICES
+from service.score.thresholds import THRESHOLD_HELP, apply_thresholds, parse_threshold
 from service.surveys import SURVEY_CHOICES, SURVEYS
 from service.settings import (COMMON_OPTIONS, Option, SettingsError, add_options, kafka_client_config,
                               non_negative_int, positive_int, redact, resolve)
@@ -63,6 +64,7 @@ CONSUME_OPTIONS: tuple[Option, ...] = COMMON_OPTIONS + (
     Option("nodiff_model_rubin", None, "the same for Rubin alerts", metavar="PATH"),
     Option("models_dir", None, "folder with one model per survey (<dir>/ztf, <dir>/rubin); default models/",
            metavar="DIR"),
+    Option("threshold", None, THRESHOLD_HELP, type=parse_threshold, metavar="[SURVEY:]{T,fpr=X,tpr=Y}[,...]"),
     Option("batch_size", 256, "most alerts per batch", type=positive_int, metavar="N"),
     Option("max_wait_ms", 100, "longest wait for a batch to fill, in milliseconds", type=positive_int,
            metavar="MS"),
@@ -129,8 +131,9 @@ def load_models(settings: Mapping[str, Any]):
     from service.score.model import load_scorers
 
     surveys = SURVEYS if settings["survey"] == "auto" else (settings["survey"],)
-    return load_scorers(settings.get("models_dir"), model_paths(settings.get("model") or [], settings["survey"]),
-                        device=settings["device"], surveys=surveys)
+    scorers = load_scorers(settings.get("models_dir"), model_paths(settings.get("model") or [], settings["survey"]),
+                           device=settings["device"], surveys=surveys)
+    return apply_thresholds(scorers, settings.get("threshold"))
 
 
 def load_fallback_models(settings: Mapping[str, Any]):
@@ -140,7 +143,8 @@ def load_fallback_models(settings: Mapping[str, Any]):
     survey = settings.get("survey", "auto")
     surveys = SURVEYS if survey == "auto" else (survey,)
     paths = {s: settings[f"nodiff_model_{s}"] for s in surveys if settings.get(f"nodiff_model_{s}")}
-    return load_fallbacks(paths, device=settings.get("device", "auto"))
+    # A survey's rule holds for its fallback too; a rate is read from the fallback's own card.
+    return apply_thresholds(load_fallbacks(paths, device=settings.get("device", "auto")), settings.get("threshold"))
 
 
 def schema_store(settings: Mapping[str, Any]):
@@ -279,8 +283,10 @@ class AlertConsumer:
         self._consumer = Consumer(consumer_conf)
         self._consumer.subscribe([s["input_topic"]], on_assign=self._on_assign, on_revoke=self._on_revoke,
                                  on_lost=self._on_lost)
-        models = ", ".join(f"{survey}={sc.card.name} {sc.card.version} on {sc.provider}"
-                           for survey, sc in self.scorers.items())
+        models = ", ".join(f"{survey}={sc.card.name} {sc.card.version} on {sc.provider}, "
+                           f"threshold {sc.threshold:.4g} ({sc.threshold_rule})"
+                           for survey, sc in {**self.scorers, **{f"{s} fallback": f for s, f in
+                                                                  self.fallbacks.items()}}.items())
         log.info("consuming %s from %s as group %s (survey %s); scores -> %s, dead letters -> %s; "
                  "batches of <= %d alerts or %d ms; models: %s", s["input_topic"], s["bootstrap_servers"],
                  s["group_id"], s["survey"], s["output_topic"], s["dlq_topic"], s["batch_size"],

@@ -230,9 +230,10 @@ class ScoringPipeline:
                       scorer=None) -> Outgoing:
         """The output message of one scored alert (score record, or annotated alert) by ``scorer``
         (default: the survey's main model)."""
-        card = (scorer or self.scorers[alert.survey]).card
+        scorer = scorer or self.scorers[alert.survey]
+        card = scorer.card
         record = records.score_record(survey=alert.survey, candidate_id=alert.candidate_id,
-                                      object_id=alert.object_id, score=score, threshold=card.threshold,
+                                      object_id=alert.object_id, score=score, threshold=scorer.threshold,
                                       model_name=card.name, model_version=card.version,
                                       observation_mjd=alert.observation_mjd, scored_at=scored_at,
                                       survey_score=alert.survey_score, survey_score_name=alert.survey_score_name,
