@@ -394,10 +394,6 @@ class ModelCard(_Section):
         """This card with ``sections`` added or replaced (validated like a card read)."""
         return type(self).from_dict({**self.to_dict(), **sections}, f"model card {self.name}")
 
-    def label(self, score: float) -> str:
-        """`label_for` the score against this card's threshold."""
-        return label_for(score, self.threshold)
-
     @property
     def holdout(self) -> tuple[float, float] | None:
         """The shares of objects held out for validation and test, when trained on real alerts by object."""

@@ -260,10 +260,10 @@ def main(args: argparse.Namespace) -> int:
     print("rbstream: real/bogus scores for ZTF and Rubin alerts", flush=True)
     for survey, scorer in scorers.items():
         print(f"  model  {display_name(survey):<5}  {scorer.card.name} {scorer.card.version}"
-              f"  threshold {scorer.card.threshold:.3f}  on {scorer.provider}", flush=True)
+              f"  threshold {scorer.threshold:.3f}  on {scorer.provider}", flush=True)
     for survey, scorer in fallbacks.items():
         print(f"  model  {display_name(survey):<5}  {scorer.card.name} {scorer.card.version}"
-              f"  threshold {scorer.card.threshold:.3f}  on {scorer.provider}"
+              f"  threshold {scorer.threshold:.3f}  on {scorer.provider}"
               "  (no difference image: for alerts without a usable one)", flush=True)
 
     broker_log = Path(tempfile.gettempdir()) / f"rbstream-run-tansu-{os.getpid()}.log"
