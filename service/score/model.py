@@ -26,6 +26,7 @@ from service.contract import ONNX_INPUT, ONNX_OUTPUT, StampContract
 from service.surveys import SURVEYS
 # The card's definition is service.score.card's; importable from here as before.
 from service.score.card import CARD_FILE, ModelCard, ModelError, label_for  # noqa: F401
+from service.score.thresholds import CARD_RULE
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +105,7 @@ class Scorer:
         #: The threshold every label of this scorer is made with, and how it was set: the
         #: card's own one until `with_threshold` (``rbstream consume/serve --threshold``).
         self.threshold: float = self.card.threshold
-        self.threshold_rule: str = "card"
+        self.threshold_rule: str = CARD_RULE
         self.path = onnx_path
         self._options = ort.SessionOptions()
         # 0: the environment's RBSTREAM_ORT_THREADS if set, else ONNX Runtime's default (one per core).
