@@ -143,3 +143,43 @@ def test_run_scores_alerts_without_a_difference_with_the_nodiff_model(tmp_path, 
         assert sorted(scored_by) == sorted(["rbstream-ztf", "rbstream-ztf-nodiff"]), run.output()
     finally:
         run.kill()
+
+
+def test_run_labels_by_the_threshold_rule_it_is_given(tmp_path, default_models):
+    """``--threshold ztf:fpr=0.01``: resolved on the ZTF card's validation curve, printed at the
+    start, and every ZTF score line labelled by it."""
+    from service.score.card import ModelCard, is_real
+    from service.score.thresholds import parse_rule, resolve_threshold
+
+    expected = resolve_threshold(ModelCard.read(REPO / "models" / "ztf" / "model_card.json"), parse_rule("fpr=0.01"))
+    samples = tmp_path / "data" / "ztf"
+    samples.mkdir(parents=True)
+    for path in ztf_fits_files()[:6]:
+        shutil.copy(path, samples / path.name)
+    run = Command("--log-level", "WARNING", "run", "--samples", str(samples.parent), "--port", "0",
+                  "--broker-port", "0", "--device", "cpu", "--exit-after-replay", "--threshold", "ztf:fpr=0.01")
+    try:
+        shown = run.until(r"model\s+ZTF\s+rbstream-ztf \S+\s+threshold (\d\.\d{3}) \(fpr=0\.01\)")
+        assert float(shown.group(1)) == pytest.approx(expected, abs=5e-4)
+        run.until(r"done: 6 alerts replayed, 6 scored")
+        assert run.wait(timeout=60) == 0, run.output()
+        lines = re.findall(r"ZTF\s+object \S+\s+candidate \d+\s+score ([01]\.\d{3})\s+(real|bogus)", run.output())
+        assert len(lines) == 6, run.output()
+        for score, label in lines:
+            assert label == ("real" if is_real(float(score), expected) else "bogus") or \
+                abs(float(score) - expected) < 5e-4, (score, label)  # a printed score is rounded
+    finally:
+        run.kill()
+
+
+def test_run_refuses_a_rate_the_card_cannot_resolve(tmp_path, default_models):
+    """The shipped Rubin card has no validation ROC: a rate for Rubin is refused before anything starts."""
+    shutil.copy(rubin_files()[0], tmp_path)
+    run = Command("--log-level", "WARNING", "run", "--samples", str(tmp_path), "--port", "0",
+                  "--broker-port", "0", "--device", "cpu", "--exit-after-replay", "--threshold", "rubin:fpr=0.01")
+    try:
+        assert run.wait(timeout=60) == 2, run.output()
+        assert re.search(r"rbstream run: .*(ROC|curve)", run.output()), run.output()
+        assert "broker 127.0.0.1" not in run.output()
+    finally:
+        run.kill()

@@ -33,6 +33,7 @@ from typing import Any, Mapping
 from service.stream import pipeline
 from service.surveys import SURVEYS, display_name
 from service.score.model import DEVICES
+from service.score.thresholds import THRESHOLD_HELP, apply_thresholds, parse_threshold
 from service.settings import (Option, SettingsError, add_options, non_negative_int,
                               positive_float, positive_int, resolve)
 
@@ -166,6 +167,7 @@ RUN_OPTIONS: tuple[Option, ...] = (
     *(Option(f"nodiff_model_{survey}", None, f"fallback {display_name(survey)} model without the difference image "
              f"(e.g. models/{survey}-nodiff): scores the alerts whose difference cutout is missing or unusable, "
              "as rbstream consume and serve do", metavar="PATH") for survey in SURVEYS),
+    Option("threshold", None, THRESHOLD_HELP, type=parse_threshold, metavar="[SURVEY:]{T,fpr=X,tpr=Y}[,...]"),
     Option("device", "auto", "where to run the models (auto: CUDA when usable, else CPU)", choices=DEVICES,
            metavar="{" + ",".join(DEVICES) + "}"),
     Option("batch_size", 64, "consumer batch size", type=positive_int, metavar="N"),
@@ -249,9 +251,11 @@ def main(args: argparse.Namespace) -> int:
     samples = [Path(p) for p in options["samples"]]
     try:
         messages = replay.load_messages(samples, wire_format=options["wire_format"])
-        scorers = load_scorers(options["models_dir"], device=options["device"])
-        fallbacks = load_fallbacks({s: options[f"nodiff_model_{s}"] for s in SURVEYS if options[f"nodiff_model_{s}"]},
-                                   device=options["device"])
+        scorers = apply_thresholds(load_scorers(options["models_dir"], device=options["device"]),
+                                   options["threshold"])
+        fallbacks = apply_thresholds(
+            load_fallbacks({s: options[f"nodiff_model_{s}"] for s in SURVEYS if options[f"nodiff_model_{s}"]},
+                           device=options["device"]), options["threshold"])
     except (FileNotFoundError, ModelError, SettingsError) as exc:
         print(f"rbstream run: {exc}", file=sys.stderr)
         return 2
@@ -260,10 +264,10 @@ def main(args: argparse.Namespace) -> int:
     print("rbstream: real/bogus scores for ZTF and Rubin alerts", flush=True)
     for survey, scorer in scorers.items():
         print(f"  model  {display_name(survey):<5}  {scorer.card.name} {scorer.card.version}"
-              f"  threshold {scorer.threshold:.3f}  on {scorer.provider}", flush=True)
+              f"  threshold {scorer.threshold:.3f} ({scorer.threshold_rule})  on {scorer.provider}", flush=True)
     for survey, scorer in fallbacks.items():
         print(f"  model  {display_name(survey):<5}  {scorer.card.name} {scorer.card.version}"
-              f"  threshold {scorer.threshold:.3f}  on {scorer.provider}"
+              f"  threshold {scorer.threshold:.3f} ({scorer.threshold_rule})  on {scorer.provider}"
               "  (no difference image: for alerts without a usable one)", flush=True)
 
     broker_log = Path(tempfile.gettempdir()) / f"rbstream-run-tansu-{os.getpid()}.log"
