@@ -165,7 +165,8 @@ def test_a_card_without_reference_logs_once_and_exports_shares_only(scorers, tmp
     folder = model_without_reference(MODELS_DIR / "ztf", tmp_path)
     bare = {"ztf": Scorer(folder, device="cpu"), "rubin": scorers["rubin"]}
     assert bare["ztf"].card.real_validation is None
-    drift.DriftMonitor(scorers, WindowSize(alerts=10)).observe(execute(scorers, [ztf_fits_files()[0].read_bytes()]).messages)
+    one_alert = execute(scorers, [ztf_fits_files()[0].read_bytes()]).messages
+    drift.DriftMonitor(scorers, WindowSize(alerts=10)).observe(one_alert)
     assert gauge("rbstream_score_psi", "ztf") is not None, "a series left by the previous model"
     with caplog.at_level(logging.INFO, logger="service.stream.drift"):
         monitor = drift.DriftMonitor(bare, WindowSize(alerts=10))

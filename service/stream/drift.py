@@ -68,8 +68,10 @@ log = logging.getLogger(__name__)
 UNDECODABLE_KINDS = frozenset({"decode", "schema", "cutout"})
 
 #: Floor of a bin's share in PSI: a bin empty in the window (or the reference) would
-#: otherwise make the index infinite. Small against one alert of a 1000-alert window
-#: (1e-3), so a bin the window leaves empty still weighs as much as PSI can tell.
+#: otherwise make the index infinite. An empty bin then weighs as if it held one alert of
+#: the default 1000-alert window; a smaller floor lets the bins a window of a few hundred
+#: scores leaves empty by chance dominate the index (the reference's sparse bins hold a few
+#: of its ~300 validation alerts).
 PSI_EPSILON = 1e-3
 
 #: Columns of a window row.
