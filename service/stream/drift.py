@@ -39,9 +39,9 @@ share. Dead letters of a survey without a model here are not counted anywhere.
 
 A survey whose card has no reference (no ``real_validation``): `DriftMonitor` logs it once,
 when built, with how to add one (``rbstream evaluate --write-reference``); its share and
-window gauges are exported as for any survey, its PSI, KS and reference share gauges are not (no series, so
-no alert rule can fire on them). A share or statistic over an empty window is NaN, which
-no alert rule's comparison is true for.
+window gauges are exported as for any survey, its PSI, KS and reference share gauges are
+not (no series, so no alert rule can fire on them). A share or statistic over an empty
+window is NaN, which no alert rule's comparison is true for.
 
 Not thread-safe: fed and read from the consumer's scoring thread only. The cost per batch
 is a few numpy passes over at most the window's entries.
