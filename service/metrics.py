@@ -33,6 +33,23 @@ CONSUMER_LAG = Gauge("rbstream_consumer_lag", "Messages behind the partition's h
 SCORE = Histogram("rbstream_score", "Real-bogus scores given, per survey.", ["survey"],
                   buckets=tuple(round(0.05 * i, 2) for i in range(1, 21)))
 MODEL_INFO = Gauge("rbstream_model_info", "The model in service (value 1).", ["survey", "name", "version", "provider"])
+# The monitoring window's gauges (`service.stream.drift`), set after each delivered batch.
+SCORE_PSI = Gauge("rbstream_score_psi", "Population stability index of the scores in the monitoring window against "
+                  "the model card's reference histogram (real validation split), over the reference's bins; not "
+                  "exported for a model without a reference.", ["survey"])
+SCORE_KS = Gauge("rbstream_score_ks", "Kolmogorov-Smirnov statistic of the scores in the monitoring window against "
+                 "the model card's reference: the largest CDF difference, evaluated at the bin edges of the binned "
+                 "reference; not exported for a model without a reference.", ["survey"])
+SHARE_REAL = Gauge("rbstream_share_real", "Share of the scored alerts in the monitoring window labelled real.",
+                   ["survey"])
+REFERENCE_SHARE_REAL = Gauge("rbstream_reference_share_real", "Share of the model card's reference scored real at "
+                             "the threshold in use.", ["survey"])
+SHARE_UNDECODABLE = Gauge("rbstream_share_undecodable", "Share of the messages in the monitoring window that could "
+                          "not be decoded into model input (dead-lettered as decode, schema or cutout).", ["survey"])
+MONITOR_WINDOW_ALERTS = Gauge("rbstream_monitor_window_alerts", "Entries in the monitoring window: scored alerts and "
+                              "dead-lettered messages.", ["survey"])
+MONITOR_WINDOW_SCORES = Gauge("rbstream_monitor_window_scores", "Scores by the survey's model in the monitoring "
+                              "window: what rbstream_score_psi and rbstream_score_ks are computed over.", ["survey"])
 HTTP_REQUESTS = Counter("rbstream_http_requests", "HTTP requests answered by the API.", ["route", "status"])
 HTTP_REQUEST_SECONDS = Histogram("rbstream_http_request_seconds", "HTTP request handling time.", ["route"],
                                  buckets=_BATCH_SECONDS)

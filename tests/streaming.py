@@ -208,11 +208,12 @@ def consumer_settings(bootstrap_servers: str, **values) -> dict:
 
 
 @contextmanager
-def running_consumer(settings: dict, scorers) -> Iterator:
-    """An `AlertConsumer` running in a thread; stopped (batch finished, committed) on exit."""
+def running_consumer(settings: dict, scorers, on_batch=None) -> Iterator:
+    """An `AlertConsumer` running in a thread (``on_batch`` as its own); stopped (batch finished,
+    committed) on exit."""
     from service.stream.consumer import AlertConsumer
 
-    consumer = AlertConsumer(settings, scorers)
+    consumer = AlertConsumer(settings, scorers, on_batch=on_batch)
     errors = []
 
     def run():

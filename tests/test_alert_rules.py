@@ -48,7 +48,7 @@ def test_every_expression_names_only_exported_or_recorded_series(rules):
     assert unknown == {}, f"rules naming series nobody exports: {unknown}"
 
 
-def test_the_four_alerts_and_their_thresholds(rules):
+def test_the_alerts_and_their_thresholds(rules):
     alerts = {rule["alert"]: rule for rule in rules if "alert" in rule}
     lag = alerts["RbstreamConsumerLagGrowing"]
     assert "rbstream_consumer_lag" in metric_names(lag["expr"]) and _duration_seconds(lag["for"]) == 300
@@ -61,6 +61,22 @@ def test_the_four_alerts_and_their_thresholds(rules):
     shifted = alerts["RbstreamScoreDistributionShifted"]
     assert {"rbstream_score_bucket", "rbstream:threshold:score_median_shift"} <= metric_names(shifted["expr"])
     assert "histogram_quantile(0.5" in shifted["expr"] and "offset 1h" in shifted["expr"]
+    drift = alerts["RbstreamScoreDrift"]
+    assert {"rbstream_score_psi", "rbstream_score_ks", "rbstream_monitor_window_scores", "rbstream:threshold:drift_psi",
+            "rbstream:threshold:drift_ks", "rbstream:threshold:monitor_min_alerts"} == metric_names(drift["expr"])
+    share_real = alerts["RbstreamShareRealChanged"]
+    assert {"rbstream_share_real", "rbstream_reference_share_real", "rbstream_monitor_window_alerts",
+            "rbstream:threshold:share_real_change", "rbstream:threshold:monitor_min_alerts"} == \
+        metric_names(share_real["expr"])
+    undecodable = alerts["RbstreamUndecodableShareHigh"]
+    assert {"rbstream_share_undecodable", "rbstream_monitor_window_alerts", "rbstream:threshold:undecodable_share",
+            "rbstream:threshold:monitor_min_alerts"} == metric_names(undecodable["expr"])
+    # Each window is one pod's: judged per pod, then one alert per survey.
+    for rule in (drift, share_real, undecodable):
+        assert rule["expr"].lstrip().startswith("max by (survey) (") and _duration_seconds(rule["for"]) >= 300
+    assert set(alerts) == {"RbstreamConsumerLagGrowing", "RbstreamFailureRatioHigh", "RbstreamNothingScored",
+                           "RbstreamScoreDistributionShifted", "RbstreamScoreDrift", "RbstreamShareRealChanged",
+                           "RbstreamUndecodableShareHigh"}
     for rule in alerts.values():
         assert rule["labels"]["severity"] in ("warning", "critical")
         assert rule["annotations"]["summary"] and rule["annotations"]["description"]
@@ -76,6 +92,11 @@ def test_default_thresholds_match_the_chart_values(rules):
         "rbstream:threshold:score_median_shift": f"vector({thresholds['scoreMedianShift']})",
         "rbstream:threshold:score_shift_min_alerts": f"vector({thresholds['scoreShiftMinAlerts']})",
         "rbstream:threshold:lag_min_messages": f"vector({thresholds['lagMinMessages']})",
+        "rbstream:threshold:drift_psi": f"vector({thresholds['driftPsi']})",
+        "rbstream:threshold:drift_ks": f"vector({thresholds['driftKs']})",
+        "rbstream:threshold:share_real_change": f"vector({thresholds['shareRealChange']})",
+        "rbstream:threshold:undecodable_share": f"vector({thresholds['undecodableShare']})",
+        "rbstream:threshold:monitor_min_alerts": f"vector({thresholds['monitorMinAlerts']})",
     }
 
 

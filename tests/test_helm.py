@@ -320,13 +320,20 @@ def test_prometheusrule_is_the_rules_file_with_thresholds_from_values():
     rules_file = yaml.safe_load((CHART / "files" / "alert-rules.yaml").read_text())
     rule = one(render(ALL_ON), "PrometheusRule")
     assert rule["spec"]["groups"] == rules_file["groups"], "defaults: the PrometheusRule is the file"
-    thresholds = {"failureRatio": 0.2, "scoreMedianShift": 0.3, "scoreShiftMinAlerts": 50, "lagMinMessages": 7}
+    thresholds = {"failureRatio": 0.2, "scoreMedianShift": 0.3, "scoreShiftMinAlerts": 50, "lagMinMessages": 7,
+                  "driftPsi": 0.4, "driftKs": 0.3, "shareRealChange": 0.1, "undecodableShare": 0.02,
+                  "monitorMinAlerts": 300}
     rule = one(render(merged(ALL_ON, {"metrics": {"prometheusRule": {"thresholds": thresholds}}})), "PrometheusRule")
     recorded = {r["record"]: r["expr"] for g in rule["spec"]["groups"] for r in g["rules"] if "record" in r}
     assert recorded == {"rbstream:threshold:failure_ratio": "vector(0.2)",
                         "rbstream:threshold:score_median_shift": "vector(0.3)",
                         "rbstream:threshold:score_shift_min_alerts": "vector(50)",
-                        "rbstream:threshold:lag_min_messages": "vector(7)"}
+                        "rbstream:threshold:lag_min_messages": "vector(7)",
+                        "rbstream:threshold:drift_psi": "vector(0.4)",
+                        "rbstream:threshold:drift_ks": "vector(0.3)",
+                        "rbstream:threshold:share_real_change": "vector(0.1)",
+                        "rbstream:threshold:undecodable_share": "vector(0.02)",
+                        "rbstream:threshold:monitor_min_alerts": "vector(300)"}
     assert [g for g in rule["spec"]["groups"] if g["name"] != "rbstream.thresholds"] == \
         [g for g in rules_file["groups"] if g["name"] != "rbstream.thresholds"]
 

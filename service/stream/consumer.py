@@ -35,6 +35,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from service import metrics
 from service.limits import LIMIT_OPTIONS, DecodeLimits
+from service.stream.drift import DriftMonitor
 from service.stream.window import parse_window
 from service.stream.pipeline import DecodedBatch, Outcome, Outgoing, ScoringPipeline, SourceMessage, dead_letter
 from service.registry import RegistryUnreachable
@@ -236,6 +237,8 @@ class AlertConsumer:
                                         republish_alert=bool(self.settings.get("republish_alert")),
                                         isolate=bool(self.settings.get("decode_isolation")),
                                         fallbacks=self.fallbacks)
+        #: The monitoring window's gauges (score drift, shares), fed after each delivered batch.
+        self.drift = DriftMonitor(self.scorers, self.settings["monitor_window"])
         if self.settings.get("max_schema_depth") == 0 and not self.settings.get("decode_isolation"):
             log.warning("max_schema_depth=0 turns the recursion and depth checks off: a recursive schema "
                         "can crash this process; use it only with --decode-isolation")
@@ -518,6 +521,7 @@ class AlertConsumer:
                 metrics.ALERTS_FAILED.labels(survey=out.survey, reason=out.kind).inc()
         for source in sources:
             metrics.ALERTS_CONSUMED.labels(survey=survey_of.get(id(source), "unknown")).inc()
+        self.drift.observe(delivered)
 
     # -- librdkafka callbacks (run inside consume()/poll() on this thread) -----------------------
 
