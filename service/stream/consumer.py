@@ -36,7 +36,7 @@ from typing import Any, Callable, Mapping, Sequence
 from service import metrics
 from service.limits import LIMIT_OPTIONS, DecodeLimits
 from service.stream.drift import DriftMonitor
-from service.stream.window import parse_window
+from service.stream.window import WindowSize, parse_window
 from service.stream.pipeline import DecodedBatch, Outcome, Outgoing, ScoringPipeline, SourceMessage, dead_letter
 from service.registry import RegistryUnreachable
 from service.score.model import DEVICES
@@ -87,8 +87,8 @@ CONSUME_OPTIONS: tuple[Option, ...] = COMMON_OPTIONS + (
     Option("decode_isolation", False, "decode every message in worker processes (--decode-workers of them, "
            "default 1), so that a message that crashes the decoder is dead-lettered and the worker replaced",
            kind="flag"),
-    Option("monitor_window", "1000", "rolling window of the drift and shadow-agreement gauges, per survey: N "
-           "alerts, or Nm minutes", type=parse_window, metavar="{N,Nm}"),
+    Option("monitor_window", WindowSize(alerts=1000), "rolling window of the drift and shadow-agreement gauges, "
+           "per survey: N alerts, or Nm minutes", type=parse_window, metavar="{N,Nm}"),
     Option("stats_interval_ms", 5000, "librdkafka statistics interval (consumer lag metric)",
            type=non_negative_int, metavar="MS"),
 ) + LIMIT_OPTIONS
