@@ -202,7 +202,7 @@ class DriftMonitor:
     scorers : mapping of str to service.score.model.Scorer
         The consumer's models, one per survey.
     size : WindowSize or str
-        ``--monitor-window`` (its text form too: an option's default reaches the settings unparsed).
+        ``--monitor-window``, or its text form (`service.stream.window.parse_window`).
     clock : callable
         Seconds, monotonic (for a window sized in minutes).
     """
