@@ -73,8 +73,9 @@ class Contender:
                        "dlq": f"bench-shadow-{index}-dead-letters"}
         _create_topics(bootstrap, list(self.topics.values()))
         self.port = free_port()
-        command = consumer_command(bootstrap, self.topics, args, None) + ["--group-id", f"rbstream-bench-shadow-{index}",
-                                                                          "--metrics-port", str(self.port)]
+        # The later --group-id wins over consumer_command's: the two consumers share no group.
+        command = consumer_command(bootstrap, self.topics, args, None) + [
+            "--group-id", f"rbstream-bench-shadow-{index}", "--metrics-port", str(self.port)]
         if self.shadowed:
             command += ["--shadow-model", str(models / survey)]
         self.log_file = open(out / f"shadow-consumer-{index}.log", "wb")
@@ -172,15 +173,22 @@ def run(args) -> Result:
                 row["shadow_skipped"] = sum(r["shadow_skipped"] for r in rows)
                 row["shadow_failed"] = sum(r["shadow_failed"] for r in rows)
             result.rows.append(row)
-    alone, shadowed = result.rows[:2], result.rows[2:]
-    cost = {"full_speed_throughput_ratio": round(shadowed[1]["throughput"]["median"] /
-                                                 alone[1]["throughput"]["median"], 3),
-            "p99_ms_difference_at_offered_rate": round(shadowed[0]["p99_ms"]["median"] - alone[0]["p99_ms"]["median"], 1),
-            "p50_ms_difference_at_offered_rate": round(shadowed[0]["p50_ms"]["median"] - alone[0]["p50_ms"]["median"], 1)}
+    (alone_fixed, alone_full), (shadowed_fixed, shadowed_full) = result.rows[:2], result.rows[2:]
+
+    def median(row: dict, key: str) -> float:
+        return row[key]["median"]
+
+    cost = {"full_speed_throughput_ratio": round(median(shadowed_full, "throughput") /
+                                                 median(alone_full, "throughput"), 3),
+            "p99_ms_difference_at_offered_rate": round(median(shadowed_fixed, "p99_ms") -
+                                                       median(alone_fixed, "p99_ms"), 1),
+            "p50_ms_difference_at_offered_rate": round(median(shadowed_fixed, "p50_ms") -
+                                                       median(alone_fixed, "p50_ms"), 1)}
     result.settings["cost"] = cost
     result.notes.append(f"with a shadow, full-speed throughput is {cost['full_speed_throughput_ratio']:.0%} of the "
-                        f"primary's alone; at {args.rate:g} alerts/s p50 {cost['p50_ms_difference_at_offered_rate']:+g} "
-                        f"ms, p99 {cost['p99_ms_difference_at_offered_rate']:+g} ms (medians)")
+                        f"primary's alone; at {args.rate:g} alerts/s p50 "
+                        f"{cost['p50_ms_difference_at_offered_rate']:+g} ms, p99 "
+                        f"{cost['p99_ms_difference_at_offered_rate']:+g} ms (medians)")
     if any(r.get("missing") for r in result.rows):
         result.notes.append("some alerts never came out (see missing): the figures cover those that did")
     return result

@@ -118,7 +118,8 @@ def load_shadow_models(settings: Mapping[str, Any], primaries: Mapping[str, Any]
                         ort_log_severity=ORT_FATAL)
         card = scorer.card
         if card.survey != survey:
-            raise ModelError(f"shadow model for {survey} at {path} is a {card.survey} model ({card.name} {card.version})")
+            raise ModelError(f"shadow model for {survey} at {path} is a {card.survey} model "
+                             f"({card.name} {card.version})")
         if scorer.contract != primary.contract:
             raise ModelError(f"shadow model {card.name} {card.version} at {path} takes other input than the {survey} "
                              f"primary {primary.card.name} {primary.card.version}: "
