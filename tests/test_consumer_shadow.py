@@ -6,8 +6,9 @@ and the real sample alerts.
    alert it scored has one shadow record on the shadow topic naming the shadow, and the
    agreement gauges say what the two models did (same scores: rank correlation 1; labels flip
    for the alerts between the two thresholds).
-2. Shadows that fail in ONNX Runtime (a graph whose Reshape cannot work; one that answers NaN):
-   the primary delivers and commits everything, the failures are counted and logged once.
+2. Shadows that fail in ONNX Runtime (a graph whose Reshape cannot work; one that answers NaN),
+   or whose records the broker refuses (an invalid shadow topic): the primary delivers and
+   commits everything, the failures are counted and logged once.
 3. A shadow that cannot stand beside its primary stops the command at start-up (exit 2).
 
 Killing a consumer with a shadow (SIGKILL) is in tests/test_consumer_signals.py.
@@ -212,6 +213,29 @@ def test_a_failing_shadow_is_counted_and_logged_once_and_the_primary_goes_on(bro
     # ONNX Runtime's own error, in rbstream's log line (its per-batch stderr lines are off for the shadow).
     assert "cannot be reshaped" not in capfd.readouterr().err
     assert "cannot be reshaped" in next(r.getMessage() for r in shadow_logs if "(ztf, inference)" in r.getMessage())
+
+
+@pytest.mark.kafka
+def test_shadow_records_the_broker_refuses_are_counted_and_the_primary_goes_on(broker, scorers, default_models,
+                                                                               caplog):
+    """A shadow topic the broker refuses ("Broker: Invalid topic")."""
+    paths = ztf_fits_files()
+    settings = consumer_settings(broker.bootstrap_servers, batch_size=BATCH_SIZE, device="cpu",
+                                 shadow_model=[str(default_models / "ztf")], shadow_topic="not a valid topic!")
+    messages = replayed(broker, settings, paths)
+    before = metric("rbstream_shadow_failures_total", survey="ztf", kind="publish")
+    with running_consumer(settings, scorers):
+        wait_for(lambda: committed(broker.bootstrap_servers, settings["group_id"], settings["input_topic"]).get(0, -1)
+                 >= len(messages), timeout=90, what="every offset committed")
+        wait_for(lambda: metric("rbstream_shadow_failures_total", survey="ztf", kind="publish") - before
+                 >= len(messages), timeout=60, what="every shadow record's failed delivery counted")
+    assert metric("rbstream_shadow_failures_total", survey="ztf", kind="publish") - before == len(messages)
+    assert len(read_topic(broker.bootstrap_servers, settings["output_topic"], count=len(messages))) == len(messages)
+    assert metric("rbstream_shadow_window_alerts", survey="ztf") == len(messages)  # compared all the same
+    warned = [r.getMessage() for r in caplog.records
+              if r.levelno == logging.WARNING and r.getMessage().startswith("shadow model (ztf, publish)")]
+    # The broker's refusal comes back as a delivery report; once librdkafka knows, produce() refuses itself.
+    assert len(warned) == 1 and ("Invalid topic" in warned[0] or "Unknown topic" in warned[0]), warned
 
 
 def test_a_shadow_that_cannot_stand_beside_its_primary_stops_the_command_at_start_up(default_models, tmp_path,
