@@ -21,7 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "replay": ("service.tools.replay", "produce alert files into a Kafka topic, like a survey stream"),
     "tail": ("service.tools.tail", "print score records of a topic as JSON lines"),
     "broker": ("service.tools.broker", "run the local Kafka-compatible broker (tansu) in the foreground"),
-    "bench": ("service.bench", "benchmarks: decode, infer, e2e, api, all"),
+    "bench": ("service.bench", "benchmarks: decode, infer, e2e, shadow, api, all"),
     "explain": ("service.explain.cli", "why a score: occlusion, saliency, integrated-gradients pictures and arrays"),
     "evaluate": ("training.evaluate", "judge models on real labelled alerts: metrics beside the survey's own score, plots"),
     "train": ("training.cli", "train a real-bogus model (TOML config or Deep-HiTS input.txt) and export ONNX"),

@@ -50,6 +50,26 @@ MONITOR_WINDOW_ALERTS = Gauge("rbstream_monitor_window_alerts", "Entries in the 
                               "dead-lettered messages.", ["survey"])
 MONITOR_WINDOW_SCORES = Gauge("rbstream_monitor_window_scores", "Scores by the survey's model in the monitoring "
                               "window: what rbstream_score_psi and rbstream_score_ks are computed over.", ["survey"])
+
+# The shadow model (``rbstream consume --shadow-model``, `service.stream.shadow`): its own
+# counts and how it agrees with the primary over the rolling window (``--monitor-window``).
+SHADOW_MODEL_INFO = Gauge("rbstream_shadow_model_info", "The shadow model beside the primary (value 1).",
+                          ["survey", "name", "version", "provider"])
+SHADOW_ALERTS_SCORED = Counter("rbstream_shadow_alerts_scored", "Alerts the shadow model scored beside the primary.",
+                               ["survey"])
+SHADOW_ALERTS_SKIPPED = Counter("rbstream_shadow_alerts_skipped",
+                                "Alerts left unshadowed because the shadow was still busy with earlier batches.",
+                                ["survey"])
+SHADOW_FAILURES = Counter("rbstream_shadow_failures", "Alerts the shadow model could not score or publish, by kind.",
+                          ["survey", "kind"])
+SHADOW_RANK_CORRELATION = Gauge("rbstream_shadow_rank_correlation",
+                                "Spearman rank correlation of primary and shadow scores over the rolling window.",
+                                ["survey"])
+SHADOW_LABEL_FLIP_SHARE = Gauge("rbstream_shadow_label_flip_share",
+                                "Share of the rolling window's alerts labelled differently by primary and shadow "
+                                "(each with its own threshold).", ["survey"])
+SHADOW_WINDOW_ALERTS = Gauge("rbstream_shadow_window_alerts", "Alerts in the window the agreement gauges cover.",
+                             ["survey"])
 HTTP_REQUESTS = Counter("rbstream_http_requests", "HTTP requests answered by the API.", ["route", "status"])
 HTTP_REQUEST_SECONDS = Histogram("rbstream_http_request_seconds", "HTTP request handling time.", ["route"],
                                  buckets=_BATCH_SECONDS)

@@ -98,6 +98,29 @@ def test_e2e_gets_every_alert_through_the_real_consumer(tmp_path, models, sample
     assert set(document["targets"]) == {"throughput", "p99_at_half_rate"}
 
 
+@pytest.mark.kafka
+def test_shadow_compares_the_consumer_alone_and_with_a_shadow_that_accounts_for_every_alert(tmp_path, models,
+                                                                                            sample_data):
+    document = run_bench("shadow", tmp_path, models, "--alerts", "40")
+    assert_well_formed(document, "shadow", tmp_path)
+    assert [row["mode"] for row in document["rows"]] == [
+        "primary only, offered 500 alerts/s", "primary only, full speed",
+        "with shadow (same model), offered 500 alerts/s", "with shadow (same model), full speed"]
+    assert all(row["missing"] == 0 for row in document["rows"])
+    alone, shadowed = document["rows"][:2], document["rows"][2:]
+    assert all("shadowed_share" not in row for row in alone)
+    for row in shadowed:
+        # Every alert of the run was shadowed or counted as skipped (never held up), none failed.
+        for run in row["runs_detail"]:
+            assert run["shadowed_share"] * run["came_out"] + run["shadow_skipped"] == pytest.approx(run["came_out"])
+        assert row["shadow_failed"] == 0
+    stopped = document["settings"]["counters_at_stop"]
+    assert stopped["primary only"]["rbstream_shadow_alerts_scored_total"] == 0
+    assert stopped["with shadow (same model)"]["rbstream_shadow_alerts_scored_total"] > 0
+    assert set(document["settings"]["cost"]) == {"full_speed_throughput_ratio", "p99_ms_difference_at_offered_rate",
+                                                 "p50_ms_difference_at_offered_rate"}
+
+
 def test_api_answers_every_request_of_every_concurrency(tmp_path, models, sample_data):
     from service.bench.api import BAD_SHARE
 

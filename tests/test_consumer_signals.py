@@ -8,7 +8,9 @@ One stream flows at a steady rate while three consumer processes of one group ta
 3. the third finishes the stream and gets SIGTERM at the end.
 
 Then every input message has a score record or a dead letter, and the duplicates (the
-batch the killed consumer had published but not committed) are at most one batch.
+batch the killed consumer had published but not committed) are at most one batch. The same
+holds with a shadow model beside the primary (``--shadow-model``): it is off the commit path,
+and its own topic is best effort.
 
 A consumer waiting on an idle topic stops the same way on SIGHUP, with no child process.
 """
@@ -49,9 +51,12 @@ def start_consumer(bootstrap_servers: str, topics: dict, log_path: Path, *extra:
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
-def test_sigkill_loses_nothing_and_sigterm_stops_cleanly(broker, default_models, tmp_path):
+@pytest.mark.parametrize("shadow", [False, True], ids=["primary-only", "with-shadow"])
+def test_sigkill_loses_nothing_and_sigterm_stops_cleanly(broker, default_models, tmp_path, shadow):
     bootstrap = broker.bootstrap_servers
     topics = {"input": unique("alerts"), "output": unique("scores"), "dlq": unique("dlq"), "group": unique("group")}
+    # The shipped ZTF model as its own shadow: the test is about the primary's guarantee.
+    shadow_args = ("--shadow-model", str(default_models / "ztf"), "--shadow-topic", unique("shadow")) if shadow else ()
     create_topic(bootstrap, topics["input"], partitions=1)
     messages = replay.load_messages(ztf_files() + rubin_files())
     total = len(messages) * REPEAT
@@ -68,7 +73,7 @@ def test_sigkill_loses_nothing_and_sigterm_stops_cleanly(broker, default_models,
     processes = []
     try:
         # 1. SIGKILL as soon as a batch is committed.
-        first = start_consumer(bootstrap, topics, log)
+        first = start_consumer(bootstrap, topics, log, *shadow_args)
         processes.append(first)
         wait_for(lambda: done() > 0, timeout=90, what="the first consumer's first commit")
         first.send_signal(signal.SIGKILL)
@@ -77,7 +82,7 @@ def test_sigkill_loses_nothing_and_sigterm_stops_cleanly(broker, default_models,
         assert after_kill < total, "the stream should still be flowing when the consumer is killed"
 
         # 2. A second consumer takes over; SIGTERM once it has committed two batches of its own.
-        second = start_consumer(bootstrap, topics, log)
+        second = start_consumer(bootstrap, topics, log, *shadow_args)
         processes.append(second)
         wait_for(lambda: done() >= after_kill + 2 * BATCH_SIZE, timeout=90, what="the second consumer's commits")
         second.send_signal(signal.SIGTERM)
@@ -90,7 +95,7 @@ def test_sigkill_loses_nothing_and_sigterm_stops_cleanly(broker, default_models,
 
         # 3. A third consumer finishes the stream.
         metrics_port = free_port()
-        third = start_consumer(bootstrap, topics, log, "--metrics-port", str(metrics_port))
+        third = start_consumer(bootstrap, topics, log, "--metrics-port", str(metrics_port), *shadow_args)
         processes.append(third)
         producer.join(timeout=120)
         assert replayed and replayed[0].sent == total
@@ -99,6 +104,8 @@ def test_sigkill_loses_nothing_and_sigterm_stops_cleanly(broker, default_models,
         assert re.search(r'rbstream_alerts_scored_total\{survey="ztf"\} [1-9]', exported)
         assert re.search(r'rbstream_alerts_failed_total\{reason="cutout",survey="ztf"\} [1-9]', exported)
         assert "rbstream_model_info{" in exported
+        if shadow:
+            assert re.search(r'rbstream_shadow_alerts_scored_total\{survey="ztf"\} [1-9]', exported)
         for probe in ("healthz", "readyz"):  # the chart's liveness and readiness probes
             answer = httpx.get(f"http://127.0.0.1:{metrics_port}/{probe}", timeout=10)
             assert answer.status_code == 200 and answer.json()["ok"] is True, answer.text
@@ -121,6 +128,10 @@ def test_sigkill_loses_nothing_and_sigterm_stops_cleanly(broker, default_models,
     # Every message is either scored or dead-lettered, never both.
     assert not {r.source_offset[1] for r in scores} & {r.source_offset[1] for r in letters}
     assert log.read_text().count("stopping: batch finished, offsets committed") == 2
+    if shadow:
+        assert log.read_text().count("shadow models (best effort, off the commit path") == 3
+        shadowed = read_topic(bootstrap, shadow_args[3], idle=1.0)
+        assert shadowed and {r.source_offset[1] for r in shadowed} <= {r.source_offset[1] for r in scores}
 
 
 def test_sighup_stops_an_idle_consumer_cleanly_with_no_child_left(broker, default_models, tmp_path):

@@ -1,9 +1,9 @@
 """``rbstream bench``: benchmarks of decoding, inference, the streaming path and the API.
 
-``rbstream bench decode|infer|e2e|api|all [--json] [--out DIR] [--quick] [--repeats N] ...``
+``rbstream bench decode|infer|e2e|shadow|api|all [--json] [--out DIR] [--quick] [--repeats N] ...``
 
 Each benchmark lives in its own module (`service.bench.decode`, ``.infer``, ``.e2e``,
-``.api``) with a ``run(args) -> Result``; `service.bench.report` turns a result into
+``.shadow``, ``.api``) with a ``run(args) -> Result``; `service.bench.report` turns a result into
 ``<out>/<name>.json`` and ``<out>/<name>.md`` with the machine described. Every figure
 is the median of several runs, with min and max. These are benchmarks, not tests: no
 test asserts a time (tests/test_bench.py only checks that ``--quick`` runs write
@@ -24,7 +24,7 @@ from pathlib import Path
 from service.score.model import DEVICES
 from service.surveys import SURVEYS
 
-BENCHMARKS = ("decode", "infer", "e2e", "api")
+BENCHMARKS = ("decode", "infer", "e2e", "shadow", "api")
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (default: its own)")
     group.add_argument("--max-call-seconds", type=float, default=20.0,
                        help="skip larger batches once one call takes longer than this (default 20)")
-    group = parser.add_argument_group("e2e")
+    group = parser.add_argument_group("e2e and shadow (the consumer without and with a shadow model)")
     group.add_argument("--alerts", type=int, default=0, help="alerts per run (default 6000, --quick 150)")
     group.add_argument("--rate", type=float, default=500.0,
                        help="offered rate of the fixed-rate run, alerts/s (default 500: half the 1,000/s target)")

@@ -80,6 +80,10 @@ class Scorer:
         Default: on for CUDA/TensorRT, off on CPU (where ``session.run`` is as fast).
     check_stamps : ndarray, optional
         Stamps for the fp16 check; default `service.score.acceleration.check_stamps`.
+    ort_log_severity : int, optional
+        ONNX Runtime's own log level for this model's session (0 verbose ... 4 fatal); default
+        its own (warnings). A shadow model uses 4: its errors are raised to rbstream, which
+        logs them once, where ONNX Runtime would print one line per failing batch.
 
     Environment: ``RBSTREAM_ORT_THREADS=N`` sets the intra-op threads of every scorer (the
     consumer and the API create theirs with the default); ``RBSTREAM_ORT_SPINNING=1`` lets ONNX
@@ -89,7 +93,8 @@ class Scorer:
     """
 
     def __init__(self, path: str | Path, device: str = "auto", intra_op_threads: int = 0, *,
-                 precision: str = "auto", io_binding: bool | None = None, check_stamps: np.ndarray | None = None):
+                 precision: str = "auto", io_binding: bool | None = None, check_stamps: np.ndarray | None = None,
+                 ort_log_severity: int | None = None):
         import onnxruntime as ort
 
         from service.score import acceleration
@@ -108,6 +113,8 @@ class Scorer:
         self.threshold_rule: str = CARD_RULE
         self.path = onnx_path
         self._options = ort.SessionOptions()
+        if ort_log_severity is not None:
+            self._options.log_severity_level = ort_log_severity
         # 0: the environment's RBSTREAM_ORT_THREADS if set, else ONNX Runtime's default (one per core).
         intra_op_threads = intra_op_threads or int(os.environ.get("RBSTREAM_ORT_THREADS", "0") or 0)
         if intra_op_threads:

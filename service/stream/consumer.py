@@ -20,6 +20,10 @@ broker would otherwise hold it for librdkafka's ``message.timeout.ms``, 5 minute
 default); past that it exits 1 without committing the unconfirmed batch, which is re-read.
 Partitions taken away by a rebalance are never given up with work pending: ``on_revoke``
 waits for the batch in stage 2 and commits it.
+
+With ``--shadow-model``, stage 2 also hands each scored batch to a shadow model's worker thread
+without waiting for it (`service.stream.shadow`): the shadow scores, publishes to its own topic
+and compares off this path, and nothing of it is committed or waited for.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from service.limits import LIMIT_OPTIONS, DecodeLimits
 from service.stream.drift import DriftMonitor
 from service.stream.window import WindowSize, parse_window
 from service.stream.pipeline import DecodedBatch, Outcome, Outgoing, ScoringPipeline, SourceMessage, dead_letter
+from service.stream.shadow import SHADOW_OPTIONS, ShadowRunner, load_shadow_models
 from service.registry import RegistryUnreachable
 from service.score.model import DEVICES
 from service.score.thresholds import THRESHOLD_HELP, apply_thresholds, parse_threshold
@@ -91,7 +96,7 @@ CONSUME_OPTIONS: tuple[Option, ...] = COMMON_OPTIONS + (
            "per survey: N alerts, or Nm minutes", type=parse_window, metavar="{N,Nm}"),
     Option("stats_interval_ms", 5000, "librdkafka statistics interval (consumer lag metric)",
            type=non_negative_int, metavar="MS"),
-) + LIMIT_OPTIONS
+) + SHADOW_OPTIONS + LIMIT_OPTIONS
 
 
 class PublishError(RuntimeError):
@@ -223,11 +228,14 @@ class AlertConsumer:
     fallbacks : mapping of str to service.score.model.Scorer, optional
         Models without a difference image, for the alerts whose difference cutout is missing
         or unusable; default: those the settings name (`load_fallback_models`).
+    shadows : mapping of str to service.score.model.Scorer, optional
+        Shadow models scoring beside the primary (`service.stream.shadow`); default: those the
+        settings name (`service.stream.shadow.load_shadow_models`).
     """
 
     def __init__(self, settings: Mapping[str, Any], scorers: Mapping[str, Any],
                  on_batch: Callable[[list[Outgoing]], None] | None = None,
-                 fallbacks: Mapping[str, Any] | None = None):
+                 fallbacks: Mapping[str, Any] | None = None, shadows: Mapping[str, Any] | None = None):
         self.settings = dict(settings)
         self.scorers = dict(scorers)
         self.fallbacks = dict(load_fallback_models(self.settings) if fallbacks is None else fallbacks)
@@ -239,6 +247,8 @@ class AlertConsumer:
                                         fallbacks=self.fallbacks)
         #: The monitoring window's gauges (score drift, shares), fed after each delivered batch.
         self.drift = DriftMonitor(self.scorers, self.settings["monitor_window"])
+        self.shadow = ShadowRunner.from_settings(
+            self.settings, load_shadow_models(self.settings, self.scorers) if shadows is None else shadows)
         if self.settings.get("max_schema_depth") == 0 and not self.settings.get("decode_isolation"):
             log.warning("max_schema_depth=0 turns the recursion and depth checks off: a recursive schema "
                         "can crash this process; use it only with --decode-isolation")
@@ -298,6 +308,10 @@ class AlertConsumer:
                  s["group_id"], s["survey"], s["output_topic"], s["dlq_topic"], s["batch_size"],
                  s["max_wait_ms"], models)
         metrics.record_models(self.scorers)
+        if self.shadow:
+            log.info("shadow models (best effort, off the commit path; scores -> %s): %s", self.shadow.topic,
+                     self.shadow.describe(self.scorers))
+            self.shadow.start(producer_config(self.settings))
         self._check_topics()
 
     def _check_topics(self) -> None:
@@ -372,6 +386,7 @@ class AlertConsumer:
         if self._consumer is not None:
             self._consumer.close()  # leaves the group (on_revoke commits anything pending)
             self._consumer = None
+        self.shadow.stop()  # after the group is left: its drain holds up no rebalance
 
     # -- one batch ------------------------------------------------------------------------------
 
@@ -394,6 +409,7 @@ class AlertConsumer:
             outcome = self.pipeline.score(decoded)
         except RegistryUnreachable as exc:
             raise PublishError(str(exc)) from exc
+        self.shadow.offer(self.pipeline, decoded, outcome)  # never blocks: scored off this path
         delivered = self.publish(outcome.messages)
         self._record_metrics(list(decoded.messages), outcome, delivered)
         return list(decoded.messages), delivered
@@ -627,10 +643,11 @@ def main(args: argparse.Namespace) -> int:
         settings = resolve(args, CONSUME_OPTIONS)
         scorers = load_models(settings)
         fallbacks = load_fallback_models(settings)
+        shadows = load_shadow_models(settings, scorers)
     except (SettingsError, ModelError) as exc:
         log.error("%s", exc)
         return 2
-    consumer = AlertConsumer(settings, scorers, fallbacks=fallbacks)
+    consumer = AlertConsumer(settings, scorers, fallbacks=fallbacks, shadows=shadows)
     if settings.get("metrics_port"):
         serve_probes(consumer, settings["metrics_port"])
         log.info("metrics on http://0.0.0.0:%d/metrics, probes on /healthz and /readyz", settings["metrics_port"])
