@@ -33,6 +33,10 @@ CONSUMER_LAG = Gauge("rbstream_consumer_lag", "Messages behind the partition's h
 SCORE = Histogram("rbstream_score", "Real-bogus scores given, per survey.", ["survey"],
                   buckets=tuple(round(0.05 * i, 2) for i in range(1, 21)))
 MODEL_INFO = Gauge("rbstream_model_info", "The model in service (value 1).", ["survey", "name", "version", "provider"])
+#: ``result`` of `MODEL_RELOADS`: a new model put in service, or refused (the old one keeps serving).
+RELOAD_RESULTS = ("loaded", "refused")
+MODEL_RELOADS = Counter("rbstream_model_reloads", "New model versions loaded or refused (service.score.reload).",
+                        ["survey", "result"])
 HTTP_REQUESTS = Counter("rbstream_http_requests", "HTTP requests answered by the API.", ["route", "status"])
 HTTP_REQUEST_SECONDS = Histogram("rbstream_http_request_seconds", "HTTP request handling time.", ["route"],
                                  buckets=_BATCH_SECONDS)
@@ -43,3 +47,13 @@ def record_models(scorers) -> None:
     for survey, scorer in scorers.items():
         MODEL_INFO.labels(survey=survey, name=scorer.card.name, version=scorer.card.version,
                           provider=scorer.provider).set(1)
+
+
+def record_model_switch(survey: str, old, new) -> None:
+    """`MODEL_INFO` after ``survey``'s model ``old`` (a Scorer, or None) was replaced by ``new``."""
+    if old is not None:
+        try:
+            MODEL_INFO.remove(survey, old.card.name, old.card.version, old.provider)
+        except KeyError:  # never recorded
+            pass
+    record_models({survey: new})

@@ -148,6 +148,14 @@ class RequestCoalescer:
             size += len(job.stamps)
         return jobs
 
+    def retire(self) -> None:
+        """Stop the worker and free its thread, from any thread, once no caller will score with
+        this coalescer again (its model was replaced, `service.api.served`)."""
+        loop, worker = self._loop, self._worker
+        if worker is not None and not worker.done() and loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(worker.cancel)
+        self._executor.shutdown(wait=False)
+
     async def aclose(self) -> None:
         """Stop the worker (pending requests are cancelled); a later `score` starts a new one."""
         if self._worker is not None and not self._worker.done():
