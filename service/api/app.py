@@ -386,7 +386,8 @@ class _Classifier:
         self.scorers, self.coalescers, self.settings = scorers, coalescers, settings
         self.fallbacks = dict(fallbacks or {})
         self.schemas = schemas if schemas is not None else SchemaStore.from_env(limits=settings.limits)
-        self._decoding = decoding if decoding is not None else asyncio.Semaphore(max(1, settings.max_concurrent_decodes))
+        self._decoding = decoding if decoding is not None else \
+            asyncio.Semaphore(max(1, settings.max_concurrent_decodes))
 
     # ---- JSON bodies -------------------------------------------------------------------------------
     async def classify_json(self, body: bytes) -> ClassifyResponse:

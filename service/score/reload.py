@@ -246,7 +246,9 @@ class ModelReloader:
         """Check every survey now (SIGHUP); safe to call from a signal handler or any thread."""
         self._wake.set()
 
-    def stop(self, timeout: float = 30.0) -> None:
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the thread after the check in progress (waiting at most ``timeout``: a model being
+        loaded, say a TensorRT engine being built, must not hold up the process's stop)."""
         self._stopped.set()
         self._wake.set()
         if self._thread is not None:
