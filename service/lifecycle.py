@@ -1,6 +1,9 @@
 """Process lifecycle: child processes that never outlive their parent, and stop signals.
 
-Long-running commands stop cleanly on SIGTERM, SIGINT and SIGHUP (`on_stop_signals`).
+Long-running commands stop cleanly on SIGTERM, SIGINT and SIGHUP (`on_stop_signals`), except
+the two that serve models, ``rbstream consume`` and ``rbstream serve``: for them SIGHUP
+(`RELOAD_SIGNAL`) means "check the model files for a new version now" (`service.score.reload`),
+and they stop on SIGTERM and SIGINT only.
 A child process started with `die_with_parent` as its ``preexec_fn`` also stops when
 its parent dies without cleaning up (SIGKILL, a crash): on Linux the kernel sends it
 SIGTERM through ``prctl(PR_SET_PDEATHSIG)``. Elsewhere that guarantee is not available
@@ -22,6 +25,9 @@ log = logging.getLogger(__name__)
 #: The signals a long-running command treats as "stop now, cleanly".
 STOP_SIGNALS: tuple[signal.Signals, ...] = tuple(
     s for s in (signal.SIGTERM, signal.SIGINT, getattr(signal, "SIGHUP", None)) if s is not None)
+
+#: The signal that makes ``rbstream consume`` and ``rbstream serve`` reload their models instead of stopping.
+RELOAD_SIGNAL: signal.Signals | None = getattr(signal, "SIGHUP", None)
 
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
@@ -79,15 +85,22 @@ def die_with_parent(signum: int = signal.SIGTERM) -> Callable[[], None]:
 
 
 def on_stop_signals(handler: Callable[[signal.Signals], None],
-                    signals: Iterable[signal.Signals] = STOP_SIGNALS) -> dict:
+                    signals: Iterable[signal.Signals] = STOP_SIGNALS,
+                    reload: Callable[[], None] | None = None) -> dict:
     """Call ``handler(signal)`` on each stop signal instead of dying; returns the previous handlers.
 
+    With ``reload``, `RELOAD_SIGNAL` (SIGHUP) calls ``reload()`` instead and stops nothing.
     Must be called from the main thread (Python delivers signals there only).
     """
     def on_signal(signum, _frame):
+        if reload is not None and signum == RELOAD_SIGNAL:
+            log.info("%s received: checking the model files for a new version", signal.Signals(signum).name)
+            reload()
+            return
         handler(signal.Signals(signum))
 
-    return {s: signal.signal(s, on_signal) for s in signals}
+    handled = set(signals) | ({RELOAD_SIGNAL} if reload is not None and RELOAD_SIGNAL is not None else set())
+    return {s: signal.signal(s, on_signal) for s in handled}
 
 
 def restore_signals(previous: dict) -> None:

@@ -70,6 +70,11 @@ SHADOW_LABEL_FLIP_SHARE = Gauge("rbstream_shadow_label_flip_share",
                                 "(each with its own threshold).", ["survey"])
 SHADOW_WINDOW_ALERTS = Gauge("rbstream_shadow_window_alerts", "Alerts in the window the agreement gauges cover.",
                              ["survey"])
+
+#: ``result`` of `MODEL_RELOADS`: a new model put in service, or refused (the old one keeps serving).
+RELOAD_RESULTS = ("loaded", "refused")
+MODEL_RELOADS = Counter("rbstream_model_reloads", "New model versions loaded or refused (service.score.reload).",
+                        ["survey", "result"])
 HTTP_REQUESTS = Counter("rbstream_http_requests", "HTTP requests answered by the API.", ["route", "status"])
 HTTP_REQUEST_SECONDS = Histogram("rbstream_http_request_seconds", "HTTP request handling time.", ["route"],
                                  buckets=_BATCH_SECONDS)
@@ -80,3 +85,13 @@ def record_models(scorers) -> None:
     for survey, scorer in scorers.items():
         MODEL_INFO.labels(survey=survey, name=scorer.card.name, version=scorer.card.version,
                           provider=scorer.provider).set(1)
+
+
+def record_model_switch(survey: str, old, new) -> None:
+    """`MODEL_INFO` after ``survey``'s model ``old`` (a Scorer, or None) was replaced by ``new``."""
+    if old is not None:
+        try:
+            MODEL_INFO.remove(survey, old.card.name, old.card.version, old.provider)
+        except KeyError:  # never recorded
+            pass
+    record_models({survey: new})

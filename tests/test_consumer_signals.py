@@ -12,7 +12,9 @@ batch the killed consumer had published but not committed) are at most one batch
 holds with a shadow model beside the primary (``--shadow-model``): it is off the commit path,
 and its own topic is best effort.
 
-A consumer waiting on an idle topic stops the same way on SIGHUP, with no child process.
+SIGHUP does not stop a consumer: it loads the new model version in its models folder and goes
+on consuming (the switch at a batch boundary: tests/test_consumer_reload.py); SIGTERM then stops
+it cleanly, with no child process left.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import REPO, rubin_files, ztf_files
+from conftest import REPO, rubin_files, ztf_files, ztf_fits_files
 from service.tools import replay
 from service.tools.broker import free_port
 from streaming import committed, create_topic, default_models, read_topic, unique, wait_for  # noqa: F401
@@ -134,22 +136,49 @@ def test_sigkill_loses_nothing_and_sigterm_stops_cleanly(broker, default_models,
         assert shadowed and {r.source_offset[1] for r in shadowed} <= {r.source_offset[1] for r in scores}
 
 
-def test_sighup_stops_an_idle_consumer_cleanly_with_no_child_left(broker, default_models, tmp_path):
+def test_sighup_reloads_the_models_without_stopping_and_sigterm_then_stops_with_no_child_left(
+        broker, tmp_path):
+    """SIGHUP: the new version in the models folder is loaded (polling is off here, so only the
+    signal can have done it), the consumer keeps consuming; SIGTERM stops it cleanly."""
     from processes import children
+    from reload_support import models_folder, publish
+    from service.score.card import ModelCard
 
+    old = ModelCard.read(REPO / "models" / "ztf" / "model_card.json").version
+    models = models_folder(tmp_path)
     topics = {"input": unique("alerts"), "output": unique("scores"), "dlq": unique("dlq"), "group": unique("group")}
     create_topic(broker.bootstrap_servers, topics["input"], partitions=1)
     log = tmp_path / "consumer.log"
-    consumer = start_consumer(broker.bootstrap_servers, topics, log)
+    consumer = start_consumer(broker.bootstrap_servers, topics, log, "--survey", "ztf", "--models-dir", str(models),
+                              "--reload-interval", "0")
+    messages = replay.load_messages(ztf_fits_files())
+    settings = {"bootstrap_servers": broker.bootstrap_servers, "kafka": {}}
+
+    def done() -> int:
+        return max(committed(broker.bootstrap_servers, topics["group"], topics["input"]).get(0, -1), 0)
+
     try:
         wait_for(lambda: f"assigned {topics['input']}/0" in log.read_text(), timeout=90, what="the assignment")
-        assert children(consumer.pid) == []
+        replay.replay(settings, topics["input"], messages, progress=False)
+        wait_for(lambda: done() >= len(messages), timeout=90, what="the first alerts committed")
+        publish(models, "ztf", version="2.1.0-sighup")
         consumer.send_signal(signal.SIGHUP)
+        wait_for(lambda: "ztf: now scoring with rbstream-ztf 2.1.0-sighup" in log.read_text(), timeout=60,
+                 what="the switch after SIGHUP")
+        assert consumer.poll() is None, "SIGHUP must not stop the consumer"
+        replay.replay(settings, topics["input"], messages, progress=False)
+        wait_for(lambda: done() >= 2 * len(messages), timeout=90, what="the alerts after the reload committed")
+        assert children(consumer.pid) == []
+        consumer.send_signal(signal.SIGTERM)
         assert consumer.wait(timeout=30) == 0, log.read_text()[-3000:]
     finally:
         if consumer.poll() is None:
             consumer.kill()
             consumer.wait()
     text = log.read_text()
-    assert "SIGHUP received: finishing the batch in hand" in text
+    assert "SIGHUP received: checking the model files for a new version" in text
+    assert text.count("finishing the batch in hand") == 1 and "SIGTERM received: finishing the batch in hand" in text
     assert "stopping: batch finished, offsets committed" in text
+    scores = sorted(read_topic(broker.bootstrap_servers, topics["output"], count=2 * len(messages), idle=1.0),
+                    key=lambda read: read.source_offset[1])
+    assert [r.items[0]["model_version"] for r in scores] == [old] * len(messages) + ["2.1.0-sighup"] * len(messages)

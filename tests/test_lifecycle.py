@@ -4,7 +4,9 @@
 SIGKILL: its tansu child is gone and the port is free each time (after SIGKILL through the
 parent-death signal, Linux). ``replay``, ``tail`` and ``serve`` stop on SIGTERM within the
 time the README states, with exit code 0. (``consume``: tests/test_consumer_signals.py;
-``run``: tests/test_run.py.)
+``run``: tests/test_run.py.) SIGHUP stops every command but ``consume`` and ``serve``, for which
+it is a model reload (`service.lifecycle.on_stop_signals` with ``reload``; the commands:
+tests/test_consumer_signals.py, tests/test_api_reload.py).
 """
 
 from __future__ import annotations
@@ -57,6 +59,26 @@ def test_broker_command_leaves_no_broker_running(signum):
     finally:
         command.kill()
         kill_leftovers(brokers)
+
+
+def test_sighup_is_a_stop_signal_unless_a_reload_handler_is_given():
+    from service.lifecycle import on_stop_signals, restore_signals
+
+    stops, reloads = [], []
+    previous = on_stop_signals(stops.append)
+    try:
+        os.kill(os.getpid(), signal.SIGHUP)
+        assert wait_until(lambda: stops, timeout=5) and stops == [signal.SIGHUP] and reloads == []
+    finally:
+        restore_signals(previous)
+    previous = on_stop_signals(stops.append, reload=lambda: reloads.append(True))
+    try:
+        os.kill(os.getpid(), signal.SIGHUP)
+        assert wait_until(lambda: reloads, timeout=5) and stops == [signal.SIGHUP], "SIGHUP reloads, stops nothing"
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert wait_until(lambda: len(stops) == 2, timeout=5) and stops[-1] == signal.SIGTERM
+    finally:
+        restore_signals(previous)
 
 
 def _high_watermark(bootstrap_servers: str, topic: str) -> int:

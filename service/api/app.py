@@ -17,6 +17,8 @@ Routes
 Stamps of concurrent requests are scored together (`service.api.coalesce`), off the
 event loop. `create_app` builds the app around already loaded scorers, so the
 consumer (``rbstream run``) can serve it in-process and add its own readiness checks.
+`watch_models` (``rbstream serve``) puts new model versions in service without a restart:
+each request is answered by the models in service when it started (`service.api.served`).
 """
 
 from __future__ import annotations
@@ -55,6 +57,8 @@ from service.surveys import SURVEYS, SurveyChoice
 from service.settings import (Option, SettingsError, add_options, comma_separated, non_negative_float,
                               non_negative_int, positive_int, resolve)
 from service.api.coalesce import RequestCoalescer
+from service.api.served import CurrentClassifier, LiveModels, ModelHolder, ServedModels
+from service.score.reload import RELOAD_OPTION
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +109,8 @@ class ApiSettings:
     threshold : ThresholdSetting or str, optional
         Decision thresholds instead of the model cards' (`service.score.thresholds.parse_threshold`:
         ``0.7``, ``fpr=0.01``, ``ztf:tpr=0.95,rubin:0.6``); applied to the models and their fallbacks.
+    reload_interval : float
+        Seconds between checks of the model files for a new version (`watch_models`); 0: on SIGHUP only.
     """
 
     max_candidates: int = 512
@@ -128,6 +134,7 @@ class ApiSettings:
     scan_recent: int = 200
     scan_labels_dir: str = "scan-labels"
     threshold: ThresholdSetting | str | None = None
+    reload_interval: float = 10.0
 
     @classmethod
     def from_settings(cls, values: Mapping[str, Any]) -> "ApiSettings":
@@ -212,15 +219,29 @@ def create_app(scorers: Mapping | None = None, settings: ApiSettings | None = No
                  scorer.threshold, scorer.threshold_rule)
     auth = auth if auth is not None else TokenAuth.from_env()
     metrics.record_models(scorers)
-    models = {**scorers, **{fallback_key(survey): scorer for survey, scorer in fallbacks.items()}}
-    coalescers = {key: RequestCoalescer(scorer.score, max_batch=settings.max_batch,
-                                  max_wait_s=settings.max_wait_ms / 1000.0, on_batch=_batch_metrics, name=key)
-                for key, scorer in models.items()}
+    from service.decode.schemas import SchemaStore
+
+    # One schema cache and one bound on concurrent decodes, whichever models are in service.
+    shared = dict(schemas=SchemaStore.from_env(limits=settings.limits),
+                  decoding=asyncio.Semaphore(max(1, settings.max_concurrent_decodes)))
+
+    def build(scorers: dict, fallbacks: dict, previous: ServedModels | None) -> ServedModels:
+        """The models' coalescers (those of unchanged models taken over from ``previous``) and classifier."""
+        models = {**scorers, **{fallback_key(survey): scorer for survey, scorer in fallbacks.items()}}
+        coalescers = {key: previous.coalescers[key] if previous is not None and previous.models.get(key) is scorer
+                      else RequestCoalescer(scorer.score, max_batch=settings.max_batch,
+                                            max_wait_s=settings.max_wait_ms / 1000.0, on_batch=_batch_metrics,
+                                            name=key)
+                      for key, scorer in models.items()}
+        return ServedModels(scorers, fallbacks, models, coalescers,
+                            _Classifier(scorers, coalescers, settings, fallbacks, **shared))
+
+    holder = ModelHolder(build, scorers, fallbacks)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
-        for coalescer in coalescers.values():
+        for coalescer in holder.current.coalescers.values():
             await coalescer.aclose()
         app.state.explainer.close()
 
@@ -231,13 +252,12 @@ def create_app(scorers: Mapping | None = None, settings: ApiSettings | None = No
         version=_version(),
         lifespan=lifespan,
     )
-    app.state.scorers = scorers
-    app.state.fallbacks = fallbacks
-    app.state.coalescers = coalescers
+    app.state.models = holder
+    app.state.scorers = LiveModels(holder, "scorers")
+    app.state.fallbacks = LiveModels(holder, "fallbacks")
     app.state.settings = settings
     app.state.readiness_checks = list(readiness_checks)
     app.state.auth = auth
-    classify_service = _Classifier(scorers, coalescers, settings, fallbacks)
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
@@ -282,11 +302,12 @@ def create_app(scorers: Mapping | None = None, settings: ApiSettings | None = No
         """
         is_raw = body_is_raw(request)
         body = await _read_body(request, settings.max_body_bytes)
-        if is_raw:
-            return await classify_service.classify_alert(body, survey)
-        return await classify_service.classify_json(body)
+        async with holder.using() as served:  # one model version from decoding to labelling
+            if is_raw:
+                return await served.classifier.classify_alert(body, survey)
+            return await served.classifier.classify_json(body)
 
-    _add_explanation_routes(app, classify_service, scorers, settings, auth)
+    _add_explanation_routes(app, CurrentClassifier(holder), app.state.scorers, settings, auth)
 
     @app.get("/healthz", response_model=HealthResponse, tags=["operations"], summary="Liveness: the process serves")
     async def healthz() -> HealthResponse:
@@ -296,6 +317,7 @@ def create_app(scorers: Mapping | None = None, settings: ApiSettings | None = No
              summary="Readiness: models loaded and every extra check passing (else 503)",
              responses={503: {"model": ReadinessResponse, "description": "Not ready; `checks` say why."}})
     async def readyz():
+        scorers = holder.current.scorers
         checks = [ReadinessCheck(name="models", ok=bool(scorers),
                                  detail=", ".join(f"{s}: {sc.card.name} {sc.card.version} on {sc.provider}"
                                                   for s, sc in scorers.items()) or "no model loaded")]
@@ -307,13 +329,16 @@ def create_app(scorers: Mapping | None = None, settings: ApiSettings | None = No
     @app.get("/model", response_model=ModelsResponse, tags=["operations"], summary="The model cards in service",
              responses=_AUTH_ERRORS if auth.enabled else None)
     async def model() -> ModelsResponse:
+        served = holder.current
+        scorers, fallbacks = served.scorers, served.fallbacks
         return ModelsResponse(models={s: sc.card.to_dict() for s, sc in scorers.items()},
                               providers={s: sc.provider for s, sc in scorers.items()},
                               inputs={s: list(sc.contract.raw_inputs) for s, sc in scorers.items()},
                               fallbacks={s: sc.card.to_dict() for s, sc in fallbacks.items()},
                               fallback_inputs={s: list(sc.contract.raw_inputs) for s, sc in fallbacks.items()},
                               thresholds={s: _threshold_info(sc) for s, sc in scorers.items()},
-                              fallback_thresholds={s: _threshold_info(sc) for s, sc in fallbacks.items()})
+                              fallback_thresholds={s: _threshold_info(sc) for s, sc in fallbacks.items()},
+                              loaded_at=dict(served.loaded_at))
 
     @app.get("/metrics", tags=["operations"], summary="Prometheus metrics (text exposition format)",
              response_class=Response, responses={200: {"content": {"text/plain": {}}}})
@@ -355,13 +380,14 @@ class _Classifier:
     """The work of ``POST /classify``: turning a body into stamps, batching, answering."""
 
     def __init__(self, scorers: Mapping, coalescers: Mapping[str, RequestCoalescer], settings: ApiSettings,
-                 fallbacks: Mapping | None = None):
+                 fallbacks: Mapping | None = None, schemas=None, decoding: asyncio.Semaphore | None = None):
         from service.decode.schemas import SchemaStore
 
         self.scorers, self.coalescers, self.settings = scorers, coalescers, settings
         self.fallbacks = dict(fallbacks or {})
-        self.schemas = SchemaStore.from_env(limits=settings.limits)
-        self._decoding = asyncio.Semaphore(max(1, settings.max_concurrent_decodes))
+        self.schemas = schemas if schemas is not None else SchemaStore.from_env(limits=settings.limits)
+        self._decoding = decoding if decoding is not None else \
+            asyncio.Semaphore(max(1, settings.max_concurrent_decodes))
 
     # ---- JSON bodies -------------------------------------------------------------------------------
     async def classify_json(self, body: bytes) -> ClassifyResponse:
@@ -560,6 +586,28 @@ class _Classifier:
                            label=scorer.label(score), threshold=scorer.threshold,
                            model=card.name, model_version=card.version, survey_score=survey_score,
                            survey_score_name=survey_score_name, model_inputs=list(card.contract.raw_inputs))
+
+
+def watch_models(app: FastAPI):
+    """Start putting new versions of the app's models in service (`service.score.reload`): every
+    ``settings.reload_interval`` seconds, and whenever the returned reloader's ``request()`` is
+    called (SIGHUP). Returns the started `service.score.reload.ModelReloader`."""
+    from service.score.reload import ModelReloader
+
+    holder: ModelHolder = app.state.models
+    settings: ApiSettings = app.state.settings
+
+    def switch(survey: str, scorer) -> None:
+        old = holder.current.scorers.get(survey)
+        holder.replace(survey, scorer)
+        metrics.record_model_switch(survey, old, scorer)
+        log.info("%s: now answering with %s %s (requests already running finish on %s)", survey,
+                 scorer.card.name, scorer.card.version, f"{old.card.name} {old.card.version}" if old else "none")
+
+    reloader = ModelReloader(lambda: holder.current.scorers, switch, interval=settings.reload_interval,
+                             threshold=settings.threshold)
+    app.state.reloader = reloader
+    return reloader.start()
 
 
 def _threshold_info(scorer) -> ThresholdInfo:
@@ -822,6 +870,7 @@ SERVE_OPTIONS: tuple[Option, ...] = (
            type=positive_int, metavar="N"),
     Option("scan_labels_dir", _API.scan_labels_dir, "folder of the scanning page's labels: labels.sqlite and "
            "labels.csv, the CSV training reads", metavar="DIR"),
+    RELOAD_OPTION,
 ) + LIMIT_OPTIONS
 
 
@@ -853,6 +902,10 @@ def main(args) -> int:
                            body_timeout_s=settings.body_timeout_s, keep_alive_timeout_s=settings.keep_alive_timeout_s,
                            max_header_bytes=settings.max_header_bytes,
                            log_level=logging.getLevelName(log.getEffectiveLevel()).lower())
-    server = ApiServer(config)
-    server.run()
+    reloader = watch_models(app)
+    server = ApiServer(config, on_reload=reloader.request)
+    try:
+        server.run()
+    finally:
+        reloader.stop()
     return 0 if server.started else 3  # as uvicorn.run: 3 when it could not start (port taken)

@@ -48,6 +48,8 @@ class RequestCoalescer:
     ----------
     batches : int
         Inference calls made so far.
+    closed : bool
+        Whether `retire` was called.
     """
 
     def __init__(self, score: Callable[[np.ndarray], np.ndarray], max_batch: int = 64, max_wait_s: float = 0.005,
@@ -67,6 +69,8 @@ class RequestCoalescer:
         self._pending: deque[_Job] = deque()
         self._pending_stamps = 0
         self._wakeup: asyncio.Event | None = None
+        #: Set by `retire`: no caller scores with it any more.
+        self.closed = False
 
     async def score(self, stamps: np.ndarray) -> np.ndarray:
         """Scores of ``stamps`` [n, ...], computed in one or more shared batches."""
@@ -147,6 +151,15 @@ class RequestCoalescer:
             jobs.append(job)
             size += len(job.stamps)
         return jobs
+
+    def retire(self) -> None:
+        """Stop the worker and free its thread, from any thread, once no caller will score with
+        this coalescer again (its model was replaced, `service.api.served`)."""
+        self.closed = True
+        loop, worker = self._loop, self._worker
+        if worker is not None and not worker.done() and loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(worker.cancel)
+        self._executor.shutdown(wait=False)
 
     async def aclose(self) -> None:
         """Stop the worker (pending requests are cancelled); a later `score` starts a new one."""

@@ -79,13 +79,15 @@ class Explainer:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="explain")
 
     def session(self, survey: str):
-        """The explanation session of ``survey``'s model (made on first use, in the worker thread)."""
-        if survey not in self._sessions:
+        """The explanation session of ``survey``'s model in service (made on first use, in the worker
+        thread, and again when a new version of the model is put in service)."""
+        served = self.scorers[survey]
+        made = self._sessions.get(survey)
+        if made is None or made[0] is not served:
             from service.score.model import Scorer
 
-            served = self.scorers[survey]
-            self._sessions[survey] = Scorer(served.path, device=self.device, intra_op_threads=1)
-        return self._sessions[survey]
+            self._sessions[survey] = (served, Scorer(served.path, device=self.device, intra_op_threads=1))
+        return self._sessions[survey][1]
 
     def explain_now(self, survey: str, stamps: np.ndarray, methods, occlusion_options, gradient_options):
         return explain_stamps(self.session(survey), stamps, methods, occlusion_options, gradient_options)

@@ -8,6 +8,7 @@ because turning it into pixels (and explaining what is wrong with it) is the job
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, WithJsonSchema, field_validator
@@ -192,3 +193,6 @@ class ModelsResponse(BaseModel):
         default_factory=dict, description="survey -> the decision threshold in service and how it was set.")
     fallback_thresholds: dict[str, ThresholdInfo] = Field(
         default_factory=dict, description="survey -> the same for its fallback model.")
+    loaded_at: dict[str, datetime] = Field(
+        default_factory=dict, description="survey -> when its model was put in service (UTC): at start-up, or "
+                                          "when a new version was loaded (`--reload-interval`, SIGHUP).")

@@ -38,9 +38,10 @@ no response at all, only a closed connection. The reasons:
 
 Closes by the client are not logged (they are the normal end of a connection).
 
-`ApiServer` stops on SIGTERM, SIGINT or SIGHUP: it stops accepting, closes idle
-connections, gives the requests in flight `GRACEFUL_SHUTDOWN_S`, and returns normally
-(``rbstream serve`` exits 0, like the other commands; plain uvicorn re-raises the signal).
+`ApiServer` stops on SIGTERM or SIGINT: it stops accepting, closes idle connections, gives
+the requests in flight `GRACEFUL_SHUTDOWN_S`, and returns normally (``rbstream serve`` exits 0,
+like the other commands; plain uvicorn re-raises the signal). SIGHUP calls its ``on_reload``
+(``rbstream serve``: check the model files for a new version) and stops it only when there is none.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ import contextlib
 import json
 import logging
 import threading
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import h11
 import uvicorn
@@ -248,14 +249,19 @@ class ApiH11Protocol(LoggedClosesH11Protocol):
 
 
 class ApiServer(uvicorn.Server):
-    """`uvicorn.Server` that treats SIGTERM, SIGINT and SIGHUP as a request to stop, and then returns."""
+    """`uvicorn.Server` that treats SIGTERM and SIGINT as a request to stop, and then returns; SIGHUP
+    calls ``on_reload`` when given (else it stops the server too)."""
+
+    def __init__(self, config: uvicorn.Config, on_reload: Callable[[], None] | None = None):
+        super().__init__(config)
+        self.on_reload = on_reload
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         if threading.current_thread() is not threading.main_thread():
             yield  # signals reach the main thread only: the embedding program stops this server
             return
-        previous = on_stop_signals(lambda signum: self.handle_exit(signum, None))
+        previous = on_stop_signals(lambda signum: self.handle_exit(signum, None), reload=self.on_reload)
         try:
             yield
         finally:

@@ -13,8 +13,8 @@ The loop runs in two overlapping stages, a batch at a time in each:
 At most one batch is in stage 2 at a time, so batches are published in the order they were
 read. A consumer killed at any point re-reads at most the batch being published (the one
 being decoded was not published yet): nothing is lost, and duplicates are bounded by one
-batch. The producer is idempotent, so its own retries add no duplicates. On SIGTERM, SIGINT
-or SIGHUP the loop stops fetching, finishes the batch in hand, flushes, commits and exits 0.
+batch. The producer is idempotent, so its own retries add no duplicates. On SIGTERM or SIGINT
+the loop stops fetching, finishes the batch in hand, flushes, commits and exits 0.
 A stop waits at most `STOP_GRACE_S` for the broker to confirm deliveries (an unreachable
 broker would otherwise hold it for librdkafka's ``message.timeout.ms``, 5 minutes by
 default); past that it exits 1 without committing the unconfirmed batch, which is re-read.
@@ -24,6 +24,11 @@ waits for the batch in stage 2 and commits it.
 With ``--shadow-model``, stage 2 also hands each scored batch to a shadow model's worker thread
 without waiting for it (`service.stream.shadow`): the shadow scores, publishes to its own topic
 and compares off this path, and nothing of it is committed or waited for.
+
+A new model version (in the models folder, or on SIGHUP) is loaded and checked in a background
+thread (`service.score.reload.ModelReloader`) and put in service on this thread between two
+batches, once stage 2 is idle: each decoded batch is scored by one model version, and offsets
+are untouched by the switch, so no message is lost or scored twice by it.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ from service.stream.pipeline import DecodedBatch, Outcome, Outgoing, ScoringPipe
 from service.stream.shadow import SHADOW_OPTIONS, ShadowRunner, load_shadow_models
 from service.registry import RegistryUnreachable
 from service.score.model import DEVICES
+from service.score.reload import RELOAD_OPTION, ModelReloader
 from service.score.thresholds import THRESHOLD_HELP, apply_thresholds, parse_threshold
 from service.surveys import SURVEY_CHOICES, SURVEYS
 from service.settings import (COMMON_OPTIONS, Option, SettingsError, add_options, kafka_client_config,
@@ -96,6 +102,7 @@ CONSUME_OPTIONS: tuple[Option, ...] = COMMON_OPTIONS + (
            "per survey: N alerts, or Nm minutes", type=parse_window, metavar="{N,Nm}"),
     Option("stats_interval_ms", 5000, "librdkafka statistics interval (consumer lag metric)",
            type=non_negative_int, metavar="MS"),
+    RELOAD_OPTION,
 ) + SHADOW_OPTIONS + LIMIT_OPTIONS
 
 
@@ -266,8 +273,18 @@ class AlertConsumer:
         self._scoring = None  # the stage-2 thread (a one-worker executor) while running
         self._in_flight: Future | None = None
         self._callback_error: BaseException | None = None
+        # Checked new models, from the reloader's thread to this one (put in service between batches).
+        self._reloaded: dict[str, Any] = {}
+        self._reloaded_lock = threading.Lock()
+        self.reloader = ModelReloader(lambda: self.scorers, self._model_ready,
+                                      interval=self.settings.get("reload_interval") or 0,
+                                      threshold=self.settings.get("threshold"))
 
     # -- lifecycle ------------------------------------------------------------------------------
+
+    def reload(self) -> None:
+        """Check the model files for a new version now (SIGHUP; safe from signal handlers)."""
+        self.reloader.request()
 
     def stop(self) -> None:
         """Ask the loop to stop after the batch in hand (safe from signal handlers and other threads)."""
@@ -333,6 +350,7 @@ class AlertConsumer:
 
         self._open()
         self._scoring = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rbstream-score")
+        self.reloader.start()
         self._running = True
         try:
             while not self._stop.is_set():
@@ -343,6 +361,7 @@ class AlertConsumer:
                 sources = self.sources(messages)
                 decoded = self.pipeline.decode(sources) if sources else None
                 self.complete_in_flight()
+                self._switch_models(decoded)  # stage 2 is idle: between two batches
                 if decoded is not None:
                     self._in_flight = self._scoring.submit(self.score_and_publish, decoded)
             self.complete_in_flight()
@@ -376,6 +395,7 @@ class AlertConsumer:
         return True, f"broker {self.settings['bootstrap_servers']} reachable; assigned: {partitions}"
 
     def _close(self) -> None:
+        self.reloader.stop()
         if self._scoring is not None:
             self._scoring.shutdown(wait=True)
             self._scoring = None
@@ -387,6 +407,30 @@ class AlertConsumer:
             self._consumer.close()  # leaves the group (on_revoke commits anything pending)
             self._consumer = None
         self.shadow.stop()  # after the group is left: its drain holds up no rebalance
+
+    # -- model reload ---------------------------------------------------------------------------
+
+    def _model_ready(self, survey: str, scorer) -> None:
+        """A checked new model (from the reloader's thread): put in service before the next batch."""
+        with self._reloaded_lock:
+            self._reloaded[survey] = scorer
+
+    def _switch_models(self, next_batch: DecodedBatch | None) -> None:
+        """Put the checked new models in service; called on this thread while stage 2 is idle, so
+        that the batch about to be scored, and every later one, is scored by the new version."""
+        with self._reloaded_lock:
+            ready, self._reloaded = self._reloaded, {}
+        if not ready:
+            return
+        previous, self.scorers = self.scorers, {**self.scorers, **ready}
+        self.pipeline.use_models(self.scorers)
+        first = next_batch.messages[0] if next_batch is not None and next_batch.messages else None
+        for survey, scorer in ready.items():
+            old = previous.get(survey)
+            metrics.record_model_switch(survey, old, scorer)
+            log.info("%s: now scoring with %s %s (was %s), from %s", survey, scorer.card.name, scorer.card.version,
+                     f"{old.card.name} {old.card.version}" if old is not None else "none",
+                     f"the batch at {first.topic}/{first.partition}@{first.offset}" if first else "the next batch")
 
     # -- one batch ------------------------------------------------------------------------------
 
@@ -625,15 +669,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_options(parser, CONSUME_OPTIONS)
 
 
-def install_signal_handlers(stop: Callable[[], None]) -> None:
-    """SIGTERM, SIGINT and SIGHUP ask for a clean stop (finish the batch, flush, commit, exit 0)."""
+def install_signal_handlers(stop: Callable[[], None], reload: Callable[[], None] | None = None) -> None:
+    """SIGTERM and SIGINT ask for a clean stop (finish the batch, flush, commit, exit 0); SIGHUP
+    calls ``reload`` (check the model files now), or stops too when there is none."""
     from service.lifecycle import on_stop_signals
 
     def handler(signum: signal.Signals) -> None:
         log.info("%s received: finishing the batch in hand", signum.name)
         stop()
 
-    on_stop_signals(handler)
+    on_stop_signals(handler, reload=reload)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -651,7 +696,7 @@ def main(args: argparse.Namespace) -> int:
     if settings.get("metrics_port"):
         serve_probes(consumer, settings["metrics_port"])
         log.info("metrics on http://0.0.0.0:%d/metrics, probes on /healthz and /readyz", settings["metrics_port"])
-    install_signal_handlers(consumer.stop)
+    install_signal_handlers(consumer.stop, consumer.reload)
     try:
         return consumer.run()
     except PublishError as exc:

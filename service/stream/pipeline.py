@@ -206,6 +206,12 @@ class ScoringPipeline:
         self.republish_alert = republish_alert
         self.isolate = isolate
 
+    def use_models(self, scorers: Mapping[str, Any]) -> None:
+        """Score with ``scorers`` from now on (a reload). Their contracts must be those in use, as
+        a batch already decoded is scored by them; call it only while no batch is being scored."""
+        self.scorers = dict(scorers)
+        self.contracts = {name: scorer.contract for name, scorer in self.scorers.items()}
+
     # -- the steps ------------------------------------------------------------------------------
 
     def infer(self, batch) -> tuple[np.ndarray | None, str | None]:

@@ -282,7 +282,8 @@ def main(args: argparse.Namespace) -> int:
         settings = resolve(argparse.Namespace(
             bootstrap_servers=broker.bootstrap_servers, input_topic=INPUT_TOPIC, output_topic=OUTPUT_TOPIC,
             dlq_topic=DLQ_TOPIC, group_id=GROUP_ID, from_beginning=True, batch_size=options["batch_size"],
-            device=options["device"], kafka_option=["consumer.session.timeout.ms=6000"]),
+            device=options["device"], kafka_option=["consumer.session.timeout.ms=6000"],
+            reload_interval=0),  # the in-process API does not reload: neither does the consumer
             CONSUME_OPTIONS, environ={})
         consumer = AlertConsumer(settings, scorers, fallbacks=fallbacks)
 
