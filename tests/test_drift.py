@@ -183,3 +183,31 @@ def test_a_card_without_reference_logs_once_and_exports_shares_only(scorers, tmp
     assert gauge("rbstream_monitor_window_alerts", "ztf") == 8
     assert gauge("rbstream_share_undecodable", "ztf") == pytest.approx(2 / 8)
     assert 0.0 <= gauge("rbstream_share_real", "ztf") <= 1.0
+
+
+def test_a_reloaded_model_is_measured_in_a_fresh_window_against_its_own_reference(scorers, tmp_path):
+    """After a reload (`DriftMonitor.use_model`), the new version's scores are its own (counted in
+    PSI/KS), the old version's leave the window, and a new card without a reference removes the
+    old reference's series."""
+    import json
+    import shutil
+
+    from service.score.card import CARD_FILE
+
+    monitor = drift.DriftMonitor(scorers, WindowSize(alerts=100))
+    alerts = [p.read_bytes() for p in ztf_fits_files()[:4]]
+    assert monitor.observe(execute(scorers, alerts).messages)["ztf"].scores == 4
+    newer = tmp_path / "ztf-newer"
+    shutil.copytree(MODELS_DIR / "ztf", newer)
+    card = json.loads((newer / CARD_FILE).read_text())
+    card["version"] += "-newer"
+    (newer / CARD_FILE).write_text(json.dumps(card))
+    reloaded = {**scorers, "ztf": Scorer(newer, device="cpu")}
+    monitor.use_model("ztf", reloaded["ztf"])
+    reading = monitor.observe(execute(reloaded, alerts[:3]).messages)["ztf"]
+    assert (reading.alerts, reading.scores) == (3, 3)
+    assert gauge("rbstream_score_psi", "ztf") == pytest.approx(reading.psi)
+
+    monitor.use_model("ztf", Scorer(model_without_reference(MODELS_DIR / "ztf", tmp_path), device="cpu"))
+    for name in ("rbstream_score_psi", "rbstream_score_ks", "rbstream_reference_share_real"):
+        assert gauge(name, "ztf") is None, name

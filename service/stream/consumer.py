@@ -428,6 +428,7 @@ class AlertConsumer:
         for survey, scorer in ready.items():
             old = previous.get(survey)
             metrics.record_model_switch(survey, old, scorer)
+            self.drift.use_model(survey, scorer)
             log.info("%s: now scoring with %s %s (was %s), from %s", survey, scorer.card.name, scorer.card.version,
                      f"{old.card.name} {old.card.version}" if old is not None else "none",
                      f"the batch at {first.topic}/{first.partition}@{first.offset}" if first else "the next batch")

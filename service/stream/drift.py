@@ -209,26 +209,32 @@ class DriftMonitor:
 
     def __init__(self, scorers: Mapping[str, Any], size: WindowSize | str, clock=time.monotonic):
         self.size = size = size if isinstance(size, WindowSize) else parse_window(size)
-        self.surveys = {survey: SurveyDrift(survey, scorer, size, clock) for survey, scorer in scorers.items()}
-        for survey, drift in self.surveys.items():
-            # A monitor built again (another model) must not leave the previous model's statistics exported.
-            for gauge in (metrics.SCORE_PSI, metrics.SCORE_KS, metrics.REFERENCE_SHARE_REAL):
-                try:
-                    gauge.remove(survey)
-                except KeyError:
-                    pass
-            if drift.reference is None:
-                card, folder = scorers[survey].card, _folder(scorers[survey])
-                log.warning("score drift of %s is not measured: the card of model %s %s (%s) has no reference "
-                            "score distribution (real_validation); rbstream_score_psi and rbstream_score_ks are "
-                            "not exported for %s, the share gauges are. Add one with `rbstream evaluate "
-                            "ALERTS --model %s=%s --split valid --write-reference` on real alerts the model was "
-                            "not trained on", survey, card.name, card.version, folder, survey, survey, folder)
-            else:
-                metrics.REFERENCE_SHARE_REAL.labels(survey=survey).set(
-                    drift.reference.share_at_or_above(scorers[survey].threshold))
-                log.info("score drift of %s measured over %s against the reference of %d validation alerts",
-                         survey, size, drift.reference.n)
+        self.clock = clock
+        self.surveys: dict[str, SurveyDrift] = {}
+        for survey, scorer in scorers.items():
+            self.use_model(survey, scorer)
+
+    def use_model(self, survey: str, scorer: Any) -> None:
+        """Measure ``survey`` against ``scorer``'s reference from now on, in a fresh window
+        (a reloaded model: the previous model's scores and statistics say nothing of it)."""
+        self.surveys[survey] = drift = SurveyDrift(survey, scorer, self.size, self.clock)
+        # The previous model's statistics must not stay exported beside the new one's.
+        for gauge in (metrics.SCORE_PSI, metrics.SCORE_KS, metrics.REFERENCE_SHARE_REAL):
+            try:
+                gauge.remove(survey)
+            except KeyError:
+                pass
+        if drift.reference is None:
+            card, folder = scorer.card, _folder(scorer)
+            log.warning("score drift of %s is not measured: the card of model %s %s (%s) has no reference "
+                        "score distribution (real_validation); rbstream_score_psi and rbstream_score_ks are "
+                        "not exported for %s, the share gauges are. Add one with `rbstream evaluate "
+                        "ALERTS --model %s=%s --split valid --write-reference` on real alerts the model was "
+                        "not trained on", survey, card.name, card.version, folder, survey, survey, folder)
+        else:
+            metrics.REFERENCE_SHARE_REAL.labels(survey=survey).set(drift.reference.share_at_or_above(scorer.threshold))
+            log.info("score drift of %s measured over %s against the reference of %d validation alerts",
+                     survey, self.size, drift.reference.n)
 
     def observe(self, delivered: Sequence[Outgoing]) -> dict[str, DriftReading]:
         """Add one delivered batch to the windows, set the gauges; returns each survey's reading."""
