@@ -252,8 +252,7 @@ class ShadowRunner:
 
         topic = shadow_topic(settings)
         url = settings.get("schema_registry_url")
-        window = settings.get("monitor_window") or "1000"
-        # A default setting arrives unparsed (service.settings.resolve parses what it is given).
+        window = settings.get("monitor_window") or "1000"  # settings made by hand may lack it
         window = window if isinstance(window, WindowSize) else parse_window(window)
         return cls(scorers, topic, RecordEncoder(topic, SchemaRegistry(url) if url else None), window)
 
