@@ -107,3 +107,18 @@ def restore_signals(previous: dict) -> None:
     """Put back the handlers `on_stop_signals` replaced."""
     for signum, handler in previous.items():
         signal.signal(signum, handler)
+
+
+def terminate(process: "subprocess.Popen", timeout: float) -> None:
+    """SIGTERM ``process`` (its clean stop), wait up to ``timeout`` seconds, then SIGKILL it;
+    returns once it has exited. Nothing is done for a process that already exited."""
+    import subprocess
+
+    if process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()

@@ -30,6 +30,7 @@ from pathlib import Path
 
 from service.bench import data
 from service.bench.report import Result, percentile, summarise
+from service.lifecycle import terminate
 from service.surveys import CUTOUT_FIELDS
 
 log = logging.getLogger(__name__)
@@ -120,13 +121,8 @@ class Server:
                 for sample in family.samples if sample.name.endswith("_total")}
 
     def __exit__(self, *exc) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process is not None:
+            terminate(self.process, 20)
         self._log.close()
 
 

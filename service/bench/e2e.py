@@ -289,23 +289,29 @@ def profile_summary(path: Path, limit: int = 30) -> str:
     return text.getvalue()
 
 
-def run(args) -> Result:
-    from service.tools.broker import LocalBroker
-    from service.lifecycle import die_with_parent
-    from service.tools.replay import replay_producer
-
-    quick = args.quick
+def stream_run_settings(args) -> tuple[str, int, int, Path]:
+    """What a streaming bench (e2e, shadow) runs: its survey, alerts per run, repeats and output
+    folder (created), from the bench's arguments and their quick defaults."""
     survey = (args.survey or ["ztf"])[0]
-    count = args.alerts or (150 if quick else 5000)
-    repeats = args.repeats or (1 if quick else 3)
+    count = args.alerts or (150 if args.quick else 5000)
+    repeats = args.repeats or (1 if args.quick else 3)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    return survey, count, repeats, out
+
+
+def run(args) -> Result:
+    from service.tools.broker import LocalBroker
+    from service.lifecycle import die_with_parent, terminate
+    from service.tools.replay import replay_producer
+
+    survey, count, repeats, out = stream_run_settings(args)
     contract_by_survey, notes = data.contracts(args.models)
     messages, rejected = data.decodable_messages(survey, contract_by_survey)
     result = Result("e2e", notes=notes, settings={
         "survey": survey, "distinct_alerts": len(messages), "alerts_per_run": count, "repeats": repeats,
         "offered_rate": args.rate, "device": args.device, "consumer_batch_size": args.batch_size or "default",
-        "quick": quick, "consumer": "rbstream consume in a subprocess (the production code path)",
+        "quick": args.quick, "consumer": "rbstream consume in a subprocess (the production code path)",
         "producer": "service.tools.replay.replay (rbstream replay's code) in the benchmark process, one partition",
         "latency": "the input message's CreateTime (set at produce(), ms) -> score record (or dead letter) "
                    "readable on the output topic",
@@ -342,12 +348,7 @@ def run(args) -> Result:
                                                 broker.process.pid))
         finally:
             reader.close()
-            consumer.terminate()  # SIGTERM: the consumer finishes its batch, commits and exits 0
-            try:
-                consumer.wait(60)
-            except subprocess.TimeoutExpired:
-                consumer.kill()
-                consumer.wait()
+            terminate(consumer, 60)  # SIGTERM: the consumer finishes its batch, commits and exits 0
             log_file.close()
             inputs.close()
         result.settings["scores_seen"] = reader.scores

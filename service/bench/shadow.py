@@ -21,8 +21,9 @@ from pathlib import Path
 
 from service.bench import data
 from service.bench.e2e import (WARM_UP_ALERTS, InputTopic, OutputReader, _create_topics, consumer_command,
-                               measure_run)
+                               measure_run, stream_run_settings)
 from service.bench.report import Result, summarise
+from service.lifecycle import terminate
 
 log = logging.getLogger(__name__)
 
@@ -105,12 +106,7 @@ class Contender:
             log.warning("cannot read the metrics of the %s consumer: %s", self.mode, exc)
             final = {}
         self.reader.close()
-        self.process.terminate()
-        try:
-            self.process.wait(60)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        terminate(self.process, 60)
         self.log_file.close()
         self.inputs.close()
         return final
@@ -121,19 +117,14 @@ def run(args) -> Result:
     from service.tools.replay import replay_producer
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per /metrics read otherwise
-    quick = args.quick
-    survey = (args.survey or ["ztf"])[0]
-    count = args.alerts or (150 if quick else 5000)
-    repeats = args.repeats or (1 if quick else 3)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    survey, count, repeats, out = stream_run_settings(args)
     models = data.models_root(args.models)
     contract_by_survey, notes = data.contracts(args.models)
     messages, _ = data.decodable_messages(survey, contract_by_survey)
     result = Result("shadow", notes=notes, settings={
         "survey": survey, "distinct_alerts": len(messages), "alerts_per_run": count, "repeats": repeats,
         "offered_rate": args.rate, "device": args.device, "consumer_batch_size": args.batch_size or "default",
-        "quick": quick, "shadow_model": str(models / survey), "shadow_threads": "default (1)",
+        "quick": args.quick, "shadow_model": str(models / survey), "shadow_threads": "default (1)",
         "consumers": "two rbstream consume processes on one broker, their runs alternating; one with "
                      "--shadow-model (the same model as its primary)",
         "latency": "as bench e2e: input CreateTime -> primary score record readable on the output topic",

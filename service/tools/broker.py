@@ -24,7 +24,7 @@ import time
 from importlib import resources
 from pathlib import Path
 
-from service.lifecycle import die_with_parent, on_stop_signals, restore_signals
+from service.lifecycle import die_with_parent, on_stop_signals, restore_signals, terminate
 
 
 def tansu_binary() -> Path:
@@ -125,14 +125,8 @@ class LocalBroker:
 
     def stop(self) -> None:
         """Stop the broker and wait until it has exited (its port is free then)."""
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=self.STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        if self.process is not None:
+            terminate(self.process, self.STOP_TIMEOUT_S)
 
     def __enter__(self) -> "LocalBroker":
         return self.start()
