@@ -49,6 +49,7 @@ import numpy as np
 
 from service import metrics
 from service.score.card import CARD_FILE, ModelError
+from service.score.model import DEVICE_PROVIDERS, MODEL_FILE, Scorer
 from service.settings import Option, non_negative_float
 
 log = logging.getLogger(__name__)
@@ -61,9 +62,9 @@ RELOAD_OPTION = Option(
 #: Stamps in the test batch a new model must score before it serves.
 CHECK_BATCH = 64
 
-#: The ``device`` setting that gives a scorer the execution provider of one already running.
-PROVIDER_DEVICES = {"CPUExecutionProvider": "cpu", "CUDAExecutionProvider": "cuda",
-                    "TensorrtExecutionProvider": "tensorrt"}
+#: The ``device`` setting that gives a scorer the execution provider of one already running:
+#: the device whose first provider it is (``auto`` picks, so it names none).
+PROVIDER_DEVICES = {providers[0]: device for device, providers in DEVICE_PROVIDERS.items() if device != "auto"}
 
 
 @dataclass(frozen=True)
@@ -82,8 +83,6 @@ class Fingerprint:
 def model_files(path: str | Path) -> tuple[Path, Path]:
     """``(model.onnx, model_card.json)`` of a model source: a folder, or an ONNX file in one
     (as `service.score.model.Scorer` reads them)."""
-    from service.score.model import MODEL_FILE
-
     path = Path(path)
     if path.is_dir():
         return path / MODEL_FILE, path / CARD_FILE
@@ -170,7 +169,6 @@ def load_checked(path: str | Path, running, survey: str, threshold=None, check_b
         Why the model is refused.
     """
     from service.score.acceleration import check_stamps
-    from service.score.model import Scorer
     from service.score.thresholds import apply_thresholds
 
     scorer = Scorer(path, device=PROVIDER_DEVICES.get(running.provider, "auto"))
