@@ -141,6 +141,9 @@ TABLES: dict[str, dict[str, Key]] = {
         "weak_label_bands": Key("float_list", [0.2, 0.8], "source = alerts: a survey score >= high is real, < low "
                                 "bogus, in between left out", check=lambda v: len(v) == 2 and 0 <= v[0] <= v[1] <= 1,
                                 accepted="[low, high], 0 <= low <= high <= 1"),
+        "weak_targets": Key("choice", "hard", "source = alerts: a weak label trains towards 0 or 1 inside the bands "
+                            "(hard), or towards the survey score itself, every scored alert labelled real at >= 0.5 "
+                            "(soft)", ("hard", "soft")),
         "split": Key("choice", "object", "source = alerts: hold out whole objects (object) or alerts at random "
                      "(random, by N_valid/N_test)", ("object", "random")),
         "holdout": Key("float_list", list(DEFAULT_HOLDOUT), "source = alerts, split = object: share of objects held out for "

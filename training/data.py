@@ -59,12 +59,19 @@ class Dataset:
     stamps: np.ndarray
     labels: np.ndarray
     kinds: np.ndarray | None = None  # simulator kind of each stamp, when known
+    #: Training targets in [0, 1] where they are not the labels themselves (soft weak labels).
+    targets: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
 
+    def training_targets(self) -> np.ndarray:
+        """What the loss pulls each score towards: ``targets``, else the labels."""
+        return (self.labels if self.targets is None else self.targets).astype(np.float32)
+
     def subset(self, index) -> "Dataset":
-        return Dataset(self.stamps[index], self.labels[index], None if self.kinds is None else self.kinds[index])
+        return Dataset(self.stamps[index], self.labels[index], None if self.kinds is None else self.kinds[index],
+                       None if self.targets is None else self.targets[index])
 
 
 def to_contract(stamps: np.ndarray, channels: Sequence[str], contract: StampContract) -> np.ndarray:
@@ -149,7 +156,9 @@ def _check_labels(labels: np.ndarray, where: str) -> np.ndarray:
 
 def _concat(parts: list[Dataset]) -> Dataset:
     kinds = None if any(p.kinds is None for p in parts) else np.concatenate([p.kinds.astype(str) for p in parts])
-    return Dataset(np.concatenate([p.stamps for p in parts]), np.concatenate([p.labels for p in parts]), kinds)
+    targets = None if all(p.targets is None for p in parts) else np.concatenate([p.training_targets() for p in parts])
+    return Dataset(np.concatenate([p.stamps for p in parts]), np.concatenate([p.labels for p in parts]), kinds,
+                   targets)
 
 
 def chunks(config, contract: StampContract) -> dict[str, Dataset]:
@@ -227,7 +236,7 @@ def alerts(config, contract: StampContract, progress: bool = False) -> dict[str,
         raise DataError(str(exc)) from None
     for name, reason in failures:
         log.warning("skipped %s: %s", name, reason)
-    real.assign_labels(found, tables, d["label_from"], tuple(d["weak_label_bands"]))
+    real.assign_labels(found, tables, d["label_from"], tuple(d["weak_label_bands"]), soft=d["weak_targets"] == "soft")
     labelled = [a for a in found if a.label is not None]
     log.info("alerts: %d decoded, %d labelled (%s)", len(found), len(labelled),
              dict(Counter(a.label_source for a in labelled)))
@@ -260,7 +269,8 @@ def _real_dataset(alerts: Sequence[real.RealAlert], contract: StampContract) -> 
     for name, reason in failures:
         log.warning("skipped %s: %s", name, reason)
     kinds = np.array([f"{a.label_source}: {a.family}" if a.family else str(a.label_source) for a in kept])
-    return Dataset(stamps, np.array([a.label for a in kept], dtype=np.int64), kinds)
+    targets = np.array([a.label if a.target is None else a.target for a in kept], dtype=np.float32)
+    return Dataset(stamps, np.array([a.label for a in kept], dtype=np.int64), kinds, targets)
 
 
 def read_alerts(files: Sequence[Path], labels_csv: str | Path, contract: StampContract, survey: str = "auto"
@@ -313,7 +323,7 @@ def load_datasets(config, contract: StampContract, progress: bool = False) -> tu
             if source == "chunks" else {k: config.table("data")[k] for k in ("alerts", "labels", "triplets")}
         if source == "alerts":
             where.update({k: config.table("data")[k] for k in (
-                "label_from", "weak_label_bands", "split", "holdout", "rehearsal", "rehearsal_valid", "balance",
+                "label_from", "weak_label_bands", "weak_targets", "split", "holdout", "rehearsal", "rehearsal_valid", "balance",
                 "real_repeat")})
             where["kinds"] = {split: dict(Counter(d.kinds.tolist())) for split, d in splits.items()}
     for split, d in splits.items():

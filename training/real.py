@@ -10,7 +10,8 @@ Labels, in order of precedence:
    real/bogus (1/0, true/false) or ``unsure``, which is no label;
 2. the alert's own survey score (``label_from``: ``drb``, ``rb``, ``reliability``, the
    first one the alert carries), read as a weak label: at or above the upper band edge
-   real, below the lower edge bogus, in between unlabelled.
+   real, below the lower edge bogus, in between unlabelled. With soft targets every
+   scored alert is labelled (real at or above 0.5) and trains towards the score itself.
 
 Splits are by object: an object's every alert lands in the same split, chosen by a hash
 of the survey and object id, so a split never changes when alerts are added or removed
@@ -99,6 +100,8 @@ class RealAlert:
     label: int | None = None
     label_source: str | None = None
     family: str | None = None
+    #: What training pulls the score towards: the survey's score for a soft weak label, else the label.
+    target: float | None = None
 
 
 def survey_scores(survey: str, record: Mapping) -> dict[str, float]:
@@ -170,7 +173,8 @@ def read_label_table(path: str | Path) -> LabelTable:
 
 
 def assign_labels(alerts: Sequence[RealAlert], tables: Sequence[LabelTable] = (),
-                  label_from: Sequence[str] = (), bands: tuple[float, float] = (0.5, 0.5)) -> None:
+                  label_from: Sequence[str] = (), bands: tuple[float, float] = (0.5, 0.5),
+                  soft: bool = False) -> None:
     """Give each alert its label (in place), by the module's order of precedence.
 
     Parameters
@@ -182,21 +186,28 @@ def assign_labels(alerts: Sequence[RealAlert], tables: Sequence[LabelTable] = ()
         Survey scores to fall back on, first present first (``drb``, ``rb``, ``reliability``).
     bands : (low, high)
         A survey score ``>= high`` is real, ``< low`` bogus, in between unlabelled;
-        ``(t, t)`` is a plain threshold.
+        ``(t, t)`` is a plain threshold. Not used with ``soft``.
+    soft : bool
+        Every alert with a survey score is labelled, real at or above 0.5, and its
+        ``target`` is the score itself, so that training learns the survey model's
+        graded confidence (distillation) rather than a cut through it.
     """
-    low, high = bands
+    low, high = (0.5, 0.5) if soft else bands
     for alert in alerts:
-        alert.label = alert.label_source = alert.family = None
+        alert.label = alert.label_source = alert.family = alert.target = None
         found = next(((t.source, hit) for t in tables if (hit := t.get(alert)) is not None and hit[0] is not None),
                      None)
         if found is not None:
             alert.label_source, (alert.label, alert.family) = found
+            alert.target = float(alert.label)
             continue
         name = next((n for n in label_from if n in alert.survey_scores), None)
         if name is not None:
             score = alert.survey_scores[name]
             alert.label = 1 if score >= high else 0 if score < low else None
             alert.label_source = name if alert.label is not None else None
+            if alert.label is not None:
+                alert.target = score if soft else float(alert.label)
 
 
 # --------------------------------------------------------------------------- splits

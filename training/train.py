@@ -211,7 +211,7 @@ def train(config: TrainConfig, run_dir: str | Path, resume: str | Path | None = 
         train_set.stamps = valid_set.stamps = None  # the raw copies are not needed any more (memory)
     else:
         train_x, valid_x = torch.from_numpy(train_set.stamps), torch.from_numpy(valid_set.stamps)
-    train_y = torch.from_numpy(train_set.labels.astype(np.float32))
+    train_y = torch.from_numpy(train_set.training_targets())
 
     n_batches = max(len(train_set) // config.batch_size, 1)
     max_iterations = config.n_epochs * n_batches

@@ -116,6 +116,7 @@ class DataInfo(_Section):
     # data.source = alerts
     label_from: list[str] | None = None
     weak_label_bands: list[float] | None = None
+    weak_targets: Literal["hard", "soft"] | None = None
     split: str | None = None
     holdout: list[float] | None = Field(None, min_length=2, max_length=2)
     rehearsal: int | None = None
