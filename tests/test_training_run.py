@@ -341,3 +341,37 @@ def test_deephits_input_txt_trains_on_chunks(tmp_path):
     assert card.architecture.activation_function == "prelu"
     assert card.data.source == "chunks" and card.data.size == {"train": 64, "valid": 32, "test": 32}
     assert card.config["base_lr"] == 0.04 and card.config["optimizer"] == "sgd"
+
+
+def test_soft_weak_targets_train_towards_the_survey_score(tmp_path):
+    """weak_targets = "soft": every alert with a drb is used, labelled at 0.5, and its training target is drb
+    itself; human labels and simulated rehearsal stamps keep 0/1 targets."""
+    from training.data import load_datasets
+
+    alerts, _ = real.read_alerts(real.alert_files(REAL_DATA / "ztf"))
+    middle = [a for a in alerts if 0.2 <= a.survey_scores.get("drb", -1) < 0.8][:12]
+    confident = [a for a in alerts if a.survey_scores.get("drb", -1) >= 0.8][:12]
+    folder = tmp_path / "alerts"
+    folder.mkdir()
+    for alert in middle + confident:
+        (folder / alert.file.name).symlink_to(alert.file)
+    human = confident[0]
+    (tmp_path / "labels.csv").write_text(f"candid,label\n{human.candidate_id},bogus\n")
+    data = {"source": "alerts", "alerts": str(folder), "labels": str(tmp_path / "labels.csv"), "label_from": ["drb"],
+            "split": "object", "holdout": [0.2, 0.2], "weak_targets": "soft", "rehearsal": 8}
+    splits, info = load_datasets(tiny(N_valid=4, N_test=4, data=data), StampContract(size=16))
+    assert info["weak_targets"] == "soft" and sum(len(s) for s in splits.values()) == 24 + 8
+    train_split = splits["train"]
+    targets = train_split.training_targets()
+    drb_by_kind = {k: k == "drb" for k in train_split.kinds}
+    real_rows = np.flatnonzero([drb_by_kind[k] for k in train_split.kinds])
+    expected = sorted(a.survey_scores["drb"] for a in middle + confident if a is not human)
+    assert set(np.round(targets[real_rows], 5)) <= set(np.round(np.float32(expected), 5))
+    # middle-band alerts (left out by hard bands) are trained on, between 0 and 1
+    assert ((targets[real_rows] > 0.2) & (targets[real_rows] < 0.8)).any()
+    np.testing.assert_array_equal(train_split.labels[real_rows], targets[real_rows] >= 0.5)
+    others = np.setdiff1d(np.arange(len(train_split)), real_rows)  # the human label and the simulated stamps
+    np.testing.assert_array_equal(targets[others], train_split.labels[others])
+    hard, _ = load_datasets(tiny(N_valid=4, N_test=4, data={**data, "weak_targets": "hard", "rehearsal": 0}),
+                            StampContract(size=16))
+    assert sum(len(s) for s in hard.values()) == 12  # the confident ones (the human label one of them) only
