@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -165,6 +166,17 @@ def test_two_models_of_one_survey_are_judged_on_the_same_alerts(side_by_side):
     for row in ("| `ztf` (rbstream-ztf ", "| `ztf-nodiff` (rbstream-ztf-nodiff ", "| rb (survey)"):
         assert row in summary, row
     assert (out / "roc_ztf.png").stat().st_size > 1000
+
+
+def test_models_sharing_a_folder_name_and_card_are_numbered_each(tmp_path):
+    from types import SimpleNamespace
+
+    from training.evaluate import model_labels
+
+    old, new, other = (SimpleNamespace(name="rbstream-ztf", version=v) for v in ("2.0.0", "2.0.0", "2.1.0"))
+    paths = [Path("models/ztf"), tmp_path / "ztf", tmp_path / "b" / "ztf", Path("models/rubin")]
+    assert model_labels(paths, [old, new, other, old]) == [
+        "ztf (rbstream-ztf 2.0.0) #1", "ztf (rbstream-ztf 2.0.0) #2", "ztf (rbstream-ztf 2.1.0)", "rubin"]
 
 
 def test_synthetic_triplets_are_the_cards_test_set_and_each_model_gets_only_its_channels(side_by_side):

@@ -93,11 +93,10 @@ class ModelRun:
 def model_labels(paths: Sequence[Path], cards: Sequence) -> list[str]:
     """A distinct name per model: its folder's name, with the card's name and version where folders share one."""
     folders = [(p.parent if p.suffix == ".onnx" else p).name or str(p) for p in paths]
-    labels = [f if folders.count(f) == 1 else f"{f} ({c.name} {c.version})" for f, c in zip(folders, cards)]
-    for i, label in enumerate(labels):
-        if labels.count(label) > 1:  # same folder name and same card: number them in the order given
-            labels[i] = f"{label} #{labels[:i + 1].count(label)}"
-    return labels
+    named = [f if folders.count(f) == 1 else f"{f} ({c.name} {c.version})" for f, c in zip(folders, cards)]
+    # same folder name and same card: number them in the order given
+    return [label if named.count(label) == 1 else f"{label} #{named[:i + 1].count(label)}"
+            for i, label in enumerate(named)]
 
 
 def score_together(alerts: Sequence[real.RealAlert], runs: Sequence[ModelRun]) -> list[real.RealAlert]:
