@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 SAMPLE_DATA ?= $(abspath ../shared/data)
 export RBSTREAM_SAMPLE_DATA := $(SAMPLE_DATA)
 
-.PHONY: venv test run train kafka bench lint clean
+.PHONY: venv test run train kafka bench clean
 
 venv: $(STAMP)
 

@@ -323,8 +323,8 @@ def load_datasets(config, contract: StampContract, progress: bool = False) -> tu
             if source == "chunks" else {k: config.table("data")[k] for k in ("alerts", "labels", "triplets")}
         if source == "alerts":
             where.update({k: config.table("data")[k] for k in (
-                "label_from", "weak_label_bands", "weak_targets", "split", "holdout", "rehearsal", "rehearsal_valid", "balance",
-                "real_repeat")})
+                "label_from", "weak_label_bands", "weak_targets", "split", "holdout", "rehearsal", "rehearsal_valid",
+                "balance", "real_repeat")})
             where["kinds"] = {split: dict(Counter(d.kinds.tolist())) for split, d in splits.items()}
     for split, d in splits.items():
         if len(d) == 0:
