@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -34,6 +35,13 @@ def ztf_jpeg_files() -> list[Path]:
 
 def rubin_files() -> list[Path]:
     return sorted(RUBIN_DIR.glob("*.avro"))
+
+
+def strict_json(text: str):
+    """``text`` parsed as JSON is: Python's reader takes NaN and Infinity, other readers refuse them."""
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+    return json.loads(text, parse_constant=refuse)
 
 
 @pytest.fixture(scope="session")

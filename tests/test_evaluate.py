@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import EYE_LABELS, MODELS_DIR, REAL_DATA, REPO
+from conftest import EYE_LABELS, MODELS_DIR, REAL_DATA, REPO, strict_json
 from service.score.card import ModelCard
 from training import real
 
@@ -77,7 +77,7 @@ def test_evaluate_writes_the_report_and_plots_with_the_survey_score_beside_ours(
     result = subprocess.run(RBSTREAM + ["evaluate", str(folder), "--labels", "none", "--label-from", "drb",
                                         "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads((out / "report.json").read_text())
+    report = strict_json((out / "report.json").read_text())
     assert report["files"] == len(files) + 1 and report["undecodable"] == 1
     assert report["undecodable_examples"][0][0] == "broken.avro"
     ztf = report["surveys"]["ztf"]
@@ -101,6 +101,21 @@ def test_evaluate_writes_the_report_and_plots_with_the_survey_score_beside_ours(
     for name in ("roc_ztf.png", "reliability_ztf.png", "histogram_ztf.png", "disagreements_ztf.png", "report.md"):
         assert (out / name).stat().st_size > 1000, name
     assert "rb (survey)" in (out / "report.md").read_text()
+
+
+def test_metrics_that_one_class_leaves_undefined_are_null_in_the_report(tmp_path):
+    from training.evaluate import evaluate
+
+    folder = tmp_path / "alerts"
+    folder.mkdir()
+    files = sorted((REAL_DATA / "ztf").glob("*.avro"))[:6]
+    for path in files:
+        (folder / path.name).write_bytes(path.read_bytes())
+    (tmp_path / "labels.csv").write_text("file,label\n" + "".join(f"{p.name},real\n" for p in files))
+    evaluate([folder], tmp_path / "report", label_tables=[tmp_path / "labels.csv"], label_from=())
+    ours = strict_json((tmp_path / "report" / "report.json").read_text())["surveys"]["ztf"]["ours"]
+    assert ours["n_bogus"] == 0 and ours["roc_auc"] is None and ours["fpr"] is None
+    assert ours["accuracy"] is not None
 
 
 def test_evaluate_on_the_held_out_rubin_split_uses_the_eye_labels(tmp_path, rubin_alerts):
@@ -138,7 +153,7 @@ def side_by_side(tmp_path_factory):
                                         "--synthetic", str(SYNTHETIC), "--out", str(out)],
                             cwd=REPO, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
-    return files, out, json.loads((out / "report.json").read_text())["surveys"]["ztf"]
+    return files, out, strict_json((out / "report.json").read_text())["surveys"]["ztf"]
 
 
 def test_two_models_of_one_survey_are_judged_on_the_same_alerts(side_by_side):

@@ -236,13 +236,14 @@ def test_integrated_gradients_are_complete_within_tolerance(survey):
 
 def test_the_refined_path_agrees_with_captum_at_many_steps_and_is_more_complete():
     """The refinement only cuts the path: its map is Captum's integrated gradients at a fine rule,
-    with a smaller completeness error than Captum's own rule at the same cost."""
+    with a smaller completeness error than Captum's own rule at the same cost. On one alert
+    either rule can be the closer; over several real alerts the refined one is."""
     scorer = shipped("ztf")
     graph = gradients.load_graph(scorer.path.parent / gradients.WEIGHTS_FILE)
-    stamps = alert_stamps(scorer, ztf_fits_files()[:1])
+    stamps = alert_stamps(scorer, ztf_fits_files()[:8])
     refined, refined_error, _ = gradients.integrated_gradients(graph, stamps, "noise", 256)
-    plain, plain_error, _ = gradients.integrated_gradients(graph, stamps, "noise", 256, refine=False)
-    fine, _, _ = gradients.integrated_gradients(graph, stamps, "noise", 1024, refine=False)
-    for ours, library in zip(refined, fine):
-        assert np.corrcoef(ours.ravel(), library.ravel())[0, 1] > 0.99
-    assert np.abs(refined_error).max() <= np.abs(plain_error).max()
+    _, plain_error, _ = gradients.integrated_gradients(graph, stamps, "noise", 256, refine=False)
+    fine, _, _ = gradients.integrated_gradients(graph, stamps[:1], "noise", 1024, refine=False)
+    assert np.corrcoef(refined[0].ravel(), fine[0].ravel())[0, 1] > 0.99
+    assert np.abs(refined_error).mean() < np.abs(plain_error).mean()
+    assert np.abs(refined_error).max() < np.abs(plain_error).max()

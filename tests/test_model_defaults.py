@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import EYE_LABELS, MODELS_DIR, REAL_DATA, rubin_files, ztf_fits_files
+from conftest import EYE_LABELS, MODELS_DIR, REAL_DATA, rubin_files, strict_json, ztf_fits_files
 from service.decode.alerts import decode_message
 from service.contract import ONNX_INPUT, StampContract, assemble
 from service.score.model import Scorer
@@ -43,8 +43,9 @@ def random_stamps(n, contract, seed=0):
 
 
 def test_card_and_files(scorer):
-    """The card is complete, and the graph takes the input its contract names."""
+    """The card is complete, any JSON reader reads it, and the graph takes the input its contract names."""
     folder = scorer.path.parent
+    strict_json((folder / "model_card.json").read_text())
     card = scorer.card
     for section in CARD_SECTIONS:
         assert getattr(card, section) is not None, section

@@ -116,6 +116,7 @@ def _resumable(run_dir: Path, args) -> Path | None:
 
 def _summary(card, where: Path) -> None:
     m = card.test_metrics
-    print(f"{card.name} ({card.survey}): test accuracy {m.accuracy:.4f}, ROC AUC {m.roc_auc:.4f}, "
-          f"FPR {m.fpr:.4f} / FNR {m.fnr:.4f} at {card.threshold:g}, "
+    auc, fpr, fnr = ("undefined" if v is None else f"{v:.4f}" for v in (m.roc_auc, m.fpr, m.fnr))
+    print(f"{card.name} ({card.survey}): test accuracy {m.accuracy:.4f}, ROC AUC {auc}, "
+          f"FPR {fpr} / FNR {fnr} at {card.threshold:g}, "
           f"{card.training.seconds:.0f} s -> {where}")

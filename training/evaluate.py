@@ -37,7 +37,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from service.score.card import is_real
+from service.score.card import is_real, to_jsonable
 from service.score.model import DEVICES
 from training import real
 from training.report import metrics
@@ -356,7 +356,8 @@ def _reason_kind(reason: str) -> str:
 # --------------------------------------------------------------------------- writing
 def write_report(report: dict, plotted: Mapping, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(report, indent=2, default=_plain) + "\n")
+    # Undefined metrics (an AUC on one class) are null: NaN is not JSON, and strict parsers refuse it.
+    (out / "report.json").write_text(json.dumps(to_jsonable(report), indent=2, allow_nan=False) + "\n")
     for survey, (alerts, runs, synthetic) in plotted.items():
         labels = np.array([a.label if a.label is not None else -1 for a in alerts])
         plot_roc(alerts, runs, labels, out / f"roc_{survey}.png", survey)
@@ -369,14 +370,6 @@ def write_report(report: dict, plotted: Mapping, out: Path) -> None:
                                 kinds=synthetic["kinds"], models=np.array([r.label for r in runs]),
                                 scores=np.stack([r.synthetic_scores for r in runs]))
     (out / "report.md").write_text(markdown(report))
-
-
-def _plain(value):
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"not JSON serialisable: {type(value)}")
 
 
 def _fmt(value, digits: int = 3) -> str:

@@ -133,9 +133,9 @@ def integrated_gradients(graph, stamps: np.ndarray, baseline: str | np.ndarray =
     """Captum's ``IntegratedGradients`` from ``baseline``, with ``steps`` gradient evaluations per stamp.
 
     The model's score is a calibrated sigmoid: along the path from a sourceless baseline it
-    often jumps from ~0 to ~1 over a small fraction of the way, which a fixed rule of 64
-    points misses (completeness errors of 0.1-0.3 on real ZTF alerts; 0.01-0.09 with 1024;
-    with the refinement, at most 0.034 at 256 and 0.005 at 512 on real ZTF and Rubin alerts).
+    often jumps from ~0 to ~1 over a small fraction of the way, which a fixed rule spends
+    most of its points missing; cutting the path where the error is (below) gives smaller
+    completeness errors than Captum's fixed rule at the same number of gradients.
     With ``refine``, integrated gradients being additive along the path, the path is cut
     into pieces, each integrated by Captum with `SEGMENT_STEPS` Gauss-Legendre points, and
     the piece with the largest completeness error is halved until ``steps`` are spent; the

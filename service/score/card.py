@@ -22,6 +22,7 @@ card's, and the score it judges is the card's ``output``; the stamp contract
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
@@ -56,8 +57,20 @@ def label_for(score: float, threshold: float) -> str:
 
 def to_jsonable(value: Any) -> Any:
     """``value`` as JSON holds it: numpy scalars and arrays, tuples and paths become what
-    ``json.dumps`` writes for them, so a card built in memory equals the card read back."""
-    return json.loads(json.dumps(value, default=_json_default))
+    ``json.dumps`` writes for them, and a number that is not finite (a metric undefined on
+    one class, such as an AUC) becomes null, which JSON has and NaN is not; so a card built in
+    memory equals the card read back, and every JSON parser reads it."""
+    return _finite_or_null(json.loads(json.dumps(value, default=_json_default)))
+
+
+def _finite_or_null(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite_or_null(v) for v in value]
+    return value
 
 
 def _json_default(value):
@@ -167,13 +180,14 @@ class Metrics(_Section):
     n_real: int
     n_bogus: int
     accuracy: float
-    roc_auc: float
+    #: None where the labels hold one class only (AUC and the rates need both).
+    roc_auc: float | None
     threshold: float
-    fpr: float
-    fnr: float
-    threshold_at_fpr_1pct: float
-    fnr_at_fpr_1pct: float
-    #: Absent from cards written before it was measured.
+    fpr: float | None
+    fnr: float | None
+    threshold_at_fpr_1pct: float | None
+    fnr_at_fpr_1pct: float | None
+    #: Absent from cards written before it was measured; None as the rates above.
     fpr_at_fnr_5pct: float | None = None
     brier: float
     ece: float
@@ -381,7 +395,7 @@ class ModelCard(_Section):
         return self.model_dump(by_alias=True, exclude_unset=True)
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2) + "\n"
+        return json.dumps(to_jsonable(self.to_dict()), indent=2, allow_nan=False) + "\n"
 
     def write(self, path: str | Path) -> Path:
         """Write the card to ``path`` (a file, or a folder to write `CARD_FILE` in)."""
