@@ -30,7 +30,9 @@ def nodiff_path(tmp_path_factory):
 
 def _consume(broker, scorers, **settings) -> dict:
     settings = consumer_settings(broker.bootstrap_servers, batch_size=4, **settings)
-    create_topic(broker.bootstrap_servers, settings["input_topic"], partitions=1)
+    # Provisioned beforehand, as a deployment does: an empty dead-letter topic then reads as empty at once.
+    for topic in ("input_topic", "output_topic", "dlq_topic"):
+        create_topic(broker.bootstrap_servers, settings[topic], partitions=1)
     values = [ztf_fits_files()[0].read_bytes()] + [ztf_without_difference(how) for how in WAYS]
     messages = [replay.AlertMessage(value, f"alert-{i}", "ztf") for i, value in enumerate(values)]
     sent = replay.replay(settings, settings["input_topic"], messages, progress=False)
