@@ -65,13 +65,19 @@ def test_bad_labels_are_refused_with_the_line(tmp_path):
         real.read_label_table(tmp_path / "labels.csv")
 
 
+def ztf_alert_folder(folder: Path, n: int) -> list[Path]:
+    """``folder`` holding copies of the first ``n`` shared real ZTF alerts; returns the originals."""
+    folder.mkdir(exist_ok=True)
+    files = sorted((REAL_DATA / "ztf").glob("*.avro"))[:n]
+    for path in files:
+        (folder / path.name).write_bytes(path.read_bytes())
+    return files
+
+
 def test_evaluate_writes_the_report_and_plots_with_the_survey_score_beside_ours(tmp_path):
     """ZTF alerts labelled by drb, plus an undecodable file that is counted with its reason."""
     folder = tmp_path / "alerts"
-    folder.mkdir()
-    files = sorted((REAL_DATA / "ztf").glob("*.avro"))[:120]
-    for path in files:
-        (folder / path.name).write_bytes(path.read_bytes())
+    files = ztf_alert_folder(folder, 120)
     (folder / "broken.avro").write_bytes(b"Obj\x01 not an alert")
     out = tmp_path / "report"
     result = subprocess.run(RBSTREAM + ["evaluate", str(folder), "--labels", "none", "--label-from", "drb",
@@ -107,10 +113,7 @@ def test_metrics_that_one_class_leaves_undefined_are_null_in_the_report(tmp_path
     from training.evaluate import evaluate
 
     folder = tmp_path / "alerts"
-    folder.mkdir()
-    files = sorted((REAL_DATA / "ztf").glob("*.avro"))[:6]
-    for path in files:
-        (folder / path.name).write_bytes(path.read_bytes())
+    files = ztf_alert_folder(folder, 6)
     (tmp_path / "labels.csv").write_text("file,label\n" + "".join(f"{p.name},real\n" for p in files))
     evaluate([folder], tmp_path / "report", label_tables=[tmp_path / "labels.csv"], label_from=())
     ours = strict_json((tmp_path / "report" / "report.json").read_text())["surveys"]["ztf"]["ours"]
@@ -144,9 +147,7 @@ def side_by_side(tmp_path_factory):
     """One run of the command: the triplet and the no-diff ZTF model on 60 real ZTF alerts labelled
     by drb, and on SYNTHETIC simulated triplets."""
     folder = tmp_path_factory.mktemp("side-by-side")
-    files = sorted((REAL_DATA / "ztf").glob("*.avro"))[:60]
-    for path in files:
-        (folder / path.name).write_bytes(path.read_bytes())
+    files = ztf_alert_folder(folder, 60)
     out = folder / "report"
     models = [arg for name in ZTF_MODELS for arg in ("--model", str(MODELS_DIR / name))]
     result = subprocess.run(RBSTREAM + ["evaluate", str(folder), "--labels", "none", "--label-from", "drb", *models,

@@ -26,7 +26,6 @@ No torch: evaluation needs ONNX Runtime, scikit-learn and matplotlib only.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -37,7 +36,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from service.score.card import is_real, to_jsonable
+from service.score.card import is_real, json_text
 from service.score.model import DEVICES
 from training import real
 from training.report import metrics
@@ -356,8 +355,7 @@ def _reason_kind(reason: str) -> str:
 # --------------------------------------------------------------------------- writing
 def write_report(report: dict, plotted: Mapping, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    # Undefined metrics (an AUC on one class) are null: NaN is not JSON, and strict parsers refuse it.
-    (out / "report.json").write_text(json.dumps(to_jsonable(report), indent=2, allow_nan=False) + "\n")
+    (out / "report.json").write_text(json_text(report))
     for survey, (alerts, runs, synthetic) in plotted.items():
         labels = np.array([a.label if a.label is not None else -1 for a in alerts])
         plot_roc(alerts, runs, labels, out / f"roc_{survey}.png", survey)

@@ -63,6 +63,11 @@ def to_jsonable(value: Any) -> Any:
     return _finite_or_null(json.loads(json.dumps(value, default=_json_default)))
 
 
+def json_text(value: Any) -> str:
+    """``value`` as indented JSON text, by `to_jsonable`: never NaN, which JSON readers refuse."""
+    return json.dumps(to_jsonable(value), indent=2, allow_nan=False) + "\n"
+
+
 def _finite_or_null(value: Any) -> Any:
     if isinstance(value, float):
         return value if math.isfinite(value) else None
@@ -395,7 +400,7 @@ class ModelCard(_Section):
         return self.model_dump(by_alias=True, exclude_unset=True)
 
     def to_json(self) -> str:
-        return json.dumps(to_jsonable(self.to_dict()), indent=2, allow_nan=False) + "\n"
+        return json_text(self.to_dict())
 
     def write(self, path: str | Path) -> Path:
         """Write the card to ``path`` (a file, or a folder to write `CARD_FILE` in)."""
