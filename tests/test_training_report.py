@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from service.score.card import Metrics
-from training.report import calibration, metrics
+from training.report import calibration, metrics, roc_auc, roc_auc_interval
 
 
 def test_a_perfect_and_certain_model_is_perfectly_calibrated():
@@ -47,3 +47,40 @@ def test_fpr_at_fnr_5pct_is_the_roc_point_that_keeps_95_percent_of_the_reals():
     fpr, tpr, _ = roc_curve(labels, scores, drop_intermediate=False)
     first = np.flatnonzero(1 - tpr <= 0.05)[0]
     assert metrics(labels, scores, 0.5)["fpr_at_fnr_5pct"] == pytest.approx(fpr[first])
+
+
+def _scores_with_ties(n: int, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    labels = rng.random(n) < 0.88  # broker-filtered alerts: mostly real
+    return labels, np.round(np.where(labels, rng.beta(5, 2, n), rng.beta(2, 3, n)), 2)  # rounded: ties
+
+
+def test_the_auc_interval_is_scipys_bootstrap_of_mann_whitney_on_the_same_resamples():
+    """Stratified percentile bootstrap: scipy's own, with mannwhitneyu as the statistic, drawing the
+    same resamples (same seed, the bogus in sorted order) gives the same interval."""
+    from scipy.stats import bootstrap, mannwhitneyu
+
+    labels, scores = _scores_with_ties(273)
+
+    def auc(real, bogus, axis=-1):
+        return mannwhitneyu(real, bogus, axis=axis).statistic / (real.shape[axis] * bogus.shape[axis])
+
+    reference = bootstrap((scores[labels], np.sort(scores[~labels])), auc, n_resamples=2000, method="percentile",
+                          vectorized=True, rng=np.random.default_rng(0)).confidence_interval
+    low, high = roc_auc_interval(labels, scores)
+    assert (low, high) == pytest.approx((reference.low, reference.high), abs=1e-12)
+    assert low < roc_auc(labels, scores) < high
+
+
+def test_the_auc_interval_narrows_with_more_alerts_and_is_reproducible():
+    small, large = (roc_auc_interval(*_scores_with_ties(n)) for n in (200, 5000))
+    assert large[1] - large[0] < (small[1] - small[0]) / 3
+    assert roc_auc_interval(*_scores_with_ties(200)) == small
+
+
+def test_the_auc_interval_needs_two_of_each_class():
+    assert roc_auc_interval(np.array([1, 1, 1, 0]), np.array([0.9, 0.8, 0.7, 0.1])) is None
+    assert roc_auc_interval(np.array([1, 1, 0, 0]), np.array([0.9, 0.8, 0.7, 0.1])) == [1.0, 1.0]
+    assert "roc_auc_interval" not in metrics(np.array([0, 1]), np.array([0.2, 0.8]), 0.5)
+    m = metrics(np.array([0, 0, 1, 1]), np.array([0.2, 0.6, 0.4, 0.8]), 0.5, interval=True)
+    assert Metrics.model_validate(m).roc_auc_interval == m["roc_auc_interval"]

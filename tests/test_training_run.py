@@ -312,6 +312,10 @@ def test_defaults_trains_both_stages_and_publishes_each_survey(tmp_path, monkeyp
             assert getattr(card.synthetic_test, stage).n == TINY["N_test"]
         if survey == "ztf":
             assert "drb" in card.real_test.adapted.survey_scores
+            # on real alerts an AUC comes with its interval (ZTF's test split holds both classes)
+            low, high = card.test_metrics.roc_auc_interval
+            assert low <= card.test_metrics.roc_auc <= high
+            assert card.real_test.adapted.ours.roc_auc_interval is not None
 
 
 def real_split(survey: str, split: str):

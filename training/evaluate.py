@@ -159,13 +159,15 @@ def compare(alerts: Sequence[real.RealAlert], scores: np.ndarray, threshold: flo
 
     Each survey score is compared on the alerts that carry it and whose label it did not
     give itself, with ours on the same alerts beside it (``ours_on_same``), so the two are
-    judged on one population by labels independent of both.
+    judged on one population by labels independent of both. Every AUC here comes with its
+    bootstrap interval (`training.report.roc_auc_interval`).
     """
     labels = np.array([a.label if a.label is not None else -1 for a in alerts])
     labelled = labels >= 0
     out: dict = {"n_alerts": len(alerts), "n_labelled": int(labelled.sum()),
                  "label_sources": dict(Counter(a.label_source for a in alerts if a.label is not None)),
-                 "ours": metrics(labels[labelled], scores[labelled], threshold) if labelled.any() else None,
+                 "ours": (metrics(labels[labelled], scores[labelled], threshold, interval=True)
+                          if labelled.any() else None),
                  "survey_scores": {}}
     names = sorted({n for a in alerts for n in a.survey_scores})
     for name in names:
@@ -173,8 +175,8 @@ def compare(alerts: Sequence[real.RealAlert], scores: np.ndarray, threshold: flo
         theirs = np.array([a.survey_scores.get(name, np.nan) for a in alerts])
         if has.any():
             out["survey_scores"][name] = {
-                "theirs": metrics(labels[has], theirs[has], 0.5),
-                "ours_on_same": metrics(labels[has], scores[has], threshold),
+                "theirs": metrics(labels[has], theirs[has], 0.5, interval=True),
+                "ours_on_same": metrics(labels[has], scores[has], threshold, interval=True),
             }
         bands = {}
         for low, high in SCORE_BANDS:
@@ -379,7 +381,7 @@ def _fmt(value, digits: int = 3) -> str:
 def metric_row(name: str, m: Mapping | None) -> str:
     if not m:
         return f"| {name} | – | – | – | – | – | – | – | – | – |"
-    return (f"| {name} | {m['n']} ({m['n_real']} real) | {_fmt(m['roc_auc'])} | {_fmt(m['accuracy'])} | "
+    return (f"| {name} | {m['n']} ({m['n_real']} real) | {_auc(m)} | {_fmt(m['accuracy'])} | "
             f"{_fmt(m['fpr'])} | {_fmt(m['fnr'])} | {_fmt(m['threshold_at_fpr_1pct'])} | "
             f"{_fmt(m['fpr_at_fnr_5pct'])} | {_fmt(m['ece'])} | {_fmt(m['brier'])} |")
 
@@ -391,10 +393,16 @@ SIDE_BY_SIDE = ("roc_auc", "accuracy", "fpr", "fnr", "fpr_at_fnr_5pct", "ece")
 SIDE_BY_SIDE_NAMES = "AUC | accuracy | FPR | FNR | FPR at FNR 5% | ECE"
 
 
+def _auc(m: Mapping) -> str:
+    """The AUC, with its bootstrap interval where the metrics have one."""
+    interval = m.get("roc_auc_interval")
+    return _fmt(m["roc_auc"]) + (f" ({_fmt(interval[0], 2)}–{_fmt(interval[1], 2)})" if interval else "")
+
+
 def _cells(m: Mapping | None, unit: str = "") -> list[str]:
     if not m:
         return ["–"] * (1 + len(SIDE_BY_SIDE))
-    return [f"{m['n']} ({m['n_real']}{unit})"] + [_fmt(m[k]) for k in SIDE_BY_SIDE]
+    return [f"{m['n']} ({m['n_real']}{unit})"] + [_auc(m) if k == "roc_auc" else _fmt(m[k]) for k in SIDE_BY_SIDE]
 
 
 def model_name(label: str, model: Mapping) -> str:
@@ -438,7 +446,9 @@ def markdown(report: dict) -> str:
              f"{report['files']} file(s), split `{report['split']}`; labels: tables "
              f"{[Path(t).name for t in report['labels']['tables']] or 'none'}, then survey scores "
              f"{report['labels']['label_from'] or 'none'} at >= {report['labels']['label_threshold']:g}.",
-             f"Undecodable: {report['undecodable']} {report['undecodable_reasons'] or ''}", ""]
+             f"Undecodable: {report['undecodable']} {report['undecodable_reasons'] or ''}", "",
+             "An AUC on real alerts is followed by its 95% bootstrap interval (reals and bogus resampled "
+             "separately): differences between models inside it are noise of the sample.", ""]
     for survey, r in report["surveys"].items():
         runs = r["models"]
         names = ", ".join(f"{m['model']['name']} {m['model']['version']}" for m in runs.values())

@@ -334,7 +334,9 @@ def train(config: TrainConfig, run_dir: str | Path, resume: str | Path | None = 
     temperature = calibration["temperature"] if calibration else 1.0
     test_logits = predict(net, test_set.stamps)
     test_scores = sigmoid(test_logits, temperature)
-    test_metrics = report.metrics(test_set.labels, test_scores, threshold, test_set.kinds)
+    # labelled real detections are few: their AUC needs its interval; simulations are unlimited
+    test_metrics = report.metrics(test_set.labels, test_scores, threshold, test_set.kinds,
+                                  interval=data_info["source"] in ("alerts", "braai"))
     for key in ("accuracy", "roc_auc", "fpr", "fnr"):
         writer.add_scalar(f"test/{key}", test_metrics[key], iteration)
     writer.close()

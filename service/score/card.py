@@ -194,6 +194,9 @@ class Metrics(_Section):
     fnr_at_fpr_1pct: float | None
     #: Absent from cards written before it was measured; None as the rates above.
     fpr_at_fnr_5pct: float | None = None
+    #: The AUC's 95% bootstrap interval, [low, high] (`training.report.roc_auc_interval`): given
+    #: on real alerts only, where labelled sets are small; None as the AUC.
+    roc_auc_interval: list[float] | None = None
     brier: float
     ece: float
     ece_bins: int
