@@ -378,3 +378,81 @@ def test_soft_weak_targets_train_towards_the_survey_score(tmp_path):
     hard, _ = load_datasets(tiny(N_valid=4, N_test=4, data={**data, "weak_targets": "hard", "rehearsal": 0}),
                             StampContract(size=16))
     assert sum(len(s) for s in hard.values()) == 12  # the confident ones (the human label one of them) only
+
+
+def test_folds_cut_the_objects_outside_the_test_split_and_leave_the_test_split_alone():
+    ids = [str(i) for i in range(3000)]
+    plain = [real.object_split("ztf", i) for i in ids]
+    valid_in = {i: [] for i in ids}
+    for k in range(5):
+        folded = [real.object_split("ztf", i, fold=(k, 5)) for i in ids]
+        assert [s == "test" for s in folded] == [s == "test" for s in plain]
+        for i, s in zip(ids, folded):
+            if s == "valid":
+                valid_in[i].append(k)
+    outside = [i for i, s in zip(ids, plain) if s != "test"]
+    assert all(len(valid_in[i]) == 1 for i in outside), "every object outside the test split is validated once"
+    sizes = np.bincount([valid_in[i][0] for i in outside], minlength=5)
+    assert sizes.min() > 0.8 * sizes.mean()
+
+
+def test_cross_validation_scores_every_alert_outside_the_test_split_once_by_a_run_that_did_not_train_on_it(
+        tmp_path):
+    """`rbstream train --config --folds 2`: two runs, each validated on one fold; the out-of-fold
+    scores of the two are judged together with scikit-learn's numbers, and the test split is untouched."""
+    from sklearn.metrics import roc_auc_score
+
+    from conftest import strict_json
+
+    alerts, _ = real.read_alerts(real.alert_files(REAL_DATA / "ztf"))
+    bogus = [a for a in alerts if a.survey_scores.get("drb", 1) < 0.2][:16]
+    reals = [a for a in alerts if a.survey_scores.get("drb", 0) >= 0.8][:32]
+    folder = tmp_path / "alerts"
+    folder.mkdir()
+    for alert in bogus + reals:
+        (folder / alert.file.name).symlink_to(alert.file)
+    data = {"source": "alerts", "alerts": str(folder), "labels": "none", "label_from": ["drb"],
+            "split": "object", "holdout": [0.2, 0.2], "rehearsal": 16, "balance": True}
+    config = write_toml(tmp_path / "cv.toml", {**TINY, "n_epochs": 1, "N_valid": 4, "N_test": 4, "data": data})
+    out = tmp_path / "cv"
+    result = subprocess.run(RBSTREAM + ["train", "--config", str(config), "--folds", "2", "--out", str(out)],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "cross-validation" in result.stdout and "drb >= 0.5 alone" in result.stdout
+    import csv
+
+    rows = list(csv.DictReader((out / "out_of_fold.csv").open()))
+    by_file = {a.file.name: a for a in bogus + reals}
+    outside = {name for name, a in by_file.items() if real.object_split("ztf", a.object_id, (0.2, 0.2)) != "test"}
+    assert sorted(r["file"] for r in rows) == sorted(outside), "each alert outside the test split, once"
+    for r in rows:
+        assert real.object_split("ztf", by_file[r["file"]].object_id, (0.2, 0.2), (int(r["fold"]), 2)) == "valid"
+    for k in range(2):
+        assert ModelCard.read(out / f"fold{k}" / "model_card.json").data.fold == [k, 2]
+    report = strict_json((out / "crossval.json").read_text())
+    labels = np.array([int(r["label"]) for r in rows])
+    scores = np.array([float(r["score"]) for r in rows])
+    ours = report["out_of_fold"]["ours"]
+    assert ours["n"] == len(rows) and ours["roc_auc"] == pytest.approx(roc_auc_score(labels, scores), abs=1e-6)
+    drb = report["by_survey_score"]["drb"]
+    assert drb["n"] == len(rows) and drb["roc_auc"] == pytest.approx(ours["roc_auc"], abs=1e-6)
+    assert drb["roc_auc_interval"][0] <= drb["roc_auc"] <= drb["roc_auc_interval"][1]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--defaults", "--folds", "3"], "--folds and --finetune-from go with --config"),
+    (["--config", "SIMULATOR", "--folds", "3"], "cross-validation needs data.source = \"alerts\""),
+    (["--config", "ALERTS", "--folds", "1"], "--folds: bad value 1"),
+])
+def test_cross_validation_asked_of_what_cannot_be_cross_validated_is_refused(tmp_path, capsys, extra, message):
+    import argparse
+
+    import training.cli
+
+    simulator = write_toml(tmp_path / "sim.toml", TINY)
+    alerts = write_toml(tmp_path / "alerts.toml", {**TINY, "data": {"source": "alerts", "alerts": str(tmp_path)}})
+    extra = [str({"SIMULATOR": simulator, "ALERTS": alerts}.get(x, x)) for x in extra]
+    parser = argparse.ArgumentParser()
+    training.cli.add_arguments(parser)
+    assert training.cli.main(parser.parse_args(extra)) == 2
+    assert message in capsys.readouterr().err

@@ -39,6 +39,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --defaults: only these default models")
     parser.add_argument("--models-dir", type=Path, default=None,
                         help="with --defaults: where to publish (default: the service's models/ folder)")
+    parser.add_argument("--finetune-from", type=Path, metavar="RUN",
+                        help="start from this run folder or .pt file (overrides [finetune] from)")
+    parser.add_argument("--folds", type=int, metavar="N",
+                        help="with --config (real alerts, split by object): cross-validate instead, N runs each "
+                             "validated on one of N folds of the objects outside the test split; their "
+                             "out-of-fold scores are judged together (training.crossval)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (overrides the config)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
 
@@ -49,6 +55,8 @@ def _overrides(args) -> dict:
         out["threads"] = args.threads
     if args.no_progress:
         out["progress"] = False
+    if args.finetune_from:
+        out["finetune"] = {"from": str(args.finetune_from.resolve())}
     return out
 
 
@@ -57,8 +65,14 @@ def main(args: argparse.Namespace) -> int:
     from training.data import DataError
 
     try:
+        if args.defaults and (args.folds is not None or args.finetune_from):
+            raise ConfigError("--folds and --finetune-from go with --config (--defaults chains its own stages)")
+        if args.folds is not None and args.resume:
+            raise ConfigError("--folds: a cross-validation starts afresh; --resume is for one run")
         if args.defaults:
             return _defaults(args)
+        if args.folds is not None:
+            return _cross_validate(args)
         config = load_config(args.config, _overrides(args))
         run_dir = args.out or Path("runs") / f"{config.name}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
         resume = run_dir if args.resume is True else args.resume
@@ -106,6 +120,16 @@ def _defaults(args) -> int:
         target = publish(final, Path(models_dir) / name, extra=(REAL_ROC,) if "adapted" in stages else ())
         _summary(card, target)
     print(f"default models {', '.join(surveys)} trained in {time.time() - started:.0f} s")
+    return 0
+
+
+def _cross_validate(args) -> int:
+    from training.crossval import REPORT, cross_validate, summary
+
+    out = args.out or Path("runs") / f"crossval-{args.config.stem}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+    report = cross_validate(args.config, args.folds, out, _overrides(args))
+    print(summary(report))
+    print(f"-> {out / REPORT}")
     return 0
 
 

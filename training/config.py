@@ -149,6 +149,10 @@ TABLES: dict[str, dict[str, Key]] = {
         "holdout": Key("float_list", list(DEFAULT_HOLDOUT), "source = alerts, split = object: share of objects held out for "
                        "validation and test", check=lambda v: len(v) == 2 and all(x > 0 for x in v) and sum(v) < 1,
                        accepted="[valid, test], each > 0, sum < 1"),
+        "fold": Key("int_list", [], "source = alerts, split = object: [k, n] makes fold k of n of the objects "
+                    "outside the test split the validation split (cross-validation: rbstream train --folds)",
+                    check=lambda v: v == [] or (len(v) == 2 and 0 <= v[0] < v[1] and v[1] >= 2),
+                    accepted="[] or [k, n], 0 <= k < n, n >= 2"),
         "rehearsal": Key("int", 0, "source = alerts: simulated stamps ([simulator]) mixed into the training split, "
                          "so that fine-tuning does not forget what simulations teach", check=lambda v: v >= 0,
                          accepted="an integer >= 0"),

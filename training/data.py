@@ -242,7 +242,8 @@ def alerts(config, contract: StampContract, progress: bool = False) -> dict[str,
              dict(Counter(a.label_source for a in labelled)))
     if d["split"] == "random":
         return split_at_random(_real_dataset(labelled, contract), config)
-    splits = {name: _real_dataset(group, contract) for name, group in real.by_split(labelled, tuple(d["holdout"])).items()}
+    groups = real.by_split(labelled, tuple(d["holdout"]), tuple(d["fold"]) or None)
+    splits = {name: _real_dataset(group, contract) for name, group in groups.items()}
     train = splits["train"]
     index = np.arange(len(train))
     if d["balance"] and len(set(train.labels.tolist())) == 2:
@@ -323,7 +324,7 @@ def load_datasets(config, contract: StampContract, progress: bool = False) -> tu
             if source == "chunks" else {k: config.table("data")[k] for k in ("alerts", "labels", "triplets")}
         if source == "alerts":
             where.update({k: config.table("data")[k] for k in (
-                "label_from", "weak_label_bands", "weak_targets", "split", "holdout", "rehearsal", "rehearsal_valid",
+                "label_from", "weak_label_bands", "weak_targets", "split", "holdout", "fold", "rehearsal", "rehearsal_valid",
                 "balance", "real_repeat")})
             where["kinds"] = {split: dict(Counter(d.kinds.tolist())) for split, d in splits.items()}
     for split, d in splits.items():

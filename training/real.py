@@ -211,21 +211,31 @@ def assign_labels(alerts: Sequence[RealAlert], tables: Sequence[LabelTable] = ()
 
 
 # --------------------------------------------------------------------------- splits
-def object_split(survey: str, object_id: str, holdout: tuple[float, float] = DEFAULT_HOLDOUT) -> str:
+def object_split(survey: str, object_id: str, holdout: tuple[float, float] = DEFAULT_HOLDOUT,
+                 fold: tuple[int, int] | None = None) -> str:
     """``train``, ``valid`` or ``test`` for an object, from a stable hash of its survey and id.
 
-    ``holdout`` is the (validation, test) share of objects.
+    ``holdout`` is the (validation, test) share of objects. With ``fold = (k, n)``, the
+    objects outside the test split are cut into ``n`` folds of equal share and fold ``k``
+    is the validation split (cross-validation, `training.crossval`); the test split is the
+    same as without it.
     """
     digest = hashlib.sha256(f"{survey}:{object_id}".encode()).digest()
     u = int.from_bytes(digest[:8], "big") / 2**64
     valid, test = holdout
-    return "test" if u < test else "valid" if u < test + valid else "train"
+    if u < test:
+        return "test"
+    if fold is not None:
+        k, n = fold
+        return "valid" if min(int((u - test) / (1 - test) * n), n - 1) == k else "train"
+    return "valid" if u < test + valid else "train"
 
 
-def by_split(alerts: Sequence[RealAlert], holdout: tuple[float, float] = DEFAULT_HOLDOUT) -> dict[str, list[RealAlert]]:
+def by_split(alerts: Sequence[RealAlert], holdout: tuple[float, float] = DEFAULT_HOLDOUT,
+             fold: tuple[int, int] | None = None) -> dict[str, list[RealAlert]]:
     out: dict[str, list[RealAlert]] = {s: [] for s in SPLITS}
     for alert in alerts:
-        out[object_split(alert.survey, alert.object_id or str(alert.candidate_id), holdout)].append(alert)
+        out[object_split(alert.survey, alert.object_id or str(alert.candidate_id), holdout, fold)].append(alert)
     return out
 
 

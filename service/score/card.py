@@ -137,6 +137,8 @@ class DataInfo(_Section):
     weak_targets: Literal["hard", "soft"] | None = None
     split: str | None = None
     holdout: list[float] | None = Field(None, min_length=2, max_length=2)
+    #: [k, n]: validated on fold k of n (cross-validation); [] or absent: on the holdout share.
+    fold: list[int] | None = None
     rehearsal: int | None = None
     rehearsal_valid: int | None = None
     balance: bool | None = None
