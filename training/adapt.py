@@ -31,14 +31,18 @@ EVALUATION_THRESHOLD = 0.5
 REAL_ROC = "real_roc.png"
 
 
-def real_splits(config) -> dict[str, list[real.RealAlert]]:
-    """The real alerts of an ``alerts`` config by object split (its fold's, in cross-validation),
-    with evaluation labels."""
+def evaluation_alerts(config) -> list[real.RealAlert]:
+    """The real alerts of an ``alerts`` config, with evaluation labels (human, then survey scores at 0.5)."""
     d = config.table("data")
     found, _ = real.read_alerts(real.alert_files(d["alerts"]), d["survey_format"])
     tables = [real.read_label_table(d["labels"])] if d["labels"] else []
     real.assign_labels(found, tables, d["label_from"], (EVALUATION_THRESHOLD, EVALUATION_THRESHOLD))
-    return real.by_split(found, tuple(d["holdout"]), tuple(d["fold"]) or None)
+    return found
+
+
+def real_splits(config) -> dict[str, list[real.RealAlert]]:
+    """`evaluation_alerts` by object split (its fold's, in cross-validation)."""
+    return real.split_by_config(evaluation_alerts(config), config.table("data"))
 
 
 def side_by_side(config, stages: dict[str, Path], out: Path) -> dict:

@@ -74,7 +74,7 @@ def main(args: argparse.Namespace) -> int:
         if args.folds is not None:
             return _cross_validate(args)
         config = load_config(args.config, _overrides(args))
-        run_dir = args.out or Path("runs") / f"{config.name}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+        run_dir = args.out or Path("runs") / f"{config.name}-{_utc_now()}"
         resume = run_dir if args.resume is True else args.resume
         from training.train import train
 
@@ -126,11 +126,16 @@ def _defaults(args) -> int:
 def _cross_validate(args) -> int:
     from training.crossval import REPORT, cross_validate, summary
 
-    out = args.out or Path("runs") / f"crossval-{args.config.stem}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+    out = args.out or Path("runs") / f"crossval-{args.config.stem}-{_utc_now()}"
     report = cross_validate(args.config, args.folds, out, _overrides(args))
     print(summary(report))
     print(f"-> {out / REPORT}")
     return 0
+
+
+def _utc_now() -> str:
+    """The time in run-folder names."""
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
 
 
 def _resumable(run_dir: Path, args) -> Path | None:

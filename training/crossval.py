@@ -28,7 +28,8 @@ import numpy as np
 
 from service.score.card import json_text
 from service.score.model import MODEL_FILE
-from training.adapt import EVALUATION_THRESHOLD, real_splits
+from training import real
+from training.adapt import EVALUATION_THRESHOLD, evaluation_alerts
 from training.config import ConfigError, load_config
 from training.evaluate import compare, score_alerts
 from training.report import metrics
@@ -74,11 +75,13 @@ def cross_validate(path: str | Path, folds: int, out: str | Path, overrides: dic
     out = Path(out)
     configs = [fold_config(path, k, folds, overrides) for k in range(folds)]  # every fold's config checked first
     started = time.time()
+    found = evaluation_alerts(configs[0])  # the folds differ in their split only
     alerts, scores, rows = [], [], []
     for k, config in enumerate(configs):
         run = out / f"fold{k}"
         train(config, run)
-        fold_scores, kept, _, _ = score_alerts(real_splits(config)["valid"], run / MODEL_FILE)
+        held_out = real.split_by_config(found, config.table("data"))["valid"]
+        fold_scores, kept, _, _ = score_alerts(held_out, run / MODEL_FILE)
         alerts += kept
         scores.append(fold_scores)
         rows += [(a.file.name, a.candidate_id, k, "" if a.label is None else a.label, float(s))

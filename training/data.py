@@ -242,8 +242,7 @@ def alerts(config, contract: StampContract, progress: bool = False) -> dict[str,
              dict(Counter(a.label_source for a in labelled)))
     if d["split"] == "random":
         return split_at_random(_real_dataset(labelled, contract), config)
-    groups = real.by_split(labelled, tuple(d["holdout"]), tuple(d["fold"]) or None)
-    splits = {name: _real_dataset(group, contract) for name, group in groups.items()}
+    splits = {name: _real_dataset(group, contract) for name, group in real.split_by_config(labelled, d).items()}
     train = splits["train"]
     index = np.arange(len(train))
     if d["balance"] and len(set(train.labels.tolist())) == 2:

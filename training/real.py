@@ -239,6 +239,11 @@ def by_split(alerts: Sequence[RealAlert], holdout: tuple[float, float] = DEFAULT
     return out
 
 
+def split_by_config(alerts: Sequence[RealAlert], data: Mapping) -> dict[str, list[RealAlert]]:
+    """`by_split` with the ``holdout`` and ``fold`` of a training config's ``[data]`` table."""
+    return by_split(alerts, tuple(data["holdout"]), tuple(data["fold"]) or None)
+
+
 def stamps(alerts: Sequence[RealAlert], contract) -> tuple[np.ndarray, list[RealAlert], list[tuple[str, str]]]:
     """Model input for each alert under ``contract``; also the alerts kept and ``(file, reason)`` of the rest."""
     from service.contract import StampError, assemble
