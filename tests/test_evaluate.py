@@ -89,7 +89,7 @@ def test_evaluate_writes_the_report_and_plots_with_the_survey_score_beside_ours(
     ztf = report["surveys"]["ztf"]
     assert ztf["model"]["name"] == ModelCard.read(MODELS_DIR / "ztf" / "model_card.json").name
     # the numbers are those of scikit-learn on the same scores and drb labels
-    from sklearn.metrics import roc_auc_score
+    from sklearn.metrics import brier_score_loss, roc_auc_score
 
     from service.score.model import Scorer
 
@@ -160,7 +160,7 @@ def side_by_side(tmp_path_factory):
 
 
 def test_two_models_of_one_survey_are_judged_on_the_same_alerts(side_by_side):
-    from sklearn.metrics import roc_auc_score
+    from sklearn.metrics import brier_score_loss, roc_auc_score
 
     from service.score.model import Scorer
 
@@ -177,9 +177,11 @@ def test_two_models_of_one_survey_are_judged_on_the_same_alerts(side_by_side):
         scorer = Scorer(MODELS_DIR / name, device="cpu")
         scores = scorer.score(real.stamps(labelled, scorer.contract)[0])
         assert entry["ours"]["roc_auc"] == pytest.approx(roc_auc_score(labels, scores), abs=1e-6), name
+        assert entry["ours"]["brier"] == pytest.approx(brier_score_loss(labels, scores), abs=1e-6), name
     # one-model readers find the first model where they always did
     assert ztf["model"] == ztf["models"]["ztf"]["model"] and ztf["ours"] == ztf["models"]["ztf"]["ours"]
-    assert ztf["models"]["ztf"]["ours"]["roc_auc"] != ztf["models"]["ztf-nodiff"]["ours"]["roc_auc"]
+    # two good models can rank 60 alerts alike, but their scores (and so their Brier) still differ
+    assert ztf["models"]["ztf"]["ours"]["brier"] != ztf["models"]["ztf-nodiff"]["ours"]["brier"]
     summary = (out / "report.md").read_text()
     for row in ("| `ztf` (rbstream-ztf ", "| `ztf-nodiff` (rbstream-ztf-nodiff ", "| rb (survey)"):
         assert row in summary, row
