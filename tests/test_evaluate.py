@@ -100,6 +100,7 @@ def test_evaluate_writes_the_report_and_plots_with_the_survey_score_beside_ours(
     scores = scorer.score(real.stamps(labelled, scorer.contract)[0])
     assert ztf["n_labelled"] == len(labelled)
     assert ztf["ours"]["roc_auc"] == pytest.approx(roc_auc_score(labels, scores), abs=1e-6)
+    assert ztf["ours"]["brier"] == pytest.approx(brier_score_loss(labels, scores), abs=1e-6)
     low, high = ztf["ours"]["roc_auc_interval"]
     assert low < ztf["ours"]["roc_auc"] < high, "a real-alert AUC comes with its bootstrap interval"
     assert ztf["survey_scores"]["rb"]["theirs"]["n"] == len(labelled)
