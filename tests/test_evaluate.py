@@ -103,6 +103,9 @@ def test_evaluate_writes_the_report_and_plots_with_the_survey_score_beside_ours(
     assert ztf["ours"]["brier"] == pytest.approx(brier_score_loss(labels, scores), abs=1e-6)
     low, high = ztf["ours"]["roc_auc_interval"]
     assert low < ztf["ours"]["roc_auc"] < high, "a real-alert AUC comes with its bootstrap interval"
+    low, high = ztf["ours"]["ece_interval"]
+    assert 0 <= low < high <= 1, "and so does its ECE"
+    assert f"{ztf['ours']['ece']:.3f} ({low:.2f}–{high:.2f})" in (out / "report.md").read_text()
     assert ztf["survey_scores"]["rb"]["theirs"]["n"] == len(labelled)
     assert ztf["survey_scores"]["rb"]["ours_on_same"]["accuracy"] == pytest.approx(
         np.mean((scores >= scorer.threshold) == labels), abs=1e-9)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from service.score.card import Metrics
-from training.report import calibration, metrics, roc_auc, roc_auc_interval
+from training.report import calibration, ece_interval, metrics, roc_auc, roc_auc_interval
 
 
 def test_a_perfect_and_certain_model_is_perfectly_calibrated():
@@ -70,6 +70,31 @@ def test_the_auc_interval_is_scipys_bootstrap_of_mann_whitney_on_the_same_resamp
     low, high = roc_auc_interval(labels, scores)
     assert (low, high) == pytest.approx((reference.low, reference.high), abs=1e-12)
     assert low < roc_auc(labels, scores) < high
+
+
+def test_the_ece_interval_is_scipys_bootstrap_of_calibration_on_the_same_resamples():
+    """The same stratified percentile bootstrap, with `calibration` itself as scipy's statistic
+    (one resample at a time), gives the same interval as the one-bincount path."""
+    from scipy.stats import bootstrap
+
+    labels, scores = _scores_with_ties(273)
+
+    def ece(real, bogus):
+        return calibration(np.r_[np.ones(len(real)), np.zeros(len(bogus))], np.r_[real, bogus])["ece"]
+
+    reference = bootstrap((scores[labels], scores[~labels]), ece, n_resamples=2000, method="percentile",
+                          vectorized=False, rng=np.random.default_rng(0)).confidence_interval
+    low, high = ece_interval(labels, scores)
+    assert (low, high) == pytest.approx((reference.low, reference.high), abs=1e-12)
+    assert low < calibration(labels, scores)["ece"] < high
+    m = metrics(labels, scores, 0.5, interval=True)
+    assert m["ece_interval"] == [low, high] and Metrics.model_validate(m).ece_interval == [low, high]
+
+
+def test_the_ece_interval_needs_two_of_each_class_and_is_zero_for_perfect_scores():
+    assert ece_interval(np.array([1, 1, 1, 0]), np.array([0.9, 0.8, 0.7, 0.1])) is None
+    assert ece_interval(np.array([1, 1, 0, 0]), np.array([1.0, 1.0, 0.0, 0.0])) == [0.0, 0.0]
+    assert "ece_interval" not in metrics(np.array([0, 1]), np.array([0.2, 0.8]), 0.5)
 
 
 def test_the_auc_interval_narrows_with_more_alerts_and_is_reproducible():

@@ -381,9 +381,9 @@ def _fmt(value, digits: int = 3) -> str:
 def metric_row(name: str, m: Mapping | None) -> str:
     if not m:
         return f"| {name} | – | – | – | – | – | – | – | – | – |"
-    return (f"| {name} | {m['n']} ({m['n_real']} real) | {_auc(m)} | {_fmt(m['accuracy'])} | "
+    return (f"| {name} | {m['n']} ({m['n_real']} real) | {_value(m, 'roc_auc')} | {_fmt(m['accuracy'])} | "
             f"{_fmt(m['fpr'])} | {_fmt(m['fnr'])} | {_fmt(m['threshold_at_fpr_1pct'])} | "
-            f"{_fmt(m['fpr_at_fnr_5pct'])} | {_fmt(m['ece'])} | {_fmt(m['brier'])} |")
+            f"{_fmt(m['fpr_at_fnr_5pct'])} | {_value(m, 'ece')} | {_fmt(m['brier'])} |")
 
 
 METRIC_HEADER = ("| score | alerts | AUC | accuracy | FPR | FNR | threshold at FPR 1% | FPR at FNR 5% | ECE | Brier |\n"
@@ -393,16 +393,16 @@ SIDE_BY_SIDE = ("roc_auc", "accuracy", "fpr", "fnr", "fpr_at_fnr_5pct", "ece")
 SIDE_BY_SIDE_NAMES = "AUC | accuracy | FPR | FNR | FPR at FNR 5% | ECE"
 
 
-def _auc(m: Mapping) -> str:
-    """The AUC, with its bootstrap interval where the metrics have one."""
-    interval = m.get("roc_auc_interval")
-    return _fmt(m["roc_auc"]) + (f" ({_fmt(interval[0], 2)}–{_fmt(interval[1], 2)})" if interval else "")
+def _value(m: Mapping, key: str) -> str:
+    """A metric, with its bootstrap interval where the metrics have one (the AUC and the ECE)."""
+    interval = m.get(f"{key}_interval")
+    return _fmt(m[key]) + (f" ({_fmt(interval[0], 2)}–{_fmt(interval[1], 2)})" if interval else "")
 
 
 def _cells(m: Mapping | None, unit: str = "") -> list[str]:
     if not m:
         return ["–"] * (1 + len(SIDE_BY_SIDE))
-    return [f"{m['n']} ({m['n_real']}{unit})"] + [_auc(m) if k == "roc_auc" else _fmt(m[k]) for k in SIDE_BY_SIDE]
+    return [f"{m['n']} ({m['n_real']}{unit})"] + [_value(m, k) for k in SIDE_BY_SIDE]
 
 
 def model_name(label: str, model: Mapping) -> str:
@@ -447,8 +447,8 @@ def markdown(report: dict) -> str:
              f"{[Path(t).name for t in report['labels']['tables']] or 'none'}, then survey scores "
              f"{report['labels']['label_from'] or 'none'} at >= {report['labels']['label_threshold']:g}.",
              f"Undecodable: {report['undecodable']} {report['undecodable_reasons'] or ''}", "",
-             "An AUC on real alerts is followed by its 95% bootstrap interval (reals and bogus resampled "
-             "separately): differences between models inside it are noise of the sample.", ""]
+             "An AUC or ECE on real alerts is followed by its 95% bootstrap interval (reals and bogus "
+             "resampled separately): differences between models inside it are noise of the sample.", ""]
     for survey, r in report["surveys"].items():
         runs = r["models"]
         names = ", ".join(f"{m['model']['name']} {m['model']['version']}" for m in runs.values())

@@ -9,11 +9,13 @@ import numpy as np
 
 from service.score.card import is_real
 
-#: The AUC interval of `roc_auc_interval`: its confidence and the bootstrap resamples drawn.
-AUC_CONFIDENCE = 0.95
-AUC_RESAMPLES = 2000
-#: How many resampled scores `roc_auc_interval` holds in memory at once (resamples of a large set go in batches).
+#: The intervals of `roc_auc_interval` and `ece_interval`: their confidence and the bootstrap resamples drawn.
+INTERVAL_CONFIDENCE = 0.95
+INTERVAL_RESAMPLES = 2000
+#: How many resampled scores an interval holds in memory at once (resamples of a large set go in batches).
 RESAMPLED_VALUES = 4_000_000
+#: The equal-width score bins of the expected calibration error.
+ECE_BINS = 10
 
 
 def roc_curve(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -35,8 +37,8 @@ def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
     return float(roc_auc_score(labels, np.asarray(scores, dtype=np.float64)))
 
 
-def roc_auc_interval(labels: np.ndarray, scores: np.ndarray, confidence: float = AUC_CONFIDENCE,
-                     n_resamples: int = AUC_RESAMPLES, seed: int = 0) -> list[float] | None:
+def roc_auc_interval(labels: np.ndarray, scores: np.ndarray, confidence: float = INTERVAL_CONFIDENCE,
+                     n_resamples: int = INTERVAL_RESAMPLES, seed: int = 0) -> list[float] | None:
     """A bootstrap confidence interval of the ROC AUC; None with fewer than two of either class.
 
     The reals and the bogus are resampled separately (the stratified bootstrap, as pROC's
@@ -79,6 +81,45 @@ def roc_auc_interval(labels: np.ndarray, scores: np.ndarray, confidence: float =
     return [float(result.confidence_interval.low), float(result.confidence_interval.high)]
 
 
+def ece_interval(labels: np.ndarray, scores: np.ndarray, bins: int = ECE_BINS, confidence: float = INTERVAL_CONFIDENCE,
+                 n_resamples: int = INTERVAL_RESAMPLES, seed: int = 0) -> list[float] | None:
+    """A bootstrap confidence interval of the expected calibration error (`calibration`); None
+    with fewer than two of either class.
+
+    Resampled as `roc_auc_interval` resamples (reals and bogus separately, so each resample
+    keeps the sample's share of reals, percentile interval, seeded). The ECE of a resample is
+    the sum over bins of |sum of (label - score)| over the alerts in the bin, divided by their
+    number: the count-weighted mean of |fraction real - mean score| of `calibration`, summed
+    with one ``bincount`` for every resample at once.
+
+    The ECE is biased upwards on few alerts (a perfectly calibrated model shows some), so an
+    interval that clears a target says more than the value does.
+    """
+    from scipy.stats import bootstrap
+
+    labels = np.asarray(labels).astype(bool)
+    scores = np.asarray(scores, dtype=np.float64)
+    real, bogus = np.flatnonzero(labels), np.flatnonzero(~labels)
+    if min(len(real), len(bogus)) < 2:
+        return None
+    which = np.minimum((scores * bins).astype(int), bins - 1)
+    gap = labels.astype(np.float64) - scores
+
+    def ece(real_index, bogus_index, axis=-1):
+        shape = real_index.shape[:-1]
+        index = np.concatenate([real[real_index.reshape(-1, len(real))], bogus[bogus_index.reshape(-1, len(bogus))]],
+                               axis=1)
+        n = len(index)
+        per_bin = np.bincount((np.arange(n)[:, None] * bins + which[index]).ravel(), weights=gap[index].ravel(),
+                              minlength=n * bins).reshape(n, bins)
+        return (np.abs(per_bin).sum(axis=1) / len(scores)).reshape(shape)
+
+    result = bootstrap((np.arange(len(real)), np.arange(len(bogus))), ece, n_resamples=n_resamples,
+                       confidence_level=confidence, method="percentile", vectorized=True,
+                       batch=max(1, RESAMPLED_VALUES // len(scores)), rng=np.random.default_rng(seed))
+    return [float(result.confidence_interval.low), float(result.confidence_interval.high)]
+
+
 def metrics(labels: np.ndarray, scores: np.ndarray, threshold: float, kinds: np.ndarray | None = None,
             interval: bool = False) -> dict:
     """The model card's test metrics.
@@ -86,8 +127,9 @@ def metrics(labels: np.ndarray, scores: np.ndarray, threshold: float, kinds: np.
     Returns accuracy, ROC AUC, FPR and FNR at ``threshold`` (a detection is called real
     when ``score >= threshold``), the threshold that gives FPR = 1% and the FNR there,
     the counts, and, for simulated data, the accuracy per kind of stamp. With ``interval``,
-    also the AUC's 95% bootstrap interval (`roc_auc_interval`): for the small labelled sets
-    of real alerts, where it says which differences between models are noise.
+    also the 95% bootstrap intervals of the AUC and the ECE (`roc_auc_interval`,
+    `ece_interval`): for the small labelled sets of real alerts, where they say which
+    differences between models, and from a target, are noise.
     """
     labels = np.asarray(labels).astype(bool)
     scores = np.asarray(scores, dtype=np.float64)
@@ -115,6 +157,7 @@ def metrics(labels: np.ndarray, scores: np.ndarray, threshold: float, kinds: np.
     }
     if interval:
         out["roc_auc_interval"] = roc_auc_interval(labels, scores)
+        out["ece_interval"] = ece_interval(labels, scores)
     out.update(calibration(labels, scores))
     if kinds is not None:
         out["accuracy_by_kind"] = {str(k): float((predicted[kinds == k] == labels[kinds == k]).mean())
@@ -131,7 +174,7 @@ def _fpr_at_fnr(labels: np.ndarray, scores: np.ndarray, fnr: float) -> float:
     return float(is_real(scores[~labels], threshold).mean())
 
 
-def calibration(labels: np.ndarray, scores: np.ndarray, bins: int = 10) -> dict:
+def calibration(labels: np.ndarray, scores: np.ndarray, bins: int = ECE_BINS) -> dict:
     """How far scores are from frequencies: the Brier score (mean squared error of the
     probability) and the expected calibration error (ECE: the count-weighted mean of
     |fraction real - mean score| over ``bins`` equal-width score bins). 0 is perfect for both."""

@@ -202,6 +202,8 @@ class Metrics(_Section):
     brier: float
     ece: float
     ece_bins: int
+    #: The ECE's 95% bootstrap interval (`training.report.ece_interval`), where the AUC has one.
+    ece_interval: list[float] | None = None
     #: Only for data whose samples have kinds (simulated artefacts, label sources).
     accuracy_by_kind: dict[str, float] | None = None
 
