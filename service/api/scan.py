@@ -30,9 +30,9 @@ from service.api.scan_labels import LabelInputError, LabelStore
 log = logging.getLogger(__name__)
 
 PAGE = Path(__file__).resolve().parent / "static" / "scan.html"
-#: Artifact families offered on the page (those of ``training/labels/eye_labels.csv``); keys 1-8.
+#: Artifact families offered on the page (those of ``training/labels/eye_labels.csv``); keys 1-9.
 FAMILIES = ("noise peak", "bright-star residual", "cosmic ray", "hot pixel/column", "banding/readout", "trail",
-            "edge", "other")
+            "edge", "other", "ghost")
 #: Most alert files in a queue (the first ones, by path).
 MAX_QUEUE = 2000
 

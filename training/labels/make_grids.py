@@ -11,13 +11,20 @@ Usage::
     python -m training.labels.make_grids --select rubin --out /tmp/grids
     python -m training.labels.make_grids --select ztf-disputed --out /tmp/grids
     python -m training.labels.make_grids --select ztf-nodrb-lowrb --out /tmp/grids
+    python -m training.labels.make_grids --select ztf-model-disputed --scores runs/cv-ztf/out_of_fold.csv \
+        --labelled training/labels/eye_labels.csv --out /tmp/grids
 
 Selections (over ``labels.csv`` of the real-alert folder):
 
 * ``rubin``: every Rubin alert;
 * ``ztf-disputed``: ZTF alerts with ``drb < 0.5``, or where ``drb`` and ``rb`` fall on
   different sides of 0.5;
-* ``ztf-nodrb-lowrb``: ZTF alerts without ``drb`` whose ``rb < 0.5``.
+* ``ztf-nodrb-lowrb``: ZTF alerts without ``drb`` whose ``rb < 0.5``;
+* ``ztf-model-disputed``: ZTF alerts not yet labelled by eye (``--labelled``) that the
+  survey calls real (``drb >= 0.5``, or ``rb >= 0.5`` where there is no ``drb``) and our
+  model calls bogus: an out-of-fold score (``--scores``, the ``out_of_fold.csv`` of
+  ``rbstream train --folds``) below 0.5. Out-of-fold scores exist only outside the test
+  split, so the test split is never chosen this way.
 
 The scores are read only to select, never written to the grids or the index.
 """
@@ -52,15 +59,20 @@ def _score(row: dict, name: str) -> float | None:
     return float(value) if value not in ("", None) else None
 
 
-def select(rows: list[dict], selection: str) -> list[dict]:
+def select(rows: list[dict], selection: str, model_scores: dict[str, float] | None = None,
+           labelled: frozenset[str] = frozenset()) -> list[dict]:
     """Pick the alerts of one selection from the rows of ``labels.csv``.
 
     Parameters
     ----------
     rows : list of dict
         Rows of ``labels.csv`` (``survey, id, object_id, file, source, rb, drb, reliability``).
-    selection : {"rubin", "ztf-disputed", "ztf-nodrb-lowrb"}
+    selection : {"rubin", "ztf-disputed", "ztf-nodrb-lowrb", "ztf-model-disputed"}
         See the module docstring.
+    model_scores : dict of str to float, optional
+        Our model's out-of-fold score by alert id (``ztf-model-disputed`` only).
+    labelled : frozenset of str
+        Ids already labelled by eye, left out (``ztf-model-disputed`` only).
 
     Returns
     -------
@@ -78,6 +90,11 @@ def select(rows: list[dict], selection: str) -> list[dict]:
             )
         elif selection == "ztf-nodrb-lowrb":
             keep = row["survey"] == "ztf" and drb is None and rb is not None and rb < CUT
+        elif selection == "ztf-model-disputed":
+            theirs = drb if drb is not None else rb
+            ours = (model_scores or {}).get(row["id"])
+            keep = (row["survey"] == "ztf" and row["id"] not in labelled and theirs is not None
+                    and theirs >= CUT and ours is not None and ours < CUT)
         else:
             raise ValueError(f"unknown selection {selection!r}")
         if keep:
@@ -190,14 +207,26 @@ def render_page(entries: list[tuple[int, dict, object]], path: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--real", type=Path, default=Path("../shared/real"), help="real-alert folder with labels.csv")
-    parser.add_argument("--select", required=True, choices=("rubin", "ztf-disputed", "ztf-nodrb-lowrb"))
+    parser.add_argument("--select", required=True,
+                        choices=("rubin", "ztf-disputed", "ztf-nodrb-lowrb", "ztf-model-disputed"))
+    parser.add_argument("--scores", type=Path, help="out_of_fold.csv of a cross-validation (ztf-model-disputed)")
+    parser.add_argument("--labelled", type=Path, help="eye-labels CSV whose alerts are left out (ztf-model-disputed)")
     parser.add_argument("--out", type=Path, default=Path("/tmp/grids"))
     parser.add_argument("--per-page", type=int, default=10)
     parser.add_argument("--start-index", type=int, default=0, help="first running index (keeps indices unique across selections)")
     args = parser.parse_args(argv)
 
+    model_scores, labelled = None, frozenset()
+    if args.scores:
+        with open(args.scores, newline="") as handle:
+            model_scores = {row["id"]: float(row["score"]) for row in csv.DictReader(handle)}
+    if args.labelled:
+        with open(args.labelled, newline="") as handle:
+            labelled = frozenset(row["id"] for row in csv.DictReader(handle))
+    if args.select == "ztf-model-disputed" and model_scores is None:
+        parser.error("--select ztf-model-disputed needs --scores")
     with open(args.real / "labels.csv", newline="") as handle:
-        rows = select(list(csv.DictReader(handle)), args.select)
+        rows = select(list(csv.DictReader(handle)), args.select, model_scores, labelled)
     args.out.mkdir(parents=True, exist_ok=True)
     index_path = args.out / f"{args.select}_index.csv"
     with open(index_path, "w", newline="") as handle:
