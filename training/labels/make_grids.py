@@ -12,7 +12,7 @@ Usage::
     python -m training.labels.make_grids --select ztf-disputed --out /tmp/grids
     python -m training.labels.make_grids --select ztf-nodrb-lowrb --out /tmp/grids
     python -m training.labels.make_grids --select ztf-model-disputed --scores runs/cv-ztf/out_of_fold.csv \
-        --labelled training/labels/eye_labels.csv --out /tmp/grids
+        --labelled training/labels/eye_labels.csv training/labels/eye_labels_round2.csv --out /tmp/grids
 
 Selections (over ``labels.csv`` of the real-alert folder):
 
@@ -20,7 +20,7 @@ Selections (over ``labels.csv`` of the real-alert folder):
 * ``ztf-disputed``: ZTF alerts with ``drb < 0.5``, or where ``drb`` and ``rb`` fall on
   different sides of 0.5;
 * ``ztf-nodrb-lowrb``: ZTF alerts without ``drb`` whose ``rb < 0.5``;
-* ``ztf-model-disputed``: ZTF alerts not yet labelled by eye (``--labelled``) that the
+* ``ztf-model-disputed``: ZTF alerts not yet labelled by eye (in the ``--labelled`` CSVs) that the
   survey calls real (``drb >= 0.5``, or ``rb >= 0.5`` where there is no ``drb``) and our
   model calls bogus: an out-of-fold score (``--scores``, the ``out_of_fold.csv`` of
   ``rbstream train --folds``) below 0.5. Out-of-fold scores exist only outside the test
@@ -210,7 +210,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--select", required=True,
                         choices=("rubin", "ztf-disputed", "ztf-nodrb-lowrb", "ztf-model-disputed"))
     parser.add_argument("--scores", type=Path, help="out_of_fold.csv of a cross-validation (ztf-model-disputed)")
-    parser.add_argument("--labelled", type=Path, help="eye-labels CSV whose alerts are left out (ztf-model-disputed)")
+    parser.add_argument("--labelled", type=Path, nargs="+", default=[],
+                        help="eye-label CSVs whose alerts are left out (ztf-model-disputed)")
     parser.add_argument("--out", type=Path, default=Path("/tmp/grids"))
     parser.add_argument("--per-page", type=int, default=10)
     parser.add_argument("--start-index", type=int, default=0, help="first running index (keeps indices unique across selections)")
@@ -220,9 +221,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.scores:
         with open(args.scores, newline="") as handle:
             model_scores = {row["id"]: float(row["score"]) for row in csv.DictReader(handle)}
-    if args.labelled:
-        with open(args.labelled, newline="") as handle:
-            labelled = frozenset(row["id"] for row in csv.DictReader(handle))
+    for path in args.labelled:
+        with open(path, newline="") as handle:
+            labelled |= frozenset(row["id"] for row in csv.DictReader(handle))
     if args.select == "ztf-model-disputed" and model_scores is None:
         parser.error("--select ztf-model-disputed needs --scores")
     with open(args.real / "labels.csv", newline="") as handle:
