@@ -15,7 +15,8 @@ model's synthetic test set, each model given only the images its contract takes:
 ``roc_synthetic_<survey>.png``, ``synthetic_scores_<survey>.npz``
     every model's ROC curve and scores on the simulated triplets (with ``synthetic``);
 ``reliability_<survey>.png``
-    the reliability diagram of every model (fraction real against mean score, per bin);
+    the reliability diagram of every model (fraction real against mean score, per bin, with
+    each bin's 95% interval, and how many alerts each bin holds);
 ``histogram_<survey>.png``
     each model's score per label;
 ``disagreements_<survey>.png``
@@ -552,18 +553,31 @@ def plot_synthetic_roc(runs, labels, path: Path, survey: str) -> None:
 
 
 def plot_reliability(runs, labels, path: Path, survey: str, bins: int = 10) -> None:
+    """Fraction real against mean score per score bin, for every model, with the 95% Wilson
+    interval of each bin's fraction; below, how many alerts each bin holds. A few hundred
+    labelled alerts leave most bins with a handful: the intervals say which swings are noise."""
+    from scipy.stats import binomtest
     from sklearn.calibration import calibration_curve
 
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5, 5))
+    fig, (ax, counts) = plt.subplots(2, 1, figsize=(5, 6.5), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     labelled = labels >= 0
+    edges = np.linspace(0, 1, bins + 1)
     ax.plot([0, 1], [0, 1], ls=":", color="grey", label="perfectly calibrated")
     if labelled.any():
         for run in runs:
-            frac, mean = calibration_curve(labels[labelled], run.scores[labelled], n_bins=bins, strategy="uniform")
-            ax.plot(mean, frac, "o-", label=run.label)
-    ax.set(xlabel="mean score in bin", ylabel="fraction real", xlim=(0, 1), ylim=(0, 1))
+            scores = run.scores[labelled]
+            frac, mean = calibration_curve(labels[labelled], scores, n_bins=bins, strategy="uniform")
+            # the bins as calibration_curve cuts them, to count the alerts behind each point
+            n = np.bincount(np.searchsorted(edges[1:-1], scores), minlength=bins)
+            filled = n[n > 0]
+            ci = [binomtest(int(round(f * m)), int(m)).proportion_ci(method="wilson") for f, m in zip(frac, filled)]
+            error = [frac - [c.low for c in ci], [c.high for c in ci] - frac]
+            line = ax.errorbar(mean, frac, yerr=error, fmt="o-", capsize=2, label=run.label)
+            counts.stairs(n, edges, color=line[0].get_color(), lw=1.5)
+    ax.set(ylabel="fraction real (95% interval)", xlim=(0, 1), ylim=(0, 1))
     ax.legend(loc="upper left")
+    counts.set(xlabel="score", ylabel="alerts in bin", yscale="log")
     _finish(fig, ax, path, f"reliability, {survey}")
 
 
