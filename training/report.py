@@ -90,7 +90,9 @@ def ece_interval(labels: np.ndarray, scores: np.ndarray, bins: int = ECE_BINS, c
     keeps the sample's share of reals, percentile interval, seeded). The ECE of a resample is
     the sum over bins of |sum of (label - score)| over the alerts in the bin, divided by their
     number: the count-weighted mean of |fraction real - mean score| of `calibration`, summed
-    with one ``bincount`` for every resample at once.
+    with one ``bincount`` for every resample at once, because `calibration` called on one
+    resample at a time is far slower, and this runs for every model and survey score of a
+    report.
 
     The ECE is biased upwards on few alerts (a perfectly calibrated model shows some), so an
     interval that clears a target says more than the value does.
