@@ -617,12 +617,13 @@ def plot_disagreements(alerts, runs, labels, path: Path, survey: str, n: int = W
     labelled = np.flatnonzero(labels >= 0)
     worst = labelled[np.argsort(-np.abs(scores[labelled] - labels[labelled]), kind="stable")][:n]
     rows = max(len(worst), 1)
-    fig, axes = plt.subplots(rows, 3, figsize=(6.6, 2.3 * rows), squeeze=False)
+    # the images, then a column of text wide enough to read: the label, every model's score, the survey's
+    fig, axes = plt.subplots(rows, 4, figsize=(10, 2.2 * rows), squeeze=False,
+                             gridspec_kw={"width_ratios": [1, 1, 1, 1.6]})
     cmap = plt.get_cmap("gray").with_extremes(bad="tab:red")
     for row, i in enumerate(worst):
         a = alerts[i]
         theirs = ", ".join(f"{k} {v:.2f}" for k, v in a.survey_scores.items()) or "no survey score"
-        ours = "; ".join(f"{run.label} {run.scores[i]:.2f}" for run in runs)
         for col, name in enumerate(("science", "template", "difference")):
             ax = axes[row, col]
             image = a.images.get(name)
@@ -631,14 +632,17 @@ def plot_disagreements(alerts, runs, labels, path: Path, survey: str, n: int = W
             ax.set_xticks([])
             ax.set_yticks([])
             if row == 0:
-                ax.set_title(name, fontsize=9)
-        axes[row, 0].set_ylabel(f"{a.candidate_id}\n{'real' if labels[i] else 'bogus'} ({a.label_source})\n"
-                                f"{ours}\n{theirs}", fontsize=6)
+                ax.set_title(name, fontsize=10)
+        text = [f"{a.survey} {a.candidate_id}", f"label: {'real' if labels[i] else 'bogus'} ({a.label_source})",
+                *(f"{run.label}: {run.scores[i]:.3f}" for run in runs), f"survey: {theirs}"]
+        axes[row, 3].axis("off")
+        axes[row, 3].text(0.02, 0.5, "\n".join(text), fontsize=9, va="center", ha="left", family="monospace",
+                          transform=axes[row, 3].transAxes)
     if not len(worst):
         axes[0, 1].text(0.5, 0.5, "no labelled alert", ha="center")
-    fig.suptitle(f"largest disagreements of {runs[0].label} with the label, {survey}", fontsize=10)
+    fig.suptitle(f"largest disagreements of {runs[0].label} with the label, {survey}", fontsize=11)
     fig.tight_layout(rect=(0, 0, 1, 0.98))
-    fig.savefig(path, dpi=60)
+    fig.savefig(path, dpi=72)
     plt.close(fig)
 
 
