@@ -52,8 +52,6 @@ def roc_auc_interval(labels: np.ndarray, scores: np.ndarray, confidence: float =
     ``mannwhitneyu`` ranks every resample afresh: over a second per interval on a few
     hundred alerts, and this runs for every model and survey score of a report.
     """
-    from scipy.stats import bootstrap
-
     labels = np.asarray(labels).astype(bool)
     scores = np.asarray(scores, dtype=np.float64)
     real, bogus = scores[labels], np.sort(scores[~labels])
@@ -75,10 +73,25 @@ def roc_auc_interval(labels: np.ndarray, scores: np.ndarray, confidence: float =
         level = np.take_along_axis(cumulative, level_or_below[real_index], axis=1) - lower
         return ((lower + 0.5 * level).mean(axis=1) / len(bogus)).reshape(shape)
 
-    result = bootstrap((np.arange(len(real)), np.arange(len(bogus))), auc, n_resamples=n_resamples,
+    return _stratified_interval(len(real), len(bogus), auc, confidence, n_resamples, seed)
+
+
+def _stratified_interval(n_real: int, n_bogus: int, statistic, confidence: float, n_resamples: int,
+                         seed: int) -> list[float]:
+    """The percentile interval of ``statistic(real_index, bogus_index)`` over resamples that draw
+    the reals and the bogus separately (`scipy.stats.bootstrap`, vectorised, in batches that hold
+    at most `RESAMPLED_VALUES` indices)."""
+    from scipy.stats import bootstrap
+
+    result = bootstrap((np.arange(n_real), np.arange(n_bogus)), statistic, n_resamples=n_resamples,
                        confidence_level=confidence, method="percentile", vectorized=True,
-                       batch=max(1, RESAMPLED_VALUES // len(scores)), rng=np.random.default_rng(seed))
+                       batch=max(1, RESAMPLED_VALUES // (n_real + n_bogus)), rng=np.random.default_rng(seed))
     return [float(result.confidence_interval.low), float(result.confidence_interval.high)]
+
+
+def _score_bins(scores: np.ndarray, bins: int) -> np.ndarray:
+    """Each score's equal-width bin of the ECE: 0 to ``bins - 1``, a score of 1 in the last."""
+    return np.minimum((scores * bins).astype(int), bins - 1)
 
 
 def ece_interval(labels: np.ndarray, scores: np.ndarray, bins: int = ECE_BINS, confidence: float = INTERVAL_CONFIDENCE,
@@ -97,14 +110,12 @@ def ece_interval(labels: np.ndarray, scores: np.ndarray, bins: int = ECE_BINS, c
     The ECE is biased upwards on few alerts (a perfectly calibrated model shows some), so an
     interval that clears a target says more than the value does.
     """
-    from scipy.stats import bootstrap
-
     labels = np.asarray(labels).astype(bool)
     scores = np.asarray(scores, dtype=np.float64)
     real, bogus = np.flatnonzero(labels), np.flatnonzero(~labels)
     if min(len(real), len(bogus)) < 2:
         return None
-    which = np.minimum((scores * bins).astype(int), bins - 1)
+    which = _score_bins(scores, bins)
     gap = labels.astype(np.float64) - scores
 
     def ece(real_index, bogus_index, axis=-1):
@@ -116,10 +127,7 @@ def ece_interval(labels: np.ndarray, scores: np.ndarray, bins: int = ECE_BINS, c
                               minlength=n * bins).reshape(n, bins)
         return (np.abs(per_bin).sum(axis=1) / len(scores)).reshape(shape)
 
-    result = bootstrap((np.arange(len(real)), np.arange(len(bogus))), ece, n_resamples=n_resamples,
-                       confidence_level=confidence, method="percentile", vectorized=True,
-                       batch=max(1, RESAMPLED_VALUES // len(scores)), rng=np.random.default_rng(seed))
-    return [float(result.confidence_interval.low), float(result.confidence_interval.high)]
+    return _stratified_interval(len(real), len(bogus), ece, confidence, n_resamples, seed)
 
 
 def metrics(labels: np.ndarray, scores: np.ndarray, threshold: float, kinds: np.ndarray | None = None,
@@ -184,7 +192,7 @@ def calibration(labels: np.ndarray, scores: np.ndarray, bins: int = ECE_BINS) ->
     scores = np.asarray(scores, dtype=np.float64)
     if len(labels) == 0:
         return {"brier": float("nan"), "ece": float("nan"), "ece_bins": bins}
-    which = np.minimum((scores * bins).astype(int), bins - 1)
+    which = _score_bins(scores, bins)
     ece = 0.0
     for b in range(bins):
         inside = which == b
