@@ -26,9 +26,17 @@ import numpy as np
 #: Images an alert carries, in the order surveys list them.
 RAW_IMAGES: tuple[str, ...] = ("science", "template", "difference")
 
-#: Channels computed inside the graph from raw images. Deep-HiTS's fourth
-#: channel is the difference in units of its own noise (signal-to-noise).
-DERIVED_CHANNELS: Mapping[str, str] = {"snr_difference": "difference"}
+#: Channels computed inside the graph from raw images: each is its raw image in units of
+#: that image's own noise (signal-to-noise). Deep-HiTS's fourth channel is the difference's.
+#: Standardising keeps each image's shape but loses how bright it is; in units of noise,
+#: the three images keep their brightness, so a model can tell a 1% residual of a bright
+#: template star from a source that doubled.
+DERIVED_CHANNELS: Mapping[str, str] = {"snr_difference": "difference", "snr_template": "template",
+                                       "snr_science": "science"}
+
+#: Derived channels measured from their image's median (its sky level) rather than from 0:
+#: science and template cutouts carry the sky, a difference image does not.
+SKY_SUBTRACTED: tuple[str, ...] = ("snr_template", "snr_science")
 
 #: Every channel name a model may declare.
 CHANNELS: tuple[str, ...] = RAW_IMAGES + tuple(DERIVED_CHANNELS)
@@ -37,7 +45,8 @@ CHANNELS: tuple[str, ...] = RAW_IMAGES + tuple(DERIVED_CHANNELS)
 #: non-finite pixels are masked; each channel of each stamp is standardised with the mean
 #: and standard deviation of its unmasked pixels and compressed with asinh; masked
 #: pixels are then set to `MASK_FILL` (0, the channel mean after standardisation).
-#: ``snr_difference`` is divided by the difference's noise only (its zero stays zero).
+#: ``snr_difference`` is divided by the difference's noise only (its zero stays zero);
+#: ``snr_template`` and ``snr_science`` are their image minus its median, over its noise.
 NORMALISATION = "masked-standardise-asinh/v1"
 
 #: Value masked (non-finite or padded) pixels take after normalisation.

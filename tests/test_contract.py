@@ -11,6 +11,7 @@ def test_raw_inputs_follow_declared_order_and_add_sources_of_derived_channels():
     assert StampContract(("difference", "science")).raw_inputs == ("difference", "science")
     assert StampContract(("template", "science", "snr_difference")).raw_inputs == ("template", "science", "difference")
     assert StampContract(("template", "science")).input_shape == (2, 31, 31)
+    assert StampContract(("snr_science", "difference", "snr_template")).raw_inputs == ("difference", "science", "template")
 
 
 @pytest.mark.parametrize("kwargs, message", [

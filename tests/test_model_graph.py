@@ -10,7 +10,7 @@ torch = pytest.importorskip("torch")
 
 from conftest import ztf_fits_files  # noqa: E402
 from service.decode.alerts import decode_message  # noqa: E402
-from service.contract import MASK_FILL, StampContract, assemble  # noqa: E402
+from service.contract import DERIVED_CHANNELS, MASK_FILL, StampContract, assemble  # noqa: E402
 from training.export import ExportError, export_onnx, onnx_scores, verify  # noqa: E402
 from training.model import ARCHITECTURES, ArchConfig, RealBogusNet, ScoringGraph, StampNormaliser  # noqa: E402
 
@@ -45,23 +45,41 @@ def real_ztf_stamps(contract):
 
 # --------------------------------------------------------------------------- normaliser
 def test_normaliser_matches_the_contract_definition():
-    contract = StampContract(channels=("difference", "snr_difference", "science"), size=17)
+    contract = StampContract(channels=("difference", "snr_difference", "science", "snr_science", "snr_template"),
+                             size=17)
     x = random_stamps(3, contract)
+    x[:, 1:] += 400.0                  # science and template carry a sky level, the difference does not
     x[0, 0, :4] = np.nan
+    x[1, 2, 3:5] = np.nan
     out = StampNormaliser(contract)(torch.from_numpy(x)).numpy()
     raw = list(contract.raw_inputs)
     for i in range(3):
         for j, channel in enumerate(contract.channels):
-            img = x[i, raw.index("difference" if channel == "snr_difference" else channel)].astype(np.float64)
+            img = x[i, raw.index(DERIVED_CHANNELS.get(channel, channel))].astype(np.float64)
             ok = np.isfinite(img)
-            if channel == "snr_difference":
-                med = np.median(img[ok]) if ok.sum() % 2 else np.sort(img[ok])[(ok.sum() - 1) // 2]
+            if channel in DERIVED_CHANNELS:
+                med = np.sort(img[ok])[(ok.sum() - 1) // 2]                  # the lower median
                 mad = np.sort(np.abs(img[ok] - med))[(ok.sum() - 1) // 2]
-                expected = np.arcsinh(img / (1.4826 * mad))
+                sky = med if channel in ("snr_science", "snr_template") else 0.0
+                expected = np.arcsinh((img - sky) / (1.4826 * mad))
             else:
                 expected = np.arcsinh((img - img[ok].mean()) / img[ok].std())
             np.testing.assert_allclose(out[i, j][ok], expected[ok], rtol=1e-5, atol=1e-5)
             assert np.all(out[i, j][~ok] == MASK_FILL)
+
+
+def test_in_units_of_noise_a_bright_star_stays_brighter_than_a_faint_one():
+    """Standardising makes a star of any brightness look alike; the snr channels keep the ratio."""
+    contract = StampContract(channels=("template", "snr_template"), size=31)
+    rng = np.random.default_rng(3)
+    yy, xx = np.mgrid[:31, :31]
+    star = np.exp(-((yy - 15) ** 2 + (xx - 15) ** 2) / (2 * 1.5 ** 2))
+    stamps = np.stack([(300.0 + rng.normal(0, 5, (31, 31)) + flux * star)[None] for flux in (200.0, 20000.0)])
+    z = StampNormaliser(contract)(torch.from_numpy(stamps.astype(np.float32))).numpy()
+    standardised, snr = z[:, 0, 15, 15], z[:, 1, 15, 15]
+    assert abs(standardised[1] - standardised[0]) < 1.0
+    assert 50 < np.sinh(snr[1]) / np.sinh(snr[0]) < 150      # the stars' flux ratio is 100
+    assert abs(np.median(z[:, 1])) < 0.2        # the sky is at zero
 
 
 def test_nan_inf_and_all_masked_channels_never_give_nan():
@@ -164,6 +182,19 @@ def test_onnx_rotation_invariance_random_stamps(exported):
     assert np.isfinite(base).all()
     for k in (1, 2, 3):
         assert np.max(np.abs(onnx_scores(path, np.rot90(x, k, (2, 3)).copy()) - base)) <= 1e-5
+
+
+def test_the_snr_channels_of_every_image_export_with_parity_and_rotation_invariance(tmp_path):
+    net = make_net(channels=FOUR + ("snr_template", "snr_science"), size=31)
+    x = real_ztf_stamps(net.contract)
+    x[::3, :, :5] = np.nan                  # cut at a CCD edge: the median and noise of what is left
+    summary = export_onnx(net, tmp_path / "model.onnx", x)
+    assert summary["parity_max_abs_diff"] <= 1e-5
+    base = onnx_scores(tmp_path / "model.onnx", x)
+    assert np.isfinite(base).all()
+    for k in (1, 2, 3):
+        rotated = np.rot90(x, k, (2, 3)).copy()
+        assert np.max(np.abs(onnx_scores(tmp_path / "model.onnx", rotated) - base)) <= 1e-5
 
 
 def test_onnx_rotation_invariance_real_ztf_stamps(exported):

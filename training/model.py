@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from service.contract import DERIVED_CHANNELS, StampContract
+from service.contract import DERIVED_CHANNELS, SKY_SUBTRACTED, StampContract
 
 #: Accepted activation names (case-insensitive; Deep-HiTS spells them tanh, ReLU, PReLU).
 ACTIVATIONS = ("tanh", "relu", "leaky_relu", "prelu")
@@ -57,11 +57,13 @@ class StampNormaliser(nn.Module):
     """Raw stamps ``[batch, len(contract.raw_inputs), size, size]`` -> model channels.
 
     For each declared channel of each stamp: non-finite pixels are masked; a raw image is
-    standardised with the mean and standard deviation of its unmasked pixels; the
-    ``snr_difference`` channel is the difference divided by its noise (1.4826 x the median
+    standardised with the mean and standard deviation of its unmasked pixels; a derived
+    channel (``snr_*``) is its image divided by that image's noise (1.4826 x the median
     absolute deviation of its unmasked pixels; the standard deviation when that is 0; the
-    channel is 0 when both are 0), so its zero stays zero; both are compressed with asinh and masked pixels are set to
-    `MASK_FILL`. A channel with no finite pixel becomes all `MASK_FILL` (no division by zero).
+    channel is 0 when both are 0), after subtracting the image's median for the images that
+    carry a sky (`SKY_SUBTRACTED`), so ``snr_difference``'s zero stays zero; all are
+    compressed with asinh and masked pixels are set to `MASK_FILL`. A channel with no
+    finite pixel becomes all `MASK_FILL` (no division by zero).
 
     Sums are accumulated in float64: a float32 sum of ~1000 sky-level pixels rounds
     differently when the stamp is rotated, and that would show in the score. Everything
@@ -72,10 +74,11 @@ class StampNormaliser(nn.Module):
         super().__init__()
         self.contract = contract
         raw = list(contract.raw_inputs)
-        standardised, noise_scaled = [], []
+        standardised, noise_scaled, sky_subtracted = [], [], []
         for channel in contract.channels:
             if channel in DERIVED_CHANNELS:
                 noise_scaled.append(raw.index(DERIVED_CHANNELS[channel]))
+                sky_subtracted.append(channel in SKY_SUBTRACTED)
             else:
                 standardised.append(raw.index(channel))
         # Output order: `contract.channels`. Build a permutation from [standardised..., snr...].
@@ -89,6 +92,7 @@ class StampNormaliser(nn.Module):
                 s_i += 1
         self.standardised = standardised
         self.noise_scaled = noise_scaled
+        self.sky_subtracted = sky_subtracted
         self.order = order
         self.mask_fill = float(contract.mask_fill)
 
@@ -137,6 +141,9 @@ class StampNormaliser(nn.Module):
             _, dev = self._moments(d, maskf[:, idx], n[:, idx])
             std = torch.sqrt((dev * dev).sum(-1) / n[:, idx])
             noise = torch.where(mad > 0, MAD_TO_SIGMA * mad.to(torch.float64), std)
+            if any(self.sky_subtracted):
+                sky = median * torch.tensor(self.sky_subtracted, dtype=median.dtype)
+                d = d - sky.unsqueeze(-1)
             outputs.append(d * self._inverse(noise).to(torch.float32).unsqueeze(-1))
         z = torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]
         z = z[:, self.order] if self.order != list(range(len(self.order))) else z
