@@ -89,9 +89,12 @@ def test_reference_of_the_shipped_card_and_its_share_real():
     counts = np.array(ZTF_CARD.real_validation.score_histogram.counts)
     assert reference.n == counts.sum() == ZTF_CARD.real_validation.n
     assert reference.shares.sum() == pytest.approx(1.0)
-    # 0.5 is a bin edge: exact. 0.525 is half-way into the bin [0.5, 0.55): half of that bin is above.
-    assert reference.share_at_or_above(0.5) == pytest.approx(counts[10:].sum() / counts.sum())
-    assert reference.share_at_or_above(0.525) == pytest.approx((counts[10] / 2 + counts[11:].sum()) / counts.sum())
+    # 0.5 is a bin edge: exact. Half-way into the bin that starts there, half of that bin is above.
+    edges = np.array(ZTF_CARD.real_validation.score_histogram.edges)
+    (at,) = np.flatnonzero(np.isclose(edges, 0.5))
+    assert reference.share_at_or_above(0.5) == pytest.approx(counts[at:].sum() / counts.sum())
+    half_way = (edges[at] + edges[at + 1]) / 2
+    assert reference.share_at_or_above(half_way) == pytest.approx((counts[at] / 2 + counts[at + 1:].sum()) / counts.sum())
 
 
 # -- the monitor on the real pipeline's outcomes -----------------------------------------------

@@ -13,6 +13,7 @@ import pytest
 from conftest import EYE_LABELS, MODELS_DIR, REAL_DATA, REPO, strict_json
 from service.score.card import ModelCard
 from training import real
+from training.evaluate import REFERENCE_BINS
 
 pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
@@ -281,7 +282,8 @@ def test_write_reference_puts_the_models_scores_on_the_alerts_into_its_card(tmp_
     scorer = Scorer(MODELS_DIR / "ztf", device="cpu")
     scores = scorer.score(real.stamps(alerts, scorer.contract)[0])
     assert reference.n == len(scores) and sum(reference.score_histogram.counts) == len(scores)
-    assert reference.score_histogram.counts == np.histogram(scores, bins=20, range=(0, 1))[0].tolist()
+    assert reference.score_histogram.edges == np.linspace(0, 1, REFERENCE_BINS + 1).tolist()
+    assert reference.score_histogram.counts == np.histogram(scores, bins=REFERENCE_BINS, range=(0, 1))[0].tolist()
     assert reference.roc is not None and reference.n_labelled == sum("drb" in a.survey_scores for a in alerts)
     original = ModelCard.read(MODELS_DIR / "ztf" / CARD_FILE).to_dict()
     restored = written.extended({"real_validation": original["real_validation"]}).to_dict()

@@ -25,6 +25,7 @@ from training import real  # noqa: E402
 from training.calibrate import sigmoid  # noqa: E402
 from training.config import from_dict  # noqa: E402
 from training.data import DataError, read_alerts, read_chunk, write_chunks  # noqa: E402
+from training.evaluate import REFERENCE_BINS  # noqa: E402
 from training.model import load_weights  # noqa: E402
 from training.profiles import ZTF  # noqa: E402
 from training.simulate import simulate  # noqa: E402
@@ -306,7 +307,7 @@ def test_defaults_trains_both_stages_and_publishes_each_survey(tmp_path, monkeyp
         valid, _, _ = real.stamps(real_split(survey, "valid"), scorer.contract)
         assert len(valid) == card.real_validation.n
         assert card.real_validation.score_histogram.counts == np.histogram(scorer.score(valid).astype(np.float64),
-                                                                            bins=20, range=(0, 1))[0].tolist()
+                                                                            bins=REFERENCE_BINS, range=(0, 1))[0].tolist()
         for stage in ("simulation_only", "adapted"):
             assert getattr(card.real_test, stage).n_labelled > 0
             assert getattr(card.synthetic_test, stage).n == TINY["N_test"]
