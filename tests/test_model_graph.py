@@ -68,6 +68,22 @@ def test_normaliser_matches_the_contract_definition():
             assert np.all(out[i, j][~ok] == MASK_FILL)
 
 
+@pytest.mark.parametrize("pixels", [289, 256])
+def test_masked_median_is_numpys_lower_median_of_the_unmasked_pixels(pixels):
+    rng = np.random.default_rng(pixels)
+    values = rng.normal(size=(64, pixels)).astype(np.float32)
+    values[:8] = np.round(values[:8])                          # ties
+    mask = rng.random((64, pixels)) > rng.random((64, 1))      # from none to nearly all masked
+    mask[0], mask[1] = True, False
+    mask[2] = False
+    mask[2, 7] = True                                          # a single unmasked pixel
+    got = StampNormaliser._masked_median(torch.from_numpy(values), torch.from_numpy(mask),
+                                         torch.from_numpy(mask.sum(-1))).numpy()
+    for row, m, median in zip(values, mask, got):
+        kept = np.sort(row[m])
+        assert median == (kept[(len(kept) - 1) // 2] if len(kept) else 0.0)
+
+
 def test_in_units_of_noise_a_bright_star_stays_brighter_than_a_faint_one():
     """Standardising makes a star of any brightness look alike; the snr channels keep the ratio."""
     contract = StampContract(channels=("template", "snr_template"), size=31)

@@ -101,7 +101,7 @@ class StampNormaliser(nn.Module):
         """Median of the unmasked entries along the last axis (lower median; 0 when none).
 
         A full sort per image is the dearest step of the graph; a partial one (`TopK` of the
-        smaller half, unsorted, then its maximum) costs a third. Its rank must not depend on
+        smaller half, unsorted, then its maximum) is much cheaper. Its rank must not depend on
         how many pixels are masked, so the masked ones are padded to either end: ``below``
         of them to -inf, the rest to +inf, which puts the unmasked lower median at the
         middle rank of all ``P`` pixels.
