@@ -77,8 +77,10 @@ def test_masked_median_is_numpys_lower_median_of_the_unmasked_pixels(pixels):
     mask[0], mask[1] = True, False
     mask[2] = False
     mask[2, 7] = True                                          # a single unmasked pixel
-    got = StampNormaliser._masked_median(torch.from_numpy(values), torch.from_numpy(mask),
-                                         torch.from_numpy(mask.sum(-1))).numpy()
+    mask, count = torch.from_numpy(mask), torch.from_numpy(mask.sum(-1))
+    got = StampNormaliser._masked_median(torch.from_numpy(values), mask, StampNormaliser._median_padding(mask, count),
+                                         count).numpy()
+    mask = mask.numpy()
     for row, m, median in zip(values, mask, got):
         kept = np.sort(row[m])
         assert median == (kept[(len(kept) - 1) // 2] if len(kept) else 0.0)

@@ -97,22 +97,28 @@ class StampNormaliser(nn.Module):
         self.mask_fill = float(contract.mask_fill)
 
     @staticmethod
-    def _masked_median(values: torch.Tensor, mask: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
-        """Median of the unmasked entries along the last axis (lower median; 0 when none).
+    def _median_padding(mask: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+        """Values for the masked pixels that put the lower median of the unmasked ones at the
+        middle rank of all ``P`` pixels: ``below`` of them -inf, the rest +inf.
 
-        A full sort per image is the dearest step of the graph; a partial one (`TopK` of the
-        smaller half, unsorted, then its maximum) is much cheaper. Its rank must not depend on
-        how many pixels are masked, so the masked ones are padded to either end: ``below``
-        of them to -inf, the rest to +inf, which puts the unmasked lower median at the
-        middle rank of all ``P`` pixels.
+        `_masked_median` takes a partial sort (`TopK` of the smaller half, unsorted, then its
+        maximum), much cheaper than a full sort per image, so the median's rank must not
+        depend on how many pixels are masked. The padding depends on the mask only: the
+        median and the MAD of one image share it.
         """
-        pixels = values.shape[-1]
-        middle = (pixels - 1) // 2
+        middle = (mask.shape[-1] - 1) // 2
         below = (middle - torch.div(count - 1, 2, rounding_mode="floor")).unsqueeze(-1)
         masked_rank = torch.cumsum((~mask).to(torch.int64), dim=-1)       # 1 for the first masked pixel
-        pad = torch.where(masked_rank <= below, torch.full_like(values, float("-inf")),
-                          torch.full_like(values, float("inf")))
-        smaller_half, _ = torch.topk(torch.where(mask, values, pad), middle + 1, dim=-1, largest=False,
+        return torch.where(masked_rank <= below, torch.full_like(mask, float("-inf"), dtype=torch.float32),
+                           torch.full_like(mask, float("inf"), dtype=torch.float32))
+
+    @staticmethod
+    def _masked_median(values: torch.Tensor, mask: torch.Tensor, padding: torch.Tensor,
+                       count: torch.Tensor) -> torch.Tensor:
+        """Median of the unmasked entries along the last axis (lower median; 0 when none), with
+        the masked ones set to `_median_padding`."""
+        middle = (values.shape[-1] - 1) // 2
+        smaller_half, _ = torch.topk(torch.where(mask, values, padding), middle + 1, dim=-1, largest=False,
                                      sorted=False)
         median = smaller_half.amax(-1)
         return torch.where(count > 0, median, torch.zeros_like(median))
@@ -148,8 +154,9 @@ class StampNormaliser(nn.Module):
         if self.noise_scaled:
             idx = self.noise_scaled
             d, m, c = x[:, idx], mask[:, idx], count[:, idx]
-            median = self._masked_median(d, m, c)
-            mad = self._masked_median(torch.abs(d - median.unsqueeze(-1)), m, c)
+            padding = self._median_padding(m, c)
+            median = self._masked_median(d, m, padding, c)
+            mad = self._masked_median(torch.abs(d - median.unsqueeze(-1)), m, padding, c)
             _, dev = self._moments(d, maskf[:, idx], n[:, idx])
             std = torch.sqrt((dev * dev).sum(-1) / n[:, idx])
             noise = torch.where(mad > 0, MAD_TO_SIGMA * mad.to(torch.float64), std)
