@@ -124,12 +124,11 @@ class StampNormaliser(nn.Module):
         return torch.where(count > 0, median, torch.zeros_like(median))
 
     @staticmethod
-    def _moments(x: torch.Tensor, maskf: torch.Tensor, n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Masked mean and deviations in float64 (masked entries of ``x`` are already 0)."""
+    def _deviations(x: torch.Tensor, maskf: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+        """Deviations from the masked mean, in float64 (masked entries of ``x`` are already 0)."""
         x64 = x.to(torch.float64)
         mean = x64.sum(-1) / n
-        dev = (x64 - mean.unsqueeze(-1)) * maskf.to(torch.float64)
-        return mean, dev
+        return (x64 - mean.unsqueeze(-1)) * maskf.to(torch.float64)
 
     @staticmethod
     def _inverse(scale: torch.Tensor) -> torch.Tensor:
@@ -145,21 +144,21 @@ class StampNormaliser(nn.Module):
         maskf = mask.to(x.dtype)
         count = mask.sum(-1)                               # [B, R] int64
         n = torch.clamp(count.to(torch.float64), min=1.0)
+        # One pass of moments over every raw image serves both branches: the standardised
+        # channels divide by std, and the noise-scaled ones fall back to it.
+        dev = self._deviations(x, maskf, n)
+        std = torch.sqrt((dev * dev).sum(-1) / n)
         outputs = []
         if self.standardised:
             idx = self.standardised
-            _, dev = self._moments(x[:, idx], maskf[:, idx], n[:, idx])
-            std = torch.sqrt((dev * dev).sum(-1) / n[:, idx])
-            outputs.append((dev * self._inverse(std).unsqueeze(-1)).to(torch.float32))
+            outputs.append((dev[:, idx] * self._inverse(std[:, idx]).unsqueeze(-1)).to(torch.float32))
         if self.noise_scaled:
             idx = self.noise_scaled
             d, m, c = x[:, idx], mask[:, idx], count[:, idx]
             padding = self._median_padding(m, c)
             median = self._masked_median(d, m, padding, c)
             mad = self._masked_median(torch.abs(d - median.unsqueeze(-1)), m, padding, c)
-            _, dev = self._moments(d, maskf[:, idx], n[:, idx])
-            std = torch.sqrt((dev * dev).sum(-1) / n[:, idx])
-            noise = torch.where(mad > 0, MAD_TO_SIGMA * mad.to(torch.float64), std)
+            noise = torch.where(mad > 0, MAD_TO_SIGMA * mad.to(torch.float64), std[:, idx])
             if any(self.sky_subtracted):
                 sky = median * torch.tensor(self.sky_subtracted, dtype=median.dtype)
                 d = d - sky.unsqueeze(-1)
