@@ -470,6 +470,21 @@ def test_trails_are_straight_streaks_across_the_stamp_in_the_science_only(profil
         assert TRAIL_SNR_RANGE[0] - 0.1 <= truth["target_snr"] <= TRAIL_SNR_RANGE[1]
 
 
+@pytest.mark.parametrize("fraction", [0.0, 1.0])
+def test_glint_fraction_sets_how_many_trails_are_broken_into_glints(fraction):
+    config = SimulatorConfig(glint_fraction=fraction)
+    for i in range(12):
+        truth = simulate_triplet(ZTF, np.random.default_rng([5, i]), "trail", config).truth
+        assert (truth["glint_period"] > 0) == (fraction == 1.0)
+        # along the line, a glinting trail falls to nothing between its glints; a continuous one never dips
+        angle, (row, col) = truth["trail_angle"], truth["trail_point"]
+        t = np.linspace(-12, 12, 97)
+        on_line = truth["injected_science"][np.round(row + t * np.sin(angle)).astype(int),
+                                            np.round(col + t * np.cos(angle)).astype(int)]
+        dips = on_line.min() / on_line.max()
+        assert dips < 0.05 if fraction == 1.0 else dips > 0.3
+
+
 @pytest.mark.parametrize("profile", [ZTF, RUBIN], ids=lambda p: p.name)
 def test_banding_is_constant_along_rows_or_columns_and_shows_in_the_difference(profile):
     seen = set()

@@ -175,6 +175,8 @@ TABLES: dict[str, dict[str, Key]] = {
                                  check=lambda v: 0 <= v <= 1, accepted="a number in [0, 1]"),
         "edge_fraction": Key("float", 0.06, "share of other stamps also cut at the CCD edge",
                              check=lambda v: 0 <= v <= 1, accepted="a number in [0, 1]"),
+        "glint_fraction": Key("float", 0.25, "share of trails broken into glints (a tumbling satellite)",
+                              check=lambda v: 0 <= v <= 1, accepted="a number in [0, 1]"),
         "bogus_weights": Key("table", None, "relative frequency of each bogus kind", BOGUS_KINDS),
     },
     "augment": {

@@ -75,6 +75,8 @@ Everything is deterministic: sample ``i`` of a data set with seed ``s`` is drawn
 
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass, field
 from typing import Mapping
 
@@ -138,6 +140,8 @@ class SimulatorConfig:
         Share of real sources that fade (negative difference).
     edge_fraction : float
         Share of non-``edge`` stamps (real or bogus) that are cut at the CCD edge anyway.
+    glint_fraction : float
+        Share of ``trail`` stamps whose trail is broken into glints (a tumbling satellite).
     bogus_weights : mapping
         Relative frequency of each bogus kind.
     """
@@ -147,6 +151,7 @@ class SimulatorConfig:
     host_fraction: float = 0.4
     negative_fraction: float = 0.25
     edge_fraction: float = 0.06
+    glint_fraction: float = 0.25
     bogus_weights: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_BOGUS_WEIGHTS))
 
     def __post_init__(self) -> None:
@@ -437,8 +442,9 @@ def simulate_triplet(profile: SurveyProfile, rng: np.random.Generator, kind: str
     template_sub = (template / zero_point_ratio - sky_t / profile.gain) * scale_error
     difference, match = psf_match(science_sub, template_sub, sigma_s, sigma_t, kernel_offset)
     if kind in TARGETED_KINDS:
-        bump = {"noise": _noise_peak, "blob": _blob, "trail": _trail}[kind](
-            rng, canvas, centre, sigma_s, truth)
+        draw = {"noise": _noise_peak, "blob": _blob,
+                "trail": functools.partial(_trail, glint_fraction=config.glint_fraction)}[kind]
+        bump = draw(rng, canvas, centre, sigma_s, truth)
         target = truth["target_snr"]
         # Everything is linear: find the amplitude that puts the centre's filtered SNR at `target`.
         unit_difference, _ = psf_match(bump, np.zeros_like(bump), sigma_s, sigma_t, kernel_offset)
@@ -547,13 +553,14 @@ def _ghost(rng, canvas, centre, sigma_s, noise_adu, truth) -> np.ndarray:
     return brightness * artifacts.annulus(canvas, row, col, outer, inner, softness, fill)
 
 
-def _trail(rng, canvas, centre, sigma_s, truth) -> np.ndarray:
-    """A streak through (within a pixel of) the centre, PSF-wide or up to 3x wider, maybe glinting."""
+def _trail(rng, canvas, centre, sigma_s, truth, glint_fraction: float) -> np.ndarray:
+    """A streak through (within a pixel of) the centre, PSF-wide or up to 3x wider, glinting for
+    ``glint_fraction`` of them."""
     width = sigma_s * (1.0 if rng.random() < 0.5 else rng.uniform(1.0, 3.0))
     angle = rng.uniform(0, np.pi)
     offset = rng.uniform(-1.0, 1.0)
     row, col = centre + offset * np.cos(angle), centre - offset * np.sin(angle)
-    period = rng.uniform(4.0, 12.0) * width if rng.random() < 0.25 else 0.0
+    period = rng.uniform(4.0, 12.0) * width if rng.random() < glint_fraction else 0.0
     s = _log_uniform(rng, *TRAIL_SNR_RANGE)
     truth.update(target_snr=s, injected_flux=0.0, trail_angle=float(angle), trail_sigma=float(width),
                  trail_point=(row, col), glint_period=float(period))
