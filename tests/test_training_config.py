@@ -128,3 +128,13 @@ def test_input_txt_errors(tmp_path):
 def test_every_key_is_documented():
     for key in list(TOP_KEYS.values()) + [k for t in TABLES.values() for k in t.values()]:
         assert key.help
+
+
+def test_simulator_table_defaults_are_the_simulators_own():
+    from dataclasses import asdict
+
+    from training.simulate import SimulatorConfig
+
+    from_table = asdict(from_dict({}).simulator)
+    assert from_table == asdict(SimulatorConfig())
+    assert set(from_table) == set(TABLES["simulator"])
