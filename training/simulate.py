@@ -76,7 +76,6 @@ Everything is deterministic: sample ``i`` of a data set with seed ``s`` is drawn
 from __future__ import annotations
 
 import functools
-
 from dataclasses import dataclass, field
 from typing import Mapping
 
@@ -161,6 +160,8 @@ class SimulatorConfig:
                              f"accepted: {', '.join(BOGUS_KINDS)}")
         if not 0.0 <= self.real_fraction <= 1.0:
             raise ValueError(f"simulator.real_fraction: must be in [0, 1], got {self.real_fraction}")
+        if not 0.0 <= self.glint_fraction <= 1.0:
+            raise ValueError(f"simulator.glint_fraction: must be in [0, 1], got {self.glint_fraction}")
         if not 0 < self.snr_range[0] < self.snr_range[1]:
             raise ValueError(f"simulator.snr_range: must be [low, high] with 0 < low < high, got {self.snr_range}")
 
