@@ -75,7 +75,6 @@ Everything is deterministic: sample ``i`` of a data set with seed ``s`` is drawn
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
 from typing import Mapping
 
@@ -443,9 +442,10 @@ def simulate_triplet(profile: SurveyProfile, rng: np.random.Generator, kind: str
     template_sub = (template / zero_point_ratio - sky_t / profile.gain) * scale_error
     difference, match = psf_match(science_sub, template_sub, sigma_s, sigma_t, kernel_offset)
     if kind in TARGETED_KINDS:
-        draw = {"noise": _noise_peak, "blob": _blob,
-                "trail": functools.partial(_trail, glint_fraction=config.glint_fraction)}[kind]
-        bump = draw(rng, canvas, centre, sigma_s, truth)
+        if kind == "trail":
+            bump = _trail(rng, canvas, centre, sigma_s, truth, config.glint_fraction)
+        else:
+            bump = {"noise": _noise_peak, "blob": _blob}[kind](rng, canvas, centre, sigma_s, truth)
         target = truth["target_snr"]
         # Everything is linear: find the amplitude that puts the centre's filtered SNR at `target`.
         unit_difference, _ = psf_match(bump, np.zeros_like(bump), sigma_s, sigma_t, kernel_offset)
