@@ -24,6 +24,10 @@ def real_scorers() -> dict:
     return load_scorers(device="cpu")
 
 
+#: Limits small enough for the error tables to reach with a few real alerts.
+SMALL_LIMITS = {"max_candidates": 5, "max_body_bytes": 600_000}
+
+
 def make_client(scorers=None, auth: TokenAuth | None = None, readiness_checks=(), **settings) -> TestClient:
     """A TestClient of a fresh app; ``settings`` are `ApiSettings` fields. No token unless ``auth`` says so."""
     app = create_app(scorers if scorers is not None else real_scorers(), ApiSettings(**settings),
@@ -61,6 +65,11 @@ def candidate_json(alert, form: str, names=("science", "template", "difference")
     if form != "array" and alert.survey == "ztf" and str(alert.record["candidate"]["isdiffpos"]) in NEGATIVE_DETECTION:
         candidate["negative_difference"] = True  # the cutout's own pixels: template - science
     return candidate
+
+
+def science_array() -> list:
+    """A real 63x63 ZTF science cutout as a JSON array (null for missing pixels)."""
+    return candidate_json(decoded(ztf_fits_files()[0]), "array")["science"]
 
 
 def good_request(survey: str = "ztf") -> dict:

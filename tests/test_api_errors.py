@@ -11,25 +11,24 @@ import json
 import numpy as np
 import pytest
 
-from api_support import assert_still_serving, candidate_json, decoded, good_request, make_client, real_scorers
+from api_support import (
+    SMALL_LIMITS, assert_still_serving, candidate_json, decoded, good_request, make_client, real_scorers,
+    science_array)
 from conftest import ztf_fits_files, ztf_jpeg_files
 from service.surveys import CUTOUT_FIELDS
 from service.api.app import ApiSettings, create_app
 from service.api.auth import TokenAuth
 
-LIMITS = {"max_candidates": 5, "max_body_bytes": 600_000}
-
 
 @pytest.fixture(scope="module")
 def client():
-    with make_client(**LIMITS) as c:
+    with make_client(**SMALL_LIMITS) as c:
         yield c
 
 
 @pytest.fixture(scope="module")
 def stamp():
-    """A real 63x63 ZTF science cutout as a JSON array (null for missing pixels)."""
-    return candidate_json(decoded(ztf_fits_files()[0]), "array")["science"]
+    return science_array()
 
 
 def refused(client, status: int, *needles: str, json_body=None, content=None, content_type="application/json",

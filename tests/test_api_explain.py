@@ -9,23 +9,22 @@ import json
 import numpy as np
 import pytest
 
-from api_support import assert_still_serving, candidate_json, decoded, good_request, make_client
+from api_support import (
+    SMALL_LIMITS, assert_still_serving, candidate_json, decoded, good_request, make_client, science_array)
 from conftest import rubin_files, ztf_fits_files, ztf_jpeg_files
 from service.api.explain import MAX_EXPLAIN_CANDIDATES
 from service.api.auth import TokenAuth
 
-LIMITS = {"max_candidates": 5, "max_body_bytes": 600_000}
-
 
 @pytest.fixture(scope="module")
 def client():
-    with make_client(**LIMITS) as c:
+    with make_client(**SMALL_LIMITS) as c:
         yield c
 
 
 @pytest.fixture(scope="module")
 def stamp():
-    return candidate_json(decoded(ztf_fits_files()[0]), "array")["science"]
+    return science_array()
 
 
 def post(client, path, json_body=None, content=None, content_type="application/json", **kwargs):
