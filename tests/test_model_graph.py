@@ -137,6 +137,31 @@ def test_torch_score_is_rotation_invariant(dihedral, activation):
     assert torch.max(torch.abs(views[0] - views[1])) > 1e-4
 
 
+@pytest.mark.parametrize("dihedral", [False, True])
+@pytest.mark.parametrize("activation", ["tanh", "relu", "leaky_relu", "prelu"])
+@pytest.mark.parametrize("kernel", [3, 4])
+def test_exported_form_turns_the_filters_and_scores_as_trained(dihedral, activation, kernel):
+    """The exported graph runs the first convolution once with the filters of every view
+    (`forward_filter_views`); it must give `forward`'s scores, whose first convolution
+    runs once per view of the stamp. Even kernels fall back to `forward` itself."""
+    net = make_net(dihedral=dihedral, activation=activation)
+    if kernel == 4:
+        net = RealBogusNet(net.contract, ArchConfig(**{**net.arch.to_dict(), "kernel_sizes": [4, 3]})).eval()
+    if activation == "prelu":  # slopes that differ by channel, so a mix-up of channels shows
+        with torch.no_grad():
+            net.trunk[0][1].weight.copy_(torch.linspace(-0.5, 0.5, net.trunk[0][1].weight.numel()))
+    x = random_stamps(8, net.contract)
+    x[2, :, :5] = np.nan
+    with torch.no_grad():
+        trained = net(torch.from_numpy(x))
+        exported = net.forward_filter_views(torch.from_numpy(x))
+        graph = ScoringGraph(net, temperature=1.3)
+        assert torch.equal(graph(torch.from_numpy(x)), torch.sigmoid(exported * graph.inverse_temperature))
+    assert torch.max(torch.abs(exported - trained)) <= 1e-5
+    assert torch.max(torch.abs(trained)) > 1e-3  # not a model that scores everything alike
+    assert torch.max(torch.abs(torch.sigmoid(trained / 1.3) - graph.as_trained(torch.from_numpy(x)))) <= 1e-6
+
+
 def test_template_science_only_model():
     net = make_net(channels=("template", "science"))
     assert net.contract.input_shape == (2, 21, 21)

@@ -93,16 +93,17 @@ def export_onnx(net: RealBogusNet, path: Path, check_stamps: np.ndarray, opset: 
     return summary
 
 
-def verify(graph: torch.nn.Module, onnx_path: Path, check_stamps: np.ndarray,
+def verify(graph: ScoringGraph, onnx_path: Path, check_stamps: np.ndarray,
            tolerance: float = PARITY_TOLERANCE) -> dict:
-    """Compare ONNX Runtime with PyTorch on the verification batch (and its rotations)."""
+    """Compare ONNX Runtime with PyTorch, in the form training ran, on the verification
+    batch (and its rotations)."""
     import onnx
 
     onnx.checker.check_model(str(onnx_path))
     batch = verification_batch(check_stamps)
     rotated = np.rot90(batch, 1, axes=(2, 3)).copy()
     with torch.no_grad():
-        expected = graph(torch.from_numpy(batch)).numpy()
+        expected = graph.as_trained(torch.from_numpy(batch)).numpy()
     got = onnx_scores(onnx_path, batch)
     got_rotated = onnx_scores(onnx_path, rotated)
     if got.shape != expected.shape:

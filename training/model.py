@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from service.contract import DERIVED_CHANNELS, SKY_SUBTRACTED, StampContract
@@ -255,12 +256,20 @@ class RealBogusNet(nn.Module):
         self.hidden = nn.Sequential(*head)
         self.output = nn.Sequential(nn.Dropout(arch.dropout), nn.Linear(features, 1))
 
+    def view(self, image: torch.Tensor, index: int) -> torch.Tensor:
+        """View ``index`` of images ``[..., H, W]``: rotated by ``index % 4`` quarter turns,
+        then, for ``index >= 4``, flipped left-right."""
+        rotated = torch.rot90(image, index % 4, (-2, -1))
+        return torch.flip(rotated, (-1,)) if index >= 4 else rotated
+
+    def inverse_view(self, image: torch.Tensor, index: int) -> torch.Tensor:
+        """Undo `view` ``index``."""
+        unflipped = torch.flip(image, (-1,)) if index >= 4 else image
+        return torch.rot90(unflipped, -(index % 4), (-2, -1))
+
     def views(self, x: torch.Tensor) -> torch.Tensor:
         """The stamp under every rotation (and flip), stacked along the batch axis."""
-        rotations = [x, torch.rot90(x, 1, (2, 3)), torch.rot90(x, 2, (2, 3)), torch.rot90(x, 3, (2, 3))]
-        if self.n_views == 8:
-            rotations += [torch.flip(r, (3,)) for r in rotations]
-        return torch.cat(rotations, dim=0)
+        return torch.cat([self.view(x, i) for i in range(self.n_views)], dim=0)
 
     def forward(self, stamps: torch.Tensor) -> torch.Tensor:
         """Raw stamps -> logits."""
@@ -269,8 +278,36 @@ class RealBogusNet(nn.Module):
     def forward_normalised(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised stamps (the output of `normaliser`) -> logits. Training uses it to
         normalise a data set once when no augmentation changes the pixel statistics."""
-        features = self.trunk(self.views(x))
-        # [views * B, F] -> [views, B, F] -> mean over views: the same set of views for any rotation
+        return self._pooled_head(self.trunk(self.views(x)))
+
+    def forward_filter_views(self, stamps: torch.Tensor) -> torch.Tensor:
+        """`forward`'s function, with less work: what the exported graph computes.
+
+        A convolution commutes with a rotation or flip of its input if its filters turn the
+        other way: ``conv(view(x), w) == view(conv(x, inverse_view(w)))`` for square images
+        and odd kernels with symmetric padding (Dieleman et al. 2016). So the first
+        convolution runs once per stamp, with the filters of every view side by side, instead
+        of once per view of the stamp: the same arithmetic in one wide convolution, which ONNX
+        Runtime runs faster than the narrow one on a four (or eight) times larger batch. Its
+        outputs are turned back into the views before the pooling, which does not commute with
+        rotations of odd-sized maps. Sums run in another order, so scores agree with `forward`
+        to float rounding, not to the bit.
+        """
+        first = self.trunk[0]
+        conv, activation = first[0], first[1]
+        if conv.kernel_size[0] % 2 == 0:  # "same" padding of even kernels is not symmetric
+            return self.forward(stamps)
+        n, width = self.n_views, conv.out_channels
+        weight = torch.cat([self.inverse_view(conv.weight, i) for i in range(n)], dim=0)
+        y = F.conv2d(self.normaliser(stamps), weight, conv.bias.repeat(n), padding=conv.padding)
+        # elementwise, so it may run before the views are turned back; PReLU's slopes are per channel
+        y = F.prelu(y, activation.weight.repeat(n)) if isinstance(activation, nn.PReLU) else activation(y)
+        views = torch.cat([self.view(y[:, i * width:(i + 1) * width], i) for i in range(n)], dim=0)
+        return self._pooled_head(self.trunk[1:](first[2:](views)))
+
+    def _pooled_head(self, features: torch.Tensor) -> torch.Tensor:
+        """Trunk features ``[views * B, F]`` -> logits ``[B]``: the mean over the views (the
+        same set of views for any rotation), then the classifier head."""
         features = features.reshape(self.n_views, -1, features.shape[-1]).mean(0)
         return self.output(self.hidden(features)).squeeze(-1)
 
@@ -287,7 +324,8 @@ class RealBogusNet(nn.Module):
 
 
 class ScoringGraph(nn.Module):
-    """What is exported: raw stamps -> probability of "real" ``[batch]``.
+    """What is exported: raw stamps -> probability of "real" ``[batch]``, through
+    `RealBogusNet.forward_filter_views`.
 
     ``temperature`` is the calibration (Guo et al. 2017): logits are divided by it before
     the sigmoid, so the published score is the calibrated probability and the ranking,
@@ -300,6 +338,11 @@ class ScoringGraph(nn.Module):
         self.register_buffer("inverse_temperature", torch.tensor(1.0 / temperature, dtype=torch.float32))
 
     def forward(self, stamps: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.net.forward_filter_views(stamps) * self.inverse_temperature)
+
+    def as_trained(self, stamps: torch.Tensor) -> torch.Tensor:
+        """The same score through `RealBogusNet.forward`, the form training ran: what an
+        export is checked against."""
         return torch.sigmoid(self.net(stamps) * self.inverse_temperature)
 
 
