@@ -8,6 +8,8 @@ graph computes, and the service feeds raw pixels (NaN allowed).
 sees the stamp rotated by 0, 90, 180 and 270 degrees (optionally also flipped: the
 dihedral group of 8); the features of all versions are averaged before the classifier
 head, so the score is invariant to those transforms by construction, not by training.
+The exported graph (`ScoringGraph`) computes the same function with less work, turning
+the first convolution's filters instead of the stamp (`RealBogusNet.forward_filter_views`).
 """
 
 from __future__ import annotations
@@ -256,13 +258,15 @@ class RealBogusNet(nn.Module):
         self.hidden = nn.Sequential(*head)
         self.output = nn.Sequential(nn.Dropout(arch.dropout), nn.Linear(features, 1))
 
-    def view(self, image: torch.Tensor, index: int) -> torch.Tensor:
+    @staticmethod
+    def view(image: torch.Tensor, index: int) -> torch.Tensor:
         """View ``index`` of images ``[..., H, W]``: rotated by ``index % 4`` quarter turns,
         then, for ``index >= 4``, flipped left-right."""
         rotated = torch.rot90(image, index % 4, (-2, -1))
         return torch.flip(rotated, (-1,)) if index >= 4 else rotated
 
-    def inverse_view(self, image: torch.Tensor, index: int) -> torch.Tensor:
+    @staticmethod
+    def inverse_view(image: torch.Tensor, index: int) -> torch.Tensor:
         """Undo `view` ``index``."""
         unflipped = torch.flip(image, (-1,)) if index >= 4 else image
         return torch.rot90(unflipped, -(index % 4), (-2, -1))
