@@ -3,6 +3,8 @@ invariance (PyTorch and ONNX, random and real ZTF stamps), ONNX/PyTorch parity."
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -11,7 +13,7 @@ torch = pytest.importorskip("torch")
 from conftest import ztf_fits_files  # noqa: E402
 from service.decode.alerts import decode_message  # noqa: E402
 from service.contract import DERIVED_CHANNELS, MASK_FILL, StampContract, assemble  # noqa: E402
-from training.export import ExportError, export_onnx, onnx_scores, verify  # noqa: E402
+from training.export import STACK_TRACE, ExportError, export_onnx, onnx_scores, verify  # noqa: E402
 from training.model import ARCHITECTURES, ArchConfig, RealBogusNet, ScoringGraph, StampNormaliser  # noqa: E402
 
 FOUR = ("template", "science", "difference", "snr_difference")
@@ -201,6 +203,9 @@ def test_export_parity_and_dynamic_batch(exported):
     dims = model.graph.input[0].type.tensor_type.shape.dim
     assert dims[0].dim_param and [d.dim_value for d in dims[1:]] == [3, 31, 31]
     assert max(op.version for op in model.opset_import if op.domain in ("", "ai.onnx")) >= 17
+    # the same weights give the same bytes from any checkout: no source paths or line numbers
+    assert not [e for n in model.graph.node for e in n.metadata_props if e.key == STACK_TRACE]
+    assert str(Path(__file__).resolve().parents[1]).encode() not in path.read_bytes()
     for n in (1, 5, 33):
         x = random_stamps(n, net.contract, seed=n)
         with torch.no_grad():

@@ -36,6 +36,12 @@ PARITY_TOLERANCE = 1e-5
 PLOTS = ("history.png", "roc.png", "det.png")
 
 
+#: The exporter's note, on every node, of the source line it came from: it holds the
+#: checkout's absolute path and line numbers, so the same weights exported from another
+#: clone, or after an edit elsewhere in the file, would give other bytes.
+STACK_TRACE = "pkg.torch.onnx.stack_trace"
+
+
 class ExportError(RuntimeError):
     """The ONNX file does not reproduce the PyTorch model (or cannot be written)."""
 
@@ -80,6 +86,7 @@ def export_onnx(net: RealBogusNet, path: Path, check_stamps: np.ndarray, opset: 
                           opset_version=opset, dynamo=True, external_data=False, verbose=False,
                           dynamic_shapes={"stamps": {0: torch.export.Dim("batch", min=1)}})
     try:
+        _drop_stack_traces(tmp)
         summary = verify(graph, tmp, check_stamps, tolerance)
         size_mb = tmp.stat().st_size / 1e6
         if size_mb > max_mb:
@@ -91,6 +98,17 @@ def export_onnx(net: RealBogusNet, path: Path, check_stamps: np.ndarray, opset: 
     save_weights(graph, path.parent / WEIGHTS_FILE)
     summary.update(size_mb=round(size_mb, 3), opset=opset)
     return summary
+
+
+def _drop_stack_traces(path: Path) -> None:
+    import onnx
+
+    model = onnx.load(str(path))
+    for node in model.graph.node:
+        kept = [entry for entry in node.metadata_props if entry.key != STACK_TRACE]
+        del node.metadata_props[:]
+        node.metadata_props.extend(kept)
+    onnx.save(model, str(path))
 
 
 def verify(graph: ScoringGraph, onnx_path: Path, check_stamps: np.ndarray,

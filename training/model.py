@@ -362,7 +362,8 @@ def save_weights(graph: ScoringGraph, path) -> None:
     """The exported graph's weights, architecture, contract and temperature, for `load_weights`."""
     torch.save({"state_dict": graph.net.state_dict(), "arch": graph.net.arch.to_dict(),
                 "contract": graph.net.contract.to_dict(),
-                "temperature": float(1.0 / graph.inverse_temperature)}, path)
+                # in float64, so that load_weights rebuilds the very same float32 inverse
+                "temperature": 1.0 / float(graph.inverse_temperature)}, path)
 
 
 def load_weights(path) -> ScoringGraph:
