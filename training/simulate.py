@@ -444,8 +444,10 @@ def simulate_triplet(profile: SurveyProfile, rng: np.random.Generator, kind: str
     if kind in TARGETED_KINDS:
         if kind == "trail":
             bump = _trail(rng, canvas, centre, sigma_s, truth, config.glint_fraction)
+        elif kind == "blob":
+            bump = _blob(rng, canvas, centre, sigma_s, truth)
         else:
-            bump = {"noise": _noise_peak, "blob": _blob}[kind](rng, canvas, centre, sigma_s, truth)
+            bump = _noise_peak(rng, canvas, centre, sigma_s, truth)
         target = truth["target_snr"]
         # Everything is linear: find the amplitude that puts the centre's filtered SNR at `target`.
         unit_difference, _ = psf_match(bump, np.zeros_like(bump), sigma_s, sigma_t, kernel_offset)
